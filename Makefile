@@ -1,0 +1,28 @@
+# DETR+ — the two commands a new user needs:
+#   make demo   install if needed, train DINO on the shapes data, print mAP
+#   make test   install if needed, run the test suite (what CI runs)
+PYTHON ?= python
+DEMO_CONFIG ?= configs/shapes/dino-tiny_shapes.py
+DEMO_WORK_DIR ?= work_dirs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all build-ext clean
+
+install:
+	PYTHON=$(PYTHON) bash tools/install.sh
+
+demo: install
+	$(PYTHON) tools/demo.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR)
+
+test: install
+	DETR_PLUS_REQUIRE_EXT=1 $(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	DETR_PLUS_REQUIRE_EXT=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+build-ext:
+	$(PYTHON) setup.py build_ext --inplace
+
+clean:
+	rm -rf build dist *.egg-info .install-stamp projects_detr_plus/.mim \
+		projects_detr_plus/ops/_C*.so

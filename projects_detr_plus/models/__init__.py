@@ -1,0 +1,1 @@
+"""Detectors, heads, layers and assigners of DETR+ (registered into mmdet)."""

@@ -1,0 +1,92 @@
+"""The README's demo: train a config on the shapes data, evaluate, draw.
+
+Prints the COCO bbox mAP on shapes val and the wall time, writes
+``<work-dir>/demo_result.json`` and ``<work-dir>/demo_predictions.png``
+(predictions drawn on a few val images with mmdet's visualizer).
+
+    python tools/demo.py configs/shapes/dino-tiny_shapes.py --work-dir work_dirs/demo
+"""
+import argparse
+import json
+import os.path as osp
+import time
+
+import mmcv
+import numpy as np
+from mmdet.visualization import DetLocalVisualizer
+from mmengine.config import Config, DictAction
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+import projects_detr_plus  # noqa: F401
+
+
+class KeepMetrics(Hook):
+    """Remembers the metrics of the last validation."""
+
+    def __init__(self):
+        self.metrics = {}
+
+    def after_val_epoch(self, runner, metrics=None):
+        self.metrics = dict(metrics or {})
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('--work-dir', default='work_dirs/demo')
+    parser.add_argument('--num-vis', type=int, default=4,
+                        help='val images drawn into the PNG')
+    parser.add_argument('--score-thr', type=float, default=0.3)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args()
+
+
+def draw_predictions(runner, out_file, num_images, score_thr):
+    """Run the trained model on the first val images and tile the drawings."""
+    visualizer = DetLocalVisualizer(name='demo_vis')
+    visualizer.dataset_meta = runner.val_dataloader.dataset.metainfo
+    runner.model.eval()
+    drawings = []
+    for data in runner.val_dataloader:
+        for sample in runner.model.test_step(data):
+            image = mmcv.imread(sample.img_path, channel_order='rgb')
+            visualizer.add_datasample('pred', image, sample, draw_gt=False,
+                                      pred_score_thr=score_thr)
+            drawings.append(visualizer.get_image())
+            if len(drawings) == num_images:
+                mmcv.imwrite(np.concatenate(drawings, axis=1)[..., ::-1],
+                             out_file)
+                return out_file
+    return None
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = args.work_dir
+    start = time.time()
+    runner = Runner.from_cfg(cfg)
+    keep = KeepMetrics()
+    runner.register_hook(keep, priority='LOWEST')
+    runner.train()  # the iteration-based loop validates at its last iteration
+    seconds = time.time() - start
+    vis = draw_predictions(runner, osp.join(args.work_dir,
+                                            'demo_predictions.png'),
+                           args.num_vis, args.score_thr)
+    m_ap = keep.metrics.get('coco/bbox_mAP', float('nan'))
+    result = dict(config=args.config, bbox_mAP=m_ap,
+                  train_and_eval_seconds=round(seconds, 1),
+                  max_iters=cfg.train_cfg.get('max_iters'),
+                  metrics=keep.metrics, predictions_png=vis)
+    with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'\nDEMO: shapes val COCO bbox mAP = {m_ap:.3f} after '
+          f'{result["max_iters"]} iterations in {seconds / 60:.1f} min '
+          f'(train + eval); predictions drawn to {vis}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Install DETR+ and its dependencies into the current Python environment.
+# Idempotent: every step is skipped when what it installs is already there.
+#   - torch==2.13.0 only if no torch is importable (an existing torch is kept);
+#   - setuptools<82 (mim, mmengine's `mmdet::` configs and mmcv's build need
+#     pkg_resources), then full mmcv>=2.0.0rc4,<2.2.0 built without isolation,
+#     from ../shared/wheelhouse when that folder exists (else from source,
+#     ~20 minutes on 2 cores);
+#   - mmdet==3.3.0, mmengine 0.10.x, pycocotools, scipy, openmim;
+#   - this package (editable, with its compiled MSDeformAttn extension).
+set -euo pipefail
+PYTHON=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PIP="$PYTHON -m pip --disable-pip-version-check"
+
+have() { $PYTHON -c "$1" >/dev/null 2>&1; }
+say() { echo "[install] $*"; }
+
+if have "import torch"; then
+    say "torch $($PYTHON -c 'import torch; print(torch.__version__)') found, keeping it"
+else
+    say "no torch found: installing torch==2.13.0"
+    $PIP install "torch==2.13.0"
+fi
+
+if ! have "import setuptools, wheel, pkg_resources, sys; \
+import setuptools as s; sys.exit(int(s.__version__.split('.')[0]) >= 82)"; then
+    $PIP install "setuptools<82" wheel
+fi
+
+MMCV_OK="import mmcv, mmcv.ops, sys; from mmengine.utils import digit_version as v; \
+sys.exit(not (v('2.0.0rc4') <= v(mmcv.__version__) < v('2.2.0')))"
+if ! have "$MMCV_OK"; then
+    WHEELHOUSE="$ROOT/../shared/wheelhouse"
+    if [ -d "$WHEELHOUSE" ]; then
+        say "mmcv from $WHEELHOUSE (falls back to a source build)"
+        export PIP_FIND_LINKS="$WHEELHOUSE${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
+    else
+        say "building mmcv from source (about 20 minutes on 2 cores)"
+    fi
+    $PIP install "mmengine>=0.10.0,<0.11"
+    $PIP install --no-build-isolation "mmcv>=2.0.0rc4,<2.2.0"
+fi
+
+if ! have "import mmdet, mmengine, pycocotools, scipy, mim, matplotlib; \
+import sys; sys.exit(mmdet.__version__ != '3.3.0')"; then
+    $PIP install "mmdet==3.3.0" "mmengine>=0.10.0,<0.11" pycocotools scipy \
+        openmim matplotlib
+    # openmim may pull a setuptools without pkg_resources' needs; re-pin.
+    $PIP install "setuptools<82"
+fi
+
+if ! have "import pytest, hypothesis"; then
+    $PIP install pytest hypothesis
+fi
+
+# The package: rebuild only when its sources changed since the last install.
+STAMP="$ROOT/.install-stamp"
+HASH=$(cd "$ROOT" && cat setup.py requirements.txt projects_detr_plus/version.py \
+    $(find ops -type f | sort) | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && \
+        have "import projects_detr_plus"; then
+    say "projects_detr_plus is up to date"
+else
+    say "installing projects_detr_plus (editable, builds the op extension)"
+    (cd "$ROOT" && $PIP install --no-build-isolation --no-deps -e .)
+    echo "$HASH" > "$STAMP"
+fi
+$PYTHON - <<'PY'
+import importlib.util
+if importlib.util.find_spec('projects_detr_plus.ops') is not None:
+    try:
+        from projects_detr_plus import ops
+        impl = getattr(ops, 'active_implementation', lambda *a: '?')
+        print(f'[install] MSDeformAttn implementation on CPU: {impl("cpu")}')
+    except Exception as error:  # report, never fail the install here
+        print(f'[install] could not query the MSDeformAttn op: {error!r}')
+PY
+say "done"

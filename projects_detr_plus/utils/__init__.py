@@ -1,6 +1,6 @@
 """Runtime fixes that importing the plugin applies to mmengine."""
-from .checkpoint import install_local_checkpoint_loader, load_local_checkpoint
+from .checkpoint import install_local_checkpoint_loader, load_from_local_trusted
 
 install_local_checkpoint_loader()
 
-__all__ = ['install_local_checkpoint_loader', 'load_local_checkpoint']
+__all__ = ['install_local_checkpoint_loader', 'load_from_local_trusted']

@@ -26,7 +26,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 LOCAL_SCHEME = ''
 
 
-def load_local_checkpoint(filename, map_location=None):
+def load_from_local_trusted(filename, map_location=None):
     """Load a local runner checkpoint the user pointed at (trusted input)."""
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
@@ -43,4 +43,4 @@ def install_local_checkpoint_loader():
     the ``''`` prefix is the fallback for local files.
     """
     # Direct assignment (not register_scheme) keeps mmengine's prefix order.
-    CheckpointLoader._schemes[LOCAL_SCHEME] = load_local_checkpoint
+    CheckpointLoader._schemes[LOCAL_SCHEME] = load_from_local_trusted

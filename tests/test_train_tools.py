@@ -1,0 +1,84 @@
+"""tools/train.py and tools/test.py on the shapes config, end to end."""
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from conftest import run_tool
+
+CONFIG = 'configs/shapes/dino-tiny_shapes.py'
+TINY_DATA = [
+    'train_dataloader.batch_size=2',
+    'train_dataloader.dataset.num_images=12',
+    'val_dataloader.dataset.num_images=4',
+    'test_dataloader.dataset.num_images=4',
+    'default_hooks.logger.interval=1',
+]
+
+
+def _train(repo_root, cwd, work_dir, *extra, options=()):
+    args = [osp.join(repo_root, 'tools/train.py'),
+            osp.join(repo_root, CONFIG), '--work-dir', str(work_dir), *extra,
+            '--cfg-options', *TINY_DATA, *options]
+    return run_tool(args, cwd=cwd)
+
+
+def _train_losses(work_dir):
+    """{iter: loss} from every run's scalars.json under ``work_dir``."""
+    losses = {}
+    for path in sorted(work_dir.glob('*/vis_data/scalars.json')):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if 'loss' in record:
+                losses[record['iter']] = record['loss']
+    return losses
+
+
+@pytest.fixture(scope='module')
+def resumed_run(repo_root, tmp_path_factory):
+    """Train 2 iterations, then resume the same work dir to 4."""
+    cwd = tmp_path_factory.mktemp('resume')
+    work_dir = cwd / 'work'
+    first = ['train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2']
+    _train(repo_root, cwd, work_dir, options=first)
+    second = ['train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2']
+    proc = _train(repo_root, cwd, work_dir, '--resume', options=second)
+    return work_dir, proc
+
+
+def test_three_iterations_train_and_evaluate(repo_root, tmp_path):
+    work_dir = tmp_path / 'work'
+    proc = _train(repo_root, tmp_path, work_dir,
+                  options=['train_cfg.max_iters=3'])
+    losses = _train_losses(work_dir)
+    assert sorted(losses) == [1, 2, 3]
+    assert all(loss > 0 and loss == loss for loss in losses.values())
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+    assert (tmp_path / 'data/shapes/annotations/instances_train.json').exists()
+
+
+def test_resume_continues_from_checkpoint(resumed_run):
+    work_dir, proc = resumed_run
+    log = proc.stdout + proc.stderr
+    assert 'resumed' in log.lower()
+    losses = _train_losses(work_dir)
+    assert sorted(losses) == [1, 2, 3, 4], 'iterations 3-4 after resuming'
+    checkpoint = torch.load(work_dir / 'iter_4.pth', weights_only=False)
+    assert checkpoint['meta']['iter'] == 4
+
+
+def test_test_tool_evaluates_a_checkpoint(resumed_run, repo_root):
+    work_dir, _ = resumed_run
+    proc = run_tool([osp.join(repo_root, 'tools/test.py'),
+                     osp.join(repo_root, CONFIG),
+                     str(work_dir / 'iter_4.pth'),
+                     '--work-dir', str(work_dir / 'test'),
+                     '--out', str(work_dir / 'preds.pkl'),
+                     '--cfg-options', *TINY_DATA], cwd=work_dir.parent)
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+    import pickle
+    with open(work_dir / 'preds.pkl', 'rb') as f:
+        predictions = pickle.load(f)
+    assert len(predictions) == 4
+    assert predictions[0]['pred_instances']['bboxes'].shape[-1] == 4

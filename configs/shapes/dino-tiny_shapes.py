@@ -5,7 +5,7 @@
 _base_ = ['./shapes_runtime.py']
 
 model = dict(
-    type='DINO',
+    type='DINOPlus',
     num_queries=100,
     with_box_refine=True,
     as_two_stage=True,
@@ -30,30 +30,34 @@ model = dict(
         type='ChannelMapper',
         in_channels=[64, 128, 256],
         kernel_size=1,
-        out_channels=256,
+        out_channels=128,
         act_cfg=None,
         norm_cfg=dict(type='GN', num_groups=32),
         num_outs=4),
     encoder=dict(
         num_layers=2,
         layer_cfg=dict(
-            self_attn_cfg=dict(embed_dims=256, num_levels=4, dropout=0.0),
+            self_attn_cfg=dict(
+                type='MultiScaleDeformableAttention',
+                embed_dims=128, num_levels=4, dropout=0.0),
             ffn_cfg=dict(
-                embed_dims=256, feedforward_channels=512, ffn_drop=0.0))),
+                embed_dims=128, feedforward_channels=512, ffn_drop=0.0))),
     decoder=dict(
         num_layers=3,
         return_intermediate=True,
         layer_cfg=dict(
-            self_attn_cfg=dict(embed_dims=256, num_heads=8, dropout=0.0),
-            cross_attn_cfg=dict(embed_dims=256, num_levels=4, dropout=0.0),
+            self_attn_cfg=dict(embed_dims=128, num_heads=8, dropout=0.0),
+            cross_attn_cfg=dict(
+                type='MultiScaleDeformableAttention',
+                embed_dims=128, num_levels=4, dropout=0.0),
             ffn_cfg=dict(
-                embed_dims=256, feedforward_channels=512, ffn_drop=0.0)),
+                embed_dims=128, feedforward_channels=512, ffn_drop=0.0)),
         post_norm_cfg=None),
     positional_encoding=dict(
-        num_feats=128, normalize=True, offset=0.0, temperature=20),
+        num_feats=64, normalize=True, offset=0.0, temperature=20),
     bbox_head=dict(
         type='DINOHead',
-        embed_dims=256,
+        embed_dims=128,
         num_classes=6,
         sync_cls_avg_factor=True,
         loss_cls=dict(

@@ -1,0 +1,151 @@
+"""Deformable-DETR and DINO transformer layers whose attention comes from config.
+
+mmdet's layers construct ``mmcv.ops.MultiScaleDeformableAttention`` directly.
+These subclasses build the deformable attention through ``MODELS`` (default:
+our :class:`MultiScaleDeformableAttentionPlus`), so a config can swap the op or
+the attention module.  Module names, and hence state-dict keys, are mmdet's:
+mmdet checkpoints load unchanged.
+
+The DINO decoder also derives the sine embedding of the reference boxes from
+``embed_dims`` instead of mmdet's fixed 128 features, so DINO works at any
+width (e.g. 128 for the tiny shapes models).
+"""
+import torch
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks.transformer import FFN, MultiheadAttention
+from mmdet.models.layers import (DeformableDetrTransformerDecoder,
+                                 DeformableDetrTransformerDecoderLayer,
+                                 DeformableDetrTransformerEncoder,
+                                 DeformableDetrTransformerEncoderLayer,
+                                 DinoTransformerDecoder)
+from mmdet.models.layers.transformer.utils import (MLP,
+                                                   coordinate_to_encoding,
+                                                   inverse_sigmoid)
+from mmdet.registry import MODELS
+from torch import nn
+
+DEFAULT_ATTENTION = 'MultiScaleDeformableAttentionPlus'
+
+
+def build_deformable_attention(cfg):
+    """Build a deformable attention from ``cfg`` (``type`` optional)."""
+    cfg = dict(cfg)
+    cfg.setdefault('type', DEFAULT_ATTENTION)
+    return MODELS.build(cfg)
+
+
+def _norms(norm_cfg, embed_dims, count):
+    return nn.ModuleList(
+        [build_norm_layer(norm_cfg, embed_dims)[1] for _ in range(count)])
+
+
+class DeformableEncoderLayerPlus(DeformableDetrTransformerEncoderLayer):
+    """Encoder layer: deformable self-attention (from config) + FFN."""
+
+    def _init_layers(self):
+        self.self_attn = build_deformable_attention(self.self_attn_cfg)
+        self.embed_dims = self.self_attn.embed_dims
+        self.ffn = FFN(**self.ffn_cfg)
+        self.norms = _norms(self.norm_cfg, self.embed_dims, 2)
+
+
+class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
+    """Decoder layer: self-attention, deformable cross-attention, FFN."""
+
+    def _init_layers(self):
+        self.self_attn = MultiheadAttention(**self.self_attn_cfg)
+        self.cross_attn = build_deformable_attention(self.cross_attn_cfg)
+        self.embed_dims = self.self_attn.embed_dims
+        self.ffn = FFN(**self.ffn_cfg)
+        self.norms = _norms(self.norm_cfg, self.embed_dims, 3)
+
+
+def _stack(layer_type, layer_cfg, num_layers, num_cp=0):
+    if num_cp > 0:
+        raise ValueError('num_cp (fairscale activation checkpointing) is not '
+                         'supported by DETR+ layers; set num_cp=0')
+    return nn.ModuleList([layer_type(**layer_cfg) for _ in range(num_layers)])
+
+
+@MODELS.register_module()
+class DeformableEncoderPlus(DeformableDetrTransformerEncoder):
+    """Deformable-DETR encoder on :class:`DeformableEncoderLayerPlus`."""
+
+    def _init_layers(self):
+        self.layers = _stack(DeformableEncoderLayerPlus, self.layer_cfg,
+                             self.num_layers, self.num_cp)
+        self.embed_dims = self.layers[0].embed_dims
+
+
+@MODELS.register_module()
+class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
+    """Deformable-DETR decoder on :class:`DeformableDecoderLayerPlus`."""
+
+    def _init_layers(self):
+        self.layers = _stack(DeformableDecoderLayerPlus, self.layer_cfg,
+                             self.num_layers)
+        self.embed_dims = self.layers[0].embed_dims
+
+
+@MODELS.register_module()
+class DinoDecoderPlus(DinoTransformerDecoder):
+    """DINO decoder: look-forward-twice box refinement at any ``embed_dims``.
+
+    Same parameters and outputs as mmdet's ``DinoTransformerDecoder``.
+    """
+
+    def _init_layers(self):
+        self.layers = _stack(DeformableDecoderLayerPlus, self.layer_cfg,
+                             self.num_layers)
+        self.embed_dims = self.layers[0].embed_dims
+        self.ref_point_head = MLP(self.embed_dims * 2, self.embed_dims,
+                                  self.embed_dims, 2)
+        self.norm = nn.LayerNorm(self.embed_dims)
+
+    def forward(self, query, value, key_padding_mask, self_attn_mask,
+                reference_points, spatial_shapes, level_start_index,
+                valid_ratios, reg_branches, **kwargs):
+        """Decode ``query`` with iterative box refinement.
+
+        Args:
+            query (Tensor): (bs, num_queries, dim).
+            value (Tensor): encoder memory, (bs, num_keys, dim).
+            key_padding_mask (Tensor): (bs, num_keys), True at padding.
+            self_attn_mask (Tensor | None): (num_queries, num_queries) bool,
+                True where attention is blocked (query branches, DN groups).
+            reference_points (Tensor): (bs, num_queries, 4) boxes as
+                sigmoid-space (cx, cy, w, h).
+            spatial_shapes, level_start_index, valid_ratios: as mmdet.
+            reg_branches (nn.ModuleList): box refinement heads.
+
+        Returns:
+            tuple[Tensor, Tensor]: hidden states (num_layers, bs, nq, dim) and
+            references (num_layers + 1, bs, nq, 4) when
+            ``return_intermediate``; else the last ones.  The references of
+            layer ``i + 1`` are undetached (look forward twice); the ones fed
+            to the next layer are detached.
+        """
+        intermediate, intermediate_refs = [], [reference_points]
+        for layer_id, layer in enumerate(self.layers):
+            scaled_refs = reference_points[:, :, None] * torch.cat(
+                [valid_ratios, valid_ratios], -1)[:, None]
+            query_sine_embed = coordinate_to_encoding(
+                scaled_refs[:, :, 0, :], num_feats=self.embed_dims // 2)
+            query = layer(
+                query, query_pos=self.ref_point_head(query_sine_embed),
+                value=value, key_padding_mask=key_padding_mask,
+                self_attn_mask=self_attn_mask, spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+                valid_ratios=valid_ratios, reference_points=scaled_refs,
+                **kwargs)
+            if reg_branches is not None:
+                refined = (reg_branches[layer_id](query) +
+                           inverse_sigmoid(reference_points, eps=1e-3))
+                refined = refined.sigmoid()
+                reference_points = refined.detach()
+            if self.return_intermediate:
+                intermediate.append(self.norm(query))
+                intermediate_refs.append(refined)
+        if self.return_intermediate:
+            return torch.stack(intermediate), torch.stack(intermediate_refs)
+        return query, reference_points

@@ -1,0 +1,135 @@
+"""Small DETR models, batches and mmdet references shared by the model tests."""
+import copy
+
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.structures import InstanceData
+
+IMAGE_SIZE = 64
+NUM_CLASSES = 5
+
+
+def _backbone():
+    return dict(type='ResNet', depth=18, base_channels=16, num_stages=4,
+                out_indices=(1, 2, 3), frozen_stages=-1,
+                norm_cfg=dict(type='BN', requires_grad=True),
+                norm_eval=False, style='pytorch', init_cfg=None)
+
+
+def _transformer(dims, attention, enc_layers=1, dec_layers=2):
+    attn = dict(embed_dims=dims, num_levels=4, dropout=0.0)
+    if attention is not None:
+        attn['type'] = attention
+    ffn = dict(embed_dims=dims, feedforward_channels=dims * 2, ffn_drop=0.0)
+    encoder = dict(num_layers=enc_layers,
+                   layer_cfg=dict(self_attn_cfg=dict(attn), ffn_cfg=ffn))
+    decoder = dict(num_layers=dec_layers, return_intermediate=True,
+                   layer_cfg=dict(self_attn_cfg=dict(embed_dims=dims,
+                                                     num_heads=8,
+                                                     dropout=0.0),
+                                  cross_attn_cfg=dict(attn), ffn_cfg=ffn),
+                   post_norm_cfg=None)
+    return encoder, decoder
+
+
+def _common(dims, attention):
+    encoder, decoder = _transformer(dims, attention)
+    return dict(
+        num_queries=30,
+        data_preprocessor=dict(type='DetDataPreprocessor',
+                               mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
+                               pad_size_divisor=1),
+        backbone=_backbone(),
+        neck=dict(type='ChannelMapper', in_channels=[32, 64, 128],
+                  kernel_size=1, out_channels=dims, act_cfg=None,
+                  norm_cfg=dict(type='GN', num_groups=32), num_outs=4),
+        encoder=encoder, decoder=decoder,
+        train_cfg=dict(assigner=dict(type='HungarianAssigner', match_costs=[
+            dict(type='FocalLossCost', weight=2.0),
+            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+            dict(type='IoUCost', iou_mode='giou', weight=2.0)])),
+        test_cfg=dict(max_per_img=30))
+
+
+def _head(head_type, dims, cls_weight):
+    return dict(type=head_type, num_classes=NUM_CLASSES, embed_dims=dims,
+                sync_cls_avg_factor=True,
+                loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
+                              alpha=0.25, loss_weight=cls_weight),
+                loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+                loss_iou=dict(type='GIoULoss', loss_weight=2.0))
+
+
+def dino_cfg(plus=True, dims=256, attention='default', dn=True):
+    """A tiny DINO; ``plus=False`` gives mmdet's ``DINO``."""
+    attention = _attention(plus, attention)
+    cfg = dict(type='DINOPlus' if plus else 'DINO', with_box_refine=True,
+               as_two_stage=True,
+               positional_encoding=dict(num_feats=dims // 2, normalize=True,
+                                        offset=0.0, temperature=20),
+               bbox_head=_head('DINOHead', dims, 1.0),
+               **_common(dims, attention))
+    if dn:
+        cfg['dn_cfg'] = dict(label_noise_scale=0.5, box_noise_scale=1.0,
+                             group_cfg=dict(dynamic=True, num_groups=None,
+                                            num_dn_queries=20))
+    return cfg
+
+
+def deformable_detr_cfg(plus=True, refine=False, two_stage=False,
+                        attention='default'):
+    """A tiny Deformable DETR; ``plus=False`` gives mmdet's."""
+    attention = _attention(plus, attention)
+    return dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',
+                with_box_refine=refine, as_two_stage=two_stage,
+                positional_encoding=dict(num_feats=128, normalize=True,
+                                         offset=-0.5),
+                bbox_head=_head('DeformableDETRHead', 256, 2.0),
+                **_common(256, attention))
+
+
+def _attention(plus, attention):
+    if not plus:
+        return None  # mmdet's layers take no attention type
+    return None if attention == 'default' else attention
+
+
+def build(cfg):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    import projects_detr_plus  # noqa: F401
+    model = MODELS.build(copy.deepcopy(cfg))
+    model.init_weights()
+    return model
+
+
+def make_batch(num_gts=(3, 5), seed=0, size=IMAGE_SIZE):
+    """Images (bs, 3, size, size) in [0, 255] and their data samples."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.rand(len(num_gts), 3, size, size, generator=gen) * 255
+    samples = []
+    for count in num_gts:
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(size, size), ori_shape=(size, size),
+            scale_factor=(1.0, 1.0), batch_input_shape=(size, size),
+            pad_shape=(size, size)))
+        xy = torch.rand(count, 2, generator=gen) * size * 0.6
+        wh = torch.rand(count, 2, generator=gen) * size * 0.3 + 4
+        sample.gt_instances = InstanceData(
+            bboxes=torch.cat([xy, xy + wh], 1),
+            labels=torch.randint(0, NUM_CLASSES, (count,), generator=gen))
+        samples.append(sample)
+    return inputs, samples
+
+
+def losses_with_seed(model, inputs, samples, seed=7):
+    torch.manual_seed(seed)
+    return model.loss(inputs, copy.deepcopy(samples))
+
+
+def predict(model, inputs, samples):
+    model.eval()
+    with torch.no_grad():
+        return model.predict(inputs, copy.deepcopy(samples))

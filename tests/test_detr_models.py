@@ -1,0 +1,78 @@
+"""Our Deformable DETR and DINO: mmdet parity, branches, empty GT, DDP."""
+import copy
+
+import pytest
+import torch
+
+from detr_testing import (build, deformable_detr_cfg, dino_cfg,
+                          losses_with_seed, make_batch, predict)
+
+VARIANTS = {
+    'deformable-detr': lambda plus: deformable_detr_cfg(plus),
+    'deformable-detr-refine': lambda plus: deformable_detr_cfg(
+        plus, refine=True),
+    'deformable-detr-refine-twostage': lambda plus: deformable_detr_cfg(
+        plus, refine=True, two_stage=True),
+    'dino': lambda plus: dino_cfg(plus),
+}
+
+
+def _rel_close(ours, ref, rtol=1e-4, atol=1e-6):
+    return torch.allclose(ours, ref, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope='module', params=sorted(VARIANTS))
+def pair(request):
+    """(name, mmdet model, our model holding the same weights)."""
+    torch.manual_seed(0)
+    reference = build(VARIANTS[request.param](False))
+    ours = build(VARIANTS[request.param](True))
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return request.param, reference, ours
+
+
+def test_same_parameters_and_keys(pair):
+    _, reference, ours = pair
+    ref_shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    our_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert our_shapes == ref_shapes
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in reference.parameters())
+
+
+def test_predictions_equal_mmdet(pair):
+    _, reference, ours = pair
+    inputs, samples = make_batch()
+    ref_results = predict(reference, inputs, samples)
+    our_results = predict(ours, inputs, samples)
+    for ref, res in zip(ref_results, our_results):
+        assert _rel_close(res.pred_instances.scores,
+                          ref.pred_instances.scores)
+        assert _rel_close(res.pred_instances.bboxes,
+                          ref.pred_instances.bboxes, atol=1e-4)
+        assert torch.equal(res.pred_instances.labels,
+                           ref.pred_instances.labels)
+
+
+def test_losses_equal_mmdet(pair):
+    _, reference, ours = pair
+    inputs, samples = make_batch()
+    reference.train()
+    ours.train()
+    ref_losses = losses_with_seed(reference, inputs, samples)
+    our_losses = losses_with_seed(ours, inputs, samples)
+    assert sorted(our_losses) == sorted(ref_losses)
+    for key, value in ref_losses.items():
+        assert _rel_close(our_losses[key], value), key
+
+
+def test_mmdet_checkpoint_file_loads(pair, tmp_path):
+    from mmengine.runner import load_checkpoint
+    name, reference, _ = pair
+    path = tmp_path / 'mmdet.pth'
+    torch.save(dict(state_dict=reference.state_dict(),
+                    meta=dict(mmdet_version='3.3.0')), path)
+    fresh = build(VARIANTS[name](True))
+    load_checkpoint(fresh, str(path), strict=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -1,0 +1,158 @@
+"""The query-branch architecture on DINO: isolation, empty GT, bounds."""
+import copy
+
+import pytest
+import torch
+
+from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
+from projects_detr_plus.models.branches import (MAIN, BranchQueries,
+                                                concat_branches,
+                                                split_branches)
+
+
+@pytest.fixture(scope='module')
+def dino():
+    torch.manual_seed(0)
+    model = build(dino_cfg(dims=128))
+    model.train()
+    return model
+
+
+def _parts(bs=2, sizes=(4, 3, 2), dim=8):
+    names = [MAIN, 'a', 'b']
+    return [BranchQueries(name, torch.randn(bs, n, dim), torch.randn(bs, n, 4),
+                          sees_main=(name == 'a'))
+            for name, n in zip(names, sizes)]
+
+
+def test_block_mask_layout():
+    parts = _parts()
+    parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
+    query, reference, mask = concat_branches(parts)
+    assert query.shape == (2, 9, 8) and reference.shape == (2, 9, 4)
+    main, a, b = slice(0, 4), slice(4, 7), slice(7, 9)
+    assert not mask[main, main].any()
+    assert mask[main, 4:].all(), 'main never sees another branch'
+    assert not mask[a, main].any(), 'branch a may see main'
+    assert mask[b, main].all(), 'branch b may not'
+    assert mask[a, b].all() and mask[b, a].all()
+    assert torch.equal(mask[b, b], parts[2].attn_mask)
+    pieces = split_branches(query, parts, dim=1)
+    assert all(torch.equal(p.query, x) for p, x in zip(parts, pieces))
+
+
+def test_main_alone_needs_no_mask():
+    _, _, mask = concat_branches(_parts()[:1])
+    assert mask is None
+
+
+def _decode(model, inputs, samples, perturb=None):
+    """Hidden states and references of every branch, dn optionally noised."""
+    generator = model.dn_query_generator
+    original = generator.make_queries
+
+    def noisy(*args, **kwargs):
+        queries = original(*args, **kwargs)
+        queries.query = queries.query + perturb * torch.randn_like(
+            queries.query)
+        queries.reference = queries.reference + perturb
+        return queries
+
+    if perturb is not None:
+        generator.make_queries = noisy
+    try:
+        torch.manual_seed(3)
+        feats = model.extract_feat(inputs)
+        return model.forward_transformer(feats, copy.deepcopy(samples))
+    finally:
+        generator.__dict__.pop('make_queries', None)
+
+
+def test_denoising_perturbation_leaves_main_bit_identical(dino):
+    inputs, samples = make_batch()
+    data = dino.data_preprocessor(dict(inputs=inputs, data_samples=samples),
+                                  training=True)
+    with torch.no_grad():
+        clean = _decode(dino, data['inputs'], data['data_samples'])
+        noisy = _decode(dino, data['inputs'], data['data_samples'],
+                        perturb=5.0)
+    num_main = clean['branch_queries'][0].num_queries
+    assert clean['branch_queries'][1].num_queries > 0
+    dn_clean = clean['hidden_states'][:, :, num_main:]
+    dn_noisy = noisy['hidden_states'][:, :, num_main:]
+    assert not torch.equal(dn_clean, dn_noisy), 'the perturbation bites'
+    assert torch.equal(clean['hidden_states'][:, :, :num_main],
+                       noisy['hidden_states'][:, :, :num_main])
+    for ref_clean, ref_noisy in zip(clean['references'],
+                                    noisy['references']):
+        assert torch.equal(ref_clean[:, :num_main], ref_noisy[:, :num_main])
+
+
+def test_predict_same_with_or_without_denoising(dino):
+    plain = build(dino_cfg(dims=128, dn=False))
+    state = {k: v for k, v in dino.state_dict().items()
+             if not k.startswith('dn_query_generator.')}
+    plain.load_state_dict(state, strict=True)
+    inputs, samples = make_batch()
+    with_dn = predict(copy.deepcopy(dino), inputs, samples)
+    without = predict(plain, inputs, samples)
+    for a, b in zip(with_dn, without):
+        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
+        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
+    plain.train()
+    losses = losses_with_seed(plain, *make_batch())
+    assert not any('dn_' in key for key in losses)
+
+
+def test_losses_with_ground_truth_are_positive(dino):
+    losses = losses_with_seed(dino, *make_batch())
+    assert any(key.startswith('dn_') for key in losses)
+    assert {key for key in losses if 'enc_' in key} == {
+        'enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'}
+    for key, value in losses.items():
+        assert torch.isfinite(value) and value > 0, key
+
+
+def test_empty_ground_truth_losses_and_gradients(dino):
+    """No GT: box/IoU/DN losses exactly 0, classification > 0, and every
+    trainable parameter still gets a gradient (DDP, mmdet #10989)."""
+    model = copy.deepcopy(dino)
+    model.zero_grad(set_to_none=True)
+    inputs, samples = make_batch(num_gts=(0, 0))
+    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
+                                   training=True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    for key, value in losses.items():
+        if 'loss_cls' in key and not key.startswith(('dn_', 'd0.dn', 'd1.dn')):
+            assert value > 0, key
+        else:
+            assert value == 0, key
+    sum(losses.values()).backward()
+    missing = [name for name, param in model.named_parameters()
+               if param.requires_grad and param.grad is None]
+    assert not missing, f'no gradient for {missing}'
+
+
+def test_crowded_image_has_bounded_denoising_queries(dino):
+    """500 GT boxes: the DN branch stays within 2 * num_dn_queries."""
+    generator = dino.dn_query_generator
+    _, samples = make_batch(num_gts=(500, 3))
+    queries = generator.make_queries(None, samples)
+    bound = 2 * generator.num_dn_queries
+    assert 0 < queries.num_queries <= bound
+    assert max(len(gt) for gt in queries.meta['gt_instances']) == \
+        generator.max_targets
+    losses = losses_with_seed(dino, *make_batch(num_gts=(500, 3)))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_uncapped_crowd_would_exceed_bound():
+    """Without the cap, mmdet's generator makes 2 queries per GT (#11021)."""
+    from mmdet.models.layers import CdnQueryGenerator
+    generator = CdnQueryGenerator(num_classes=5, embed_dims=16,
+                                  num_matching_queries=10,
+                                  group_cfg=dict(dynamic=True,
+                                                 num_dn_queries=20))
+    _, samples = make_batch(num_gts=(500,))
+    _, _, _, meta = generator(samples)
+    assert meta['num_denoising_queries'] == 1000 > 2 * 20

@@ -1,0 +1,479 @@
+#!/usr/bin/env python
+"""Benchmark of the MSDeformAttn op: DETR+ (compiled), mmcv, plain PyTorch.
+
+    python benchmarks/msda_op.py --device cpu --json benchmarks/results/msda_op_cpu.json
+    python benchmarks/msda_op.py --device cuda --json out.json [--mmcv-src mmcv-2.1.0.tar.gz]
+    python benchmarks/msda_op.py --device cpu --json /tmp/x.json --quick   # smoke test
+
+Times forward (no_grad) and forward+backward (median over --repeats after
+--warmup untimed runs) and the peak memory of one forward+backward:
+
+* CPU: the growth of the peak RSS (VmHWM, reset through
+  /proc/self/clear_refs) over the RSS with the inputs built, in a fresh
+  subprocess per case and implementation;
+* CUDA: torch.cuda.max_memory_allocated() above the memory in use before.
+
+Implementations: ``ours`` (DETR+ op, compiled kernels), ``pytorch`` (DETR+
+op forced onto its grid_sample path) and ``mmcv`` (on CPU mmcv's
+``multi_scale_deformable_attn_pytorch``, which mmcv's module runs on CPU; on
+CUDA mmcv's compiled kernel, from the installed mmcv or built from an mmcv
+source tree / sdist given with --mmcv-src).
+
+Shapes: DINO 4-scale encoder (num_queries = num_keys) and decoder (900
+queries) at 512x512 (and 800x1333 on CUDA), batch 2, 8 heads x 32 dims,
+4 levels x 4 points, float32. Sampling locations are "realistic" (around each
+query's reference point, offsets of a few pixels as a trained model makes)
+or "uniform" in [0, 1].
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import os.path as osp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from projects_detr_plus import ops  # noqa: E402
+
+IMPLS = ('ours', 'mmcv', 'pytorch')
+STRIDES = (8, 16, 32, 64)
+NUM_HEADS, HEAD_DIMS, NUM_POINTS = 8, 32, 4
+
+
+# --------------------------------------------------------------------------
+# cases
+# --------------------------------------------------------------------------
+def level_shapes(height, width):
+    """(H, W) of the 4 DINO levels (strides 8..64) of an image."""
+    return [(math.ceil(height / s), math.ceil(width / s)) for s in STRIDES]
+
+
+def case_specs(device, quick):
+    """List of case dicts (JSON-serialisable)."""
+    if quick:
+        return [dict(name='quick-encoder-realistic', image=[64, 64],
+                     role='encoder', locations='realistic', batch=1,
+                     shapes=[[8, 8], [4, 4], [2, 2], [1, 1]])]
+    images = [(512, 512)] + ([(800, 1333)] if device == 'cuda' else [])
+    specs = []
+    for height, width in images:
+        for role in ('encoder', 'decoder'):
+            for locations in ('realistic', 'uniform'):
+                specs.append(dict(
+                    name=f'{role}-{height}x{width}-{locations}',
+                    image=[height, width], role=role, locations=locations,
+                    batch=2, shapes=[list(s) for s in
+                                     level_shapes(height, width)]))
+    return specs
+
+
+def reference_points(spec, num_queries, gen):
+    """(num_queries, 2) normalised (x, y) reference points."""
+    if spec['role'] == 'decoder':
+        return torch.rand(num_queries, 2, generator=gen)
+    points = []
+    for h, w in spec['shapes']:  # encoder: one query per pixel, its centre
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h,
+                                (torch.arange(w) + 0.5) / w, indexing='ij')
+        points.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+    return torch.cat(points)
+
+
+def make_inputs(spec, device, seed=0):
+    """Op inputs (value, shapes, starts, loc, attn) for a case."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(spec['shapes'], dtype=torch.long)
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    num_keys, nl, bs = int(areas.sum()), len(spec['shapes']), spec['batch']
+    nq = num_keys if spec['role'] == 'encoder' else 900
+    value = torch.randn(bs, num_keys, NUM_HEADS, HEAD_DIMS, generator=gen)
+    if spec['locations'] == 'uniform':
+        loc = torch.rand(bs, nq, NUM_HEADS, nl, NUM_POINTS, 2, generator=gen)
+    else:
+        ref = reference_points(spec, nq, gen)[None, :, None, None, None]
+        # like mmcv's init: head direction times (point + 1) pixels, plus
+        # noise of a pixel; divided by each level's (W, H)
+        theta = torch.arange(NUM_HEADS) * (2 * math.pi / NUM_HEADS)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True)[0]
+        pixels = direction[:, None, None] * \
+            torch.arange(1, NUM_POINTS + 1)[None, None, :, None]
+        pixels = pixels + torch.randn(bs, nq, NUM_HEADS, nl, NUM_POINTS, 2,
+                                      generator=gen)
+        wh = shapes.flip(1).float()[None, None, None, :, None]
+        loc = ref + pixels / wh
+    logits = torch.randn(bs, nq, NUM_HEADS, nl * NUM_POINTS, generator=gen)
+    attn = logits.softmax(-1).view(bs, nq, NUM_HEADS, nl, NUM_POINTS)
+    spec.update(num_keys=num_keys, num_queries=nq)
+    return [t.to(device) for t in (value, shapes, starts, loc, attn)]
+
+
+# --------------------------------------------------------------------------
+# implementations
+# --------------------------------------------------------------------------
+class _BuiltMmcvFunction(torch.autograd.Function):
+    """Autograd wrapper around an mmcv CUDA op built from source."""
+    ext = None
+
+    @staticmethod
+    def forward(ctx, value, shapes, starts, loc, attn, im2col_step):
+        ctx.im2col_step = im2col_step
+        ctx.save_for_backward(value, shapes, starts, loc, attn)
+        return _BuiltMmcvFunction.ext.forward(value, shapes, starts, loc,
+                                              attn, im2col_step)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        value, shapes, starts, loc, attn = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in (value, loc, attn)]
+        _BuiltMmcvFunction.ext.backward(value, shapes, starts, loc, attn,
+                                        grad_output.contiguous(), *grads,
+                                        ctx.im2col_step)
+        return grads[0], None, None, grads[1], grads[2], None
+
+
+BINDING = r'''
+#include <torch/extension.h>
+at::Tensor ms_deform_attn_cuda_forward(
+    const at::Tensor &value, const at::Tensor &spatial_shapes,
+    const at::Tensor &level_start_index, const at::Tensor &sampling_loc,
+    const at::Tensor &attn_weight, const int im2col_step);
+void ms_deform_attn_cuda_backward(
+    const at::Tensor &value, const at::Tensor &spatial_shapes,
+    const at::Tensor &level_start_index, const at::Tensor &sampling_loc,
+    const at::Tensor &attn_weight, const at::Tensor &grad_output,
+    at::Tensor &grad_value, at::Tensor &grad_sampling_loc,
+    at::Tensor &grad_attn_weight, const int im2col_step);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &ms_deform_attn_cuda_forward);
+  m.def("backward", &ms_deform_attn_cuda_backward);
+}
+'''
+
+
+def build_mmcv_cuda(src):
+    """Compile only mmcv's ms_deform_attn CUDA sources from an mmcv source
+    tree or sdist (.tar.gz) with torch.utils.cpp_extension.load."""
+    from torch.utils.cpp_extension import load
+    work = tempfile.mkdtemp(prefix='mmcv_msda_')
+    if osp.isfile(src):
+        with tarfile.open(src) as tar:
+            tar.extractall(work)
+        src = work
+    found = glob.glob(osp.join(src, '**', 'ops', 'csrc', 'pytorch', 'cuda',
+                               'ms_deform_attn_cuda.cu'), recursive=True)
+    if not found:
+        raise FileNotFoundError(f'no mmcv/ops/csrc in {src}')
+    csrc = osp.dirname(osp.dirname(osp.dirname(found[0])))
+    shim = osp.join(work, 'shim', 'THC')  # THC/ is gone from recent torch
+    os.makedirs(shim, exist_ok=True)
+    with open(osp.join(shim, 'THCAtomics.cuh'), 'w') as f:
+        f.write('#pragma once\n#include <ATen/cuda/Atomic.cuh>\n')
+    binding = osp.join(work, 'binding.cpp')
+    with open(binding, 'w') as f:
+        f.write(BINDING)
+    _BuiltMmcvFunction.ext = load(
+        name='mmcv_msda_bench', sources=[binding, found[0]],
+        extra_include_paths=[osp.join(csrc, 'common'),
+                             osp.join(csrc, 'common', 'cuda'),
+                             osp.dirname(shim)],
+        extra_cuda_cflags=['-O3', '-DMMCV_WITH_CUDA'],
+        build_directory=work, verbose=False)
+    return _BuiltMmcvFunction.apply
+
+
+def mmcv_impl(device, mmcv_src):
+    """The mmcv op to compare with, or None (with a reason printed)."""
+    if device == 'cpu':
+        try:
+            from mmcv.ops.multi_scale_deform_attn import \
+                multi_scale_deformable_attn_pytorch as mmcv_pytorch
+        except ImportError as error:
+            print(f'mmcv unavailable: {error}')
+            return None
+        return lambda v, s, st, l, a: mmcv_pytorch(v, s, l, a)
+    apply = None
+    if mmcv_src:
+        apply = build_mmcv_cuda(mmcv_src)
+    else:
+        try:
+            from mmcv.ops.multi_scale_deform_attn import \
+                MultiScaleDeformableAttnFunction
+            apply = MultiScaleDeformableAttnFunction.apply
+        except ImportError as error:
+            print(f'mmcv unavailable ({error}); pass --mmcv-src')
+            return None
+    return lambda v, s, st, l, a: apply(v, s, st, l, a, 64)
+
+
+def ours_impl(v, s, st, l, a):
+    return ops.multi_scale_deformable_attn(v, s, st, l, a)
+
+
+def pytorch_impl(v, s, st, l, a):
+    with ops.force_pytorch():
+        return ops.multi_scale_deformable_attn(v, s, st, l, a)
+
+
+def get_impl(name, device, mmcv_src):
+    if name == 'ours':
+        if ops.active_implementation(device) != 'compiled':
+            print(f'ours: compiled kernel unavailable on {device} '
+                  f'({ops.implementation_info()})')
+            return None
+        return ours_impl
+    if name == 'pytorch':
+        return pytorch_impl
+    return mmcv_impl(device, mmcv_src)
+
+
+# --------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(fn, inputs, grad):
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    out.backward(grad)
+
+
+def median_ms(run, device, warmup, repeats):
+    for _ in range(warmup):
+        run()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_impl(fn, inputs, device, warmup, repeats):
+    grad = torch.randn(inputs[0].shape[0], inputs[3].shape[1],
+                       NUM_HEADS * HEAD_DIMS, device=device)
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return dict(
+        fwd_ms=median_ms(forward, device, warmup, repeats),
+        fwd_bwd_ms=median_ms(lambda: fwd_bwd(fn, inputs, grad), device,
+                             warmup, repeats))
+
+
+def cuda_peak_mb(fn, inputs):
+    grad = torch.randn(inputs[0].shape[0], inputs[3].shape[1],
+                       NUM_HEADS * HEAD_DIMS, device='cuda')
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd(fn, inputs, grad)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_peak_mb(spec, impl, threads):
+    """Peak RSS growth of one fwd+bwd, measured in a fresh subprocess."""
+    cmd = [sys.executable, osp.abspath(__file__), '--device', 'cpu',
+           '--threads', str(threads), '--_memory-child',
+           json.dumps(dict(spec=spec, impl=impl))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        print(f'memory child failed for {impl}: {proc.stderr[-2000:]}')
+        return None
+    print(proc.stderr.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])['peak_mb']
+
+
+def _proc_status_kib(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _rss_baseline_kib():
+    """Reset the peak-RSS mark to the current RSS; returns the RSS (KiB).
+
+    ru_maxrss is useless here: a child starts with its parent's peak. On
+    Linux, writing 5 to /proc/self/clear_refs resets VmHWM instead.
+    """
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return _proc_status_kib('VmRSS')
+
+
+def memory_child(arg):
+    """Entry point of the CPU memory subprocess: prints {"peak_mb": x}."""
+    job = json.loads(arg)
+    spec, impl = job['spec'], job['impl']
+    fn = get_impl(impl, 'cpu', None)
+    # load kernels / run self-tests on a tiny case before the baseline
+    tiny = make_inputs(dict(spec, shapes=[[2, 2]], role='decoder',
+                            batch=1), 'cpu')
+    fwd_bwd(fn, tiny, torch.ones(1, 900, NUM_HEADS * HEAD_DIMS))
+    inputs = make_inputs(spec, 'cpu')
+    grad = torch.randn(inputs[0].shape[0], inputs[3].shape[1],
+                       NUM_HEADS * HEAD_DIMS)
+    try:
+        base = _rss_baseline_kib()
+        fwd_bwd(fn, inputs, grad)
+        peak = _proc_status_kib('VmHWM')
+    except (OSError, KeyError):  # no procfs: ru_maxrss (may be inflated)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fwd_bwd(fn, inputs, grad)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f'rss base {base} KiB, peak {peak} KiB', file=sys.stderr)
+    print(json.dumps(dict(peak_mb=(peak - base) / 1024)))
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def add_ratios(case):
+    res = case['results']
+    mmcv = res.get('mmcv')
+    case['speedup_vs_mmcv'], case['memory_ratio_vs_mmcv'] = {}, {}
+    if not mmcv:
+        return
+    for name, r in res.items():
+        if not r or name == 'mmcv':
+            continue
+        case['speedup_vs_mmcv'][name] = {
+            k: mmcv[f'{k}_ms'] / r[f'{k}_ms'] for k in ('fwd', 'fwd_bwd')}
+        if r.get('peak_mb') and mmcv.get('peak_mb'):
+            case['memory_ratio_vs_mmcv'][name] = \
+                r['peak_mb'] / mmcv['peak_mb']
+
+
+def print_table(cases):
+    head = (f'{"case":32s} {"impl":8s} {"fwd ms":>9s} {"f+b ms":>9s} '
+            f'{"peak MB":>9s} {"x mmcv f":>9s} {"x mmcv fb":>9s} '
+            f'{"mem/mmcv":>9s}')
+    print(head)
+    print('-' * len(head))
+
+    def fmt(x, spec='9.2f'):
+        return format(x, spec) if x is not None else f'{"-":>9s}'
+
+    for case in cases:
+        for name, r in case['results'].items():
+            if not r:
+                print(f'{case["name"]:32s} {name:8s} unavailable')
+                continue
+            sp = case['speedup_vs_mmcv'].get(name, {})
+            print(f'{case["name"]:32s} {name:8s} {fmt(r["fwd_ms"])} '
+                  f'{fmt(r["fwd_bwd_ms"])} {fmt(r.get("peak_mb"), "9.1f")} '
+                  f'{fmt(sp.get("fwd"))} {fmt(sp.get("fwd_bwd"))} '
+                  f'{fmt(case["memory_ratio_vs_mmcv"].get(name), "9.3f")}')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--quick', action='store_true',
+                        help='one tiny shape, run once (smoke test)')
+    parser.add_argument('--repeats', type=int, default=None)
+    parser.add_argument('--warmup', type=int, default=None)
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch default)')
+    parser.add_argument('--impls', default=','.join(IMPLS))
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--cases', default='',
+                        help='comma-separated substrings: only matching '
+                        'case names')
+    parser.add_argument('--mmcv-src', help='mmcv source tree or sdist to '
+                        'build mmcv\'s CUDA op from when mmcv is missing')
+    parser.add_argument('--_memory-child', dest='memory_child',
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args.memory_child)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('CUDA is not available')
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    impls = {name: get_impl(name, args.device, args.mmcv_src)
+             for name in args.impls.split(',')}
+    cases = []
+    for spec in case_specs(args.device, args.quick):
+        wanted = [c for c in args.cases.split(',') if c]
+        if wanted and not any(c in spec['name'] for c in wanted):
+            continue
+        inputs = make_inputs(spec, args.device)
+        results = {}
+        for name, fn in impls.items():
+            if fn is None:
+                results[name] = None
+                continue
+            r = time_impl(fn, inputs, args.device, warmup, repeats)
+            if not args.no_memory:
+                r['peak_mb'] = cuda_peak_mb(fn, inputs) \
+                    if args.device == 'cuda' else \
+                    cpu_peak_mb(spec, name, torch.get_num_threads())
+            results[name] = r
+            print(f'{spec["name"]} {name}: {r}', flush=True)
+        case = dict(spec, dtype='float32', num_heads=NUM_HEADS,
+                    head_dims=HEAD_DIMS, num_levels=len(spec['shapes']),
+                    num_points=NUM_POINTS, results=results)
+        add_ratios(case)
+        cases.append(case)
+        del inputs
+    print_table(cases)
+    report = dict(
+        device=args.device, torch=torch.__version__, cpu=cpu_name(),
+        gpu=torch.cuda.get_device_name() if args.device == 'cuda' else None,
+        threads=torch.get_num_threads(), quick=args.quick, repeats=repeats,
+        warmup=warmup, python=platform.python_version(),
+        implementation=ops.implementation_info(),
+        timing='median wall time; fwd under no_grad, fwd_bwd = forward with '
+        'grad + backward',
+        memory='CPU: peak RSS (VmHWM) growth during one fwd+bwd in a fresh '
+        'subprocess; CUDA: max_memory_allocated above the baseline',
+        date=time.strftime('%Y-%m-%d %H:%M:%S'), cases=cases)
+    if args.json:
+        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=2)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

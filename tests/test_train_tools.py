@@ -58,6 +58,18 @@ def test_three_iterations_train_and_evaluate(repo_root, tmp_path):
     assert (tmp_path / 'data/shapes/annotations/instances_train.json').exists()
 
 
+def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
+    work_dir = tmp_path / 'work'
+    args = [osp.join(repo_root, 'tools/train.py'),
+            osp.join(repo_root, 'configs/shapes/deformable-detr-tiny_shapes.py'),
+            '--work-dir', str(work_dir), '--cfg-options', *TINY_DATA,
+            'train_cfg.max_iters=3']
+    run_tool(args, cwd=tmp_path)
+    losses = _train_losses(work_dir)
+    assert sorted(losses) == [1, 2, 3]
+    assert all(loss > 0 for loss in losses.values())
+
+
 def test_resume_continues_from_checkpoint(resumed_run):
     work_dir, proc = resumed_run
     log = proc.stdout + proc.stderr

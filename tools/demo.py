@@ -13,6 +13,7 @@ import time
 
 import mmcv
 import numpy as np
+import torch
 from mmdet.visualization import DetLocalVisualizer
 from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
@@ -49,7 +50,9 @@ def draw_predictions(runner, out_file, num_images, score_thr):
     runner.model.eval()
     drawings = []
     for data in runner.val_dataloader:
-        for sample in runner.model.test_step(data):
+        with torch.no_grad():
+            samples = runner.model.test_step(data)
+        for sample in samples:
             image = mmcv.imread(sample.img_path, channel_order='rgb')
             visualizer.add_datasample('pred', image, sample, draw_gt=False,
                                       pred_score_thr=score_thr)

@@ -38,7 +38,7 @@ model = dict(
         num_layers=2,
         layer_cfg=dict(
             self_attn_cfg=dict(
-                type='MultiScaleDeformableAttention',
+                type='MultiScaleDeformableAttentionPlus',
                 embed_dims=128, num_levels=4, dropout=0.0),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0))),
@@ -48,7 +48,7 @@ model = dict(
         layer_cfg=dict(
             self_attn_cfg=dict(embed_dims=128, num_heads=8, dropout=0.0),
             cross_attn_cfg=dict(
-                type='MultiScaleDeformableAttention',
+                type='MultiScaleDeformableAttentionPlus',
                 embed_dims=128, num_levels=4, dropout=0.0),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0)),
@@ -84,5 +84,5 @@ model = dict(
 
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
     clip_grad=dict(max_norm=0.1, norm_type=2))

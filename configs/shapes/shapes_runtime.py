@@ -25,7 +25,7 @@ test_pipeline = [
                    'scale_factor'))
 ]
 train_dataloader = dict(
-    batch_size=8,
+    batch_size=4,
     num_workers=0,
     persistent_workers=False,
     sampler=dict(type='InfiniteSampler', shuffle=True),
@@ -62,7 +62,7 @@ val_evaluator = dict(
     format_only=False)
 test_evaluator = val_evaluator
 
-max_iters = 3000
+max_iters = 2000
 train_cfg = dict(
     type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
@@ -74,7 +74,7 @@ param_scheduler = [
         by_epoch=False,
         begin=0,
         end=max_iters,
-        milestones=[int(max_iters * 0.85)],
+        milestones=[int(max_iters * 0.9)],
         gamma=0.1)
 ]
 default_hooks = dict(
@@ -84,4 +84,4 @@ default_hooks = dict(
         max_keep_ckpts=2))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
-auto_scale_lr = dict(base_batch_size=8, enable=False)
+auto_scale_lr = dict(base_batch_size=4, enable=False)

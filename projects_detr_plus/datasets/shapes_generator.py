@@ -1,7 +1,8 @@
 """Deterministic generator of the embedded *shapes* detection dataset.
 
 Each image has a textured, noisy background and 1-20 filled shapes of
-``CLASSES`` drawn in random colours, sizes (about 8 px up to most of the image),
+``CLASSES`` drawn in random colours (at least ``min_contrast`` from the mean
+colour behind them, so that every object is visible), sizes (about 8 px up to most of the image),
 positions and rotations.  Later shapes partially occlude earlier ones; a shape
 is only placed if every earlier shape keeps at least ``min_visible`` of its
 pixels, and its box is the tight box of its *visible* pixels (COCO convention).
@@ -39,6 +40,7 @@ class ShapesSpec:
     min_object_size: int = 8
     max_object_frac: float = 0.85
     min_visible: float = 0.5
+    min_contrast: float = 80.0
 
 
 def _polygon(name):
@@ -99,6 +101,16 @@ def _texture(rng, size, colour):
     return colour[None, None, :] + noise
 
 
+def _contrasting_colour(rng, behind, min_contrast):
+    """A random colour at least ``min_contrast`` (RGB distance) from the
+    mean colour ``behind`` the object, so every object can be seen."""
+    for _ in range(20):
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
+        if np.linalg.norm(colour - behind) >= min_contrast:
+            return colour
+    return np.where(behind > 127, 0.0, 255.0).astype(np.float32)
+
+
 def _place_objects(rng, spec):
     """Sample shapes; return [(class_index, mask)] with partial occlusion."""
     size, objects = spec.image_size, []
@@ -145,7 +157,8 @@ def render_image(rng, spec):
     objects = _place_objects(rng, spec)
     annotations = []
     for label, visible in objects:
-        colour = rng.uniform(0, 255, 3).astype(np.float32)
+        colour = _contrasting_colour(rng, image[visible].mean(0),
+                                     spec.min_contrast)
         texture = _texture(rng, spec.image_size, colour)
         image[visible] = texture[visible]
         ys, xs = np.nonzero(visible)

@@ -13,10 +13,10 @@ losses) with three differences:
   branch but the main one.
 """
 import torch
-from torch import nn
 from mmdet.models.detectors import DINO, DeformableDETR
 from mmdet.models.dense_heads import DeformableDETRHead
 from mmdet.registry import MODELS
+from torch import nn
 
 from ..branches import (MAIN, BranchQueries, DenoisingBranch,
                         concat_branches, split_branches)
@@ -35,7 +35,7 @@ class DINOPlus(DINO):
             denoising.
         branches (list[dict], optional): further training branches, built
             through ``MODELS`` with ``num_classes``, ``embed_dims`` and
-            ``num_matching_queries`` filled in when the branch accepts them.
+            ``num_matching_queries`` filled in by the detector.
         *args, **kwargs: as mmdet's ``DINO``.
     """
     encoder_type = DeformableEncoderPlus

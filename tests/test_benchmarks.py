@@ -1,0 +1,26 @@
+"""Each benchmark script runs in its quickest mode, so they cannot rot."""
+import json
+import os.path as osp
+
+from conftest import run_tool
+
+
+def test_msda_op_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'msda.json'
+    run_tool([osp.join(repo_root, 'benchmarks/msda_op.py'), '--device',
+              'cpu', '--quick', '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result['device'] == 'cpu' and result['cases']
+    for case in result['cases']:
+        assert case['results']['ours']['fwd_bwd_ms'] > 0
+
+
+def test_train_step_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'step.json'
+    proc = run_tool([osp.join(repo_root, 'benchmarks/train_step.py'),
+                     '--quick', '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    seconds = result['seconds_per_step']
+    assert seconds['ours'] > 0 and seconds['mmdet'] > 0
+    assert result['speedup_vs_mmdet'] == seconds['mmdet'] / seconds['ours']
+    assert 'speed-up' in proc.stdout

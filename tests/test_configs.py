@@ -1,0 +1,69 @@
+"""Every shipped config builds through mmdet's registry like mmdet's own."""
+import copy
+import glob
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+
+from conftest import REPO_ROOT
+
+# our COCO config -> mmdet 3.3.0's config of the same model
+COCO_PAIRS = {
+    'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py':
+    'deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
+    'deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py':
+    'deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py',
+    'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py':
+    'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+    'dino/dino-4scale_r50_8xb2-12e_coco.py':
+    'dino/dino-4scale_r50_8xb2-12e_coco.py',
+    'dino/dino-4scale_r50_8xb2-24e_coco.py':
+    'dino/dino-4scale_r50_8xb2-24e_coco.py',
+    'dino/dino-4scale_r50_8xb2-36e_coco.py':
+    'dino/dino-4scale_r50_8xb2-36e_coco.py',
+}
+
+
+def _build_model(cfg):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    import projects_detr_plus  # noqa: F401
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.backbone.init_cfg = None
+    return MODELS.build(model_cfg)
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_every_config_is_covered():
+    shipped = {osp.relpath(p, osp.join(REPO_ROOT, 'configs'))
+               for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
+    coco = {p for p in shipped if not p.startswith('shapes/')}
+    assert coco == set(COCO_PAIRS)
+
+
+@pytest.mark.parametrize('ours,theirs', sorted(COCO_PAIRS.items()))
+def test_coco_config_matches_mmdet(ours, theirs):
+    our_cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', ours))
+    mmdet_cfg = Config.fromfile(f'mmdet::{theirs}')
+    assert our_cfg.custom_imports.imports == ['projects_detr_plus']
+    for key in ('train_cfg', 'param_scheduler', 'optim_wrapper',
+                'train_pipeline'):
+        assert our_cfg.get(key) == mmdet_cfg.get(key), key
+    ours_model, mmdet_model = _build_model(our_cfg), _build_model(mmdet_cfg)
+    assert type(ours_model).__module__.startswith('projects_detr_plus')
+    assert _shapes(ours_model) == _shapes(mmdet_model)
+
+
+@pytest.mark.parametrize('name', ['dino-tiny_shapes.py',
+                                  'deformable-detr-tiny_shapes.py'])
+def test_shapes_configs_build(name):
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
+    model = _build_model(cfg)
+    assert type(model).__module__.startswith('projects_detr_plus')
+    assert cfg.train_cfg.type == 'IterBasedTrainLoop'
+    assert cfg.model.bbox_head.num_classes == 6

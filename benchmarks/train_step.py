@@ -97,7 +97,8 @@ def load_configs(pair):
         reference = copy.deepcopy(ours)
         reference.model = to_mmdet_model_cfg(ours.model.to_dict())
     else:
-        reference = Config.fromfile(mmdet_path)
+        from mmengine.hub import get_config
+        reference = get_config(mmdet_path)
     for cfg in (ours, reference):
         cfg.model.backbone.init_cfg = None  # no pretrained weights offline
     return dict(ours=ours, mmdet=reference)
@@ -227,14 +228,14 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--quick', action='store_true',
-                        help='smoke run: tiny pair, 64 px, 1 step, no memory')
+                        help='smoke run: 128 px, batch 1, 1 step, no memory')
     parser.add_argument('--json', help='write the result here')
     parser.add_argument('--memory-of', choices=['ours', 'mmdet'],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tiny = args.pair.endswith('-tiny')
     if args.quick:
-        args.image_size, args.batch_size = 64, 2
+        args.image_size, args.batch_size = 128, 1
         args.iters, args.warmup, args.skip_memory = 1, 0, True
     args.image_size = args.image_size or (128 if tiny else 512)
     args.batch_size = args.batch_size or (8 if tiny else 2)

@@ -37,6 +37,7 @@ class ShapesSpec:
     seed: int = 0
     min_objects: int = 1
     max_objects: int = 20
+    mean_objects: float = 7.0
     min_object_size: int = 8
     max_object_frac: float = 0.85
     min_visible: float = 0.5
@@ -115,7 +116,10 @@ def _place_objects(rng, spec):
     """Sample shapes; return [(class_index, mask)] with partial occlusion."""
     size, objects = spec.image_size, []
     visible_owner = np.full((size, size), -1, np.int32)
-    count = rng.integers(spec.min_objects, spec.max_objects + 1)
+    # about as many objects as a COCO image (7.3 on average), 1 to 20
+    count = int(np.clip(spec.min_objects + rng.poisson(spec.mean_objects -
+                                                       spec.min_objects),
+                        spec.min_objects, spec.max_objects))
     max_size = spec.max_object_frac * size / np.sqrt(max(1, count / 3))
     max_size = max(max_size, spec.min_object_size * 1.5)
     for _ in range(count):

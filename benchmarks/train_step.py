@@ -4,7 +4,7 @@ Both models are built in one process with the same weights (ours loads mmdet's
 state dict) and fed identical synthetic batches; steps alternate between the
 two models (warm-up excluded) and the median seconds per step are reported
 with their ratio.  Peak memory is measured per model in a fresh subprocess
-(CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``).
+(CPU: peak RSS, VmHWM; CUDA: ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/train_step.py --pair dino-tiny --json out.json
     python benchmarks/train_step.py --pair dino-r50 --image-size 512 --batch-size 2
@@ -179,7 +179,17 @@ def measure_memory_only(args):
     if args.device.startswith('cuda'):
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
+
+
+def peak_rss_mb():
+    """This process's peak RSS.  (``ru_maxrss`` would not do: Linux keeps
+    the parent's peak across fork + exec.)"""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine(device):

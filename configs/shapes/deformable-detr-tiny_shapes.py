@@ -1,6 +1,6 @@
 # Deformable DETR (+ iterative box refinement) small enough to train from
 # scratch on 2 CPU cores on the embedded shapes dataset.
-_base_ = ['./shapes_runtime.py']
+_base_ = ['./tiny_backbone.py']
 
 model = dict(
     type='DeformableDETRPlus',
@@ -8,31 +8,6 @@ model = dict(
     num_feature_levels=4,
     with_box_refine=True,
     as_two_stage=False,
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_size_divisor=1),
-    backbone=dict(
-        type='ResNet',
-        depth=18,
-        base_channels=32,
-        num_stages=4,
-        out_indices=(1, 2, 3),
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),
-    neck=dict(
-        type='ChannelMapper',
-        in_channels=[64, 128, 256],
-        kernel_size=1,
-        out_channels=128,
-        act_cfg=None,
-        norm_cfg=dict(type='GN', num_groups=32),
-        num_outs=4),
     encoder=dict(
         num_layers=2,
         layer_cfg=dict(

@@ -2,38 +2,13 @@
 # shapes dataset (generated into `data_root` on first use).
 # `make demo` trains it; override the length with
 # `--cfg-options train_cfg.max_iters=N`.
-_base_ = ['./shapes_runtime.py']
+_base_ = ['./tiny_backbone.py']
 
 model = dict(
     type='DINOPlus',
     num_queries=100,
     with_box_refine=True,
     as_two_stage=True,
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_size_divisor=1),
-    backbone=dict(
-        type='ResNet',
-        depth=18,
-        base_channels=32,
-        num_stages=4,
-        out_indices=(1, 2, 3),
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),  # trained from scratch: no pretrained weights here
-    neck=dict(
-        type='ChannelMapper',
-        in_channels=[64, 128, 256],
-        kernel_size=1,
-        out_channels=128,
-        act_cfg=None,
-        norm_cfg=dict(type='GN', num_groups=32),
-        num_outs=4),
     encoder=dict(
         num_layers=2,
         layer_cfg=dict(

@@ -70,6 +70,27 @@ def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     assert all(loss > 0 for loss in losses.values())
 
 
+def test_amp_on_cpu_trains_with_bf16_autocast(repo_root, tmp_path):
+    work_dir = tmp_path / 'work'
+    _train(repo_root, tmp_path, work_dir, '--amp',
+           options=['train_cfg.max_iters=2'])
+    losses = _train_losses(work_dir)
+    assert sorted(losses) == [1, 2]
+    assert all(0 < loss < float('inf') for loss in losses.values())
+    (dumped,) = work_dir.glob('*.py')
+    assert "type='CPUBF16AutocastOptimWrapper'" in dumped.read_text()
+
+
+def test_bf16_wrapper_autocasts_the_forward():
+    from projects_detr_plus.utils import CPUBF16AutocastOptimWrapper
+    model = torch.nn.Linear(4, 4)
+    wrapper = CPUBF16AutocastOptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1))
+    with wrapper.optim_context(model):
+        assert model(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert model(torch.randn(2, 4)).dtype == torch.float32
+
+
 def test_resume_continues_from_checkpoint(resumed_run):
     work_dir, proc = resumed_run
     log = proc.stdout + proc.stderr

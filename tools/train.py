@@ -11,6 +11,8 @@ import argparse
 import os
 import os.path as osp
 
+import torch
+
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -50,9 +52,11 @@ def build_config(args):
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
-    if args.amp:
+    if args.amp and torch.cuda.is_available():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    elif args.amp:  # mmengine's AmpOptimWrapper needs an accelerator
+        cfg.optim_wrapper.type = 'CPUBF16AutocastOptimWrapper'
     if args.auto_scale_lr:
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':

@@ -8,6 +8,15 @@ import pytest
 # (registry name in mmdet.registry, a name this package must register there)
 EXPECTED = [
     ('DATASETS', 'ShapesDataset'),
+    ('MODELS', 'DINOPlus'),
+    ('MODELS', 'DeformableDETRPlus'),
+    ('MODELS', 'MultiScaleDeformableAttentionPlus'),
+    ('MODELS', 'DeformableEncoderPlus'),
+    ('MODELS', 'DeformableDecoderPlus'),
+    ('MODELS', 'DinoDecoderPlus'),
+    ('MODELS', 'DenoisingBranch'),
+    ('TASK_UTILS', 'OneToOneAssigner'),
+    ('OPTIM_WRAPPERS', 'CPUBF16AutocastOptimWrapper'),
 ]
 
 

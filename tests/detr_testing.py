@@ -16,10 +16,10 @@ def _backbone():
                 norm_eval=False, style='pytorch', init_cfg=None)
 
 
-def _transformer(dims, attention, enc_layers=1, dec_layers=2):
+def _transformer(dims, enc_layers=1, dec_layers=2):
+    # no attention type: our layers default to MultiScaleDeformableAttentionPlus,
+    # mmdet's take none
     attn = dict(embed_dims=dims, num_levels=4, dropout=0.0)
-    if attention is not None:
-        attn['type'] = attention
     ffn = dict(embed_dims=dims, feedforward_channels=dims * 2, ffn_drop=0.0)
     encoder = dict(num_layers=enc_layers,
                    layer_cfg=dict(self_attn_cfg=dict(attn), ffn_cfg=ffn))
@@ -32,8 +32,8 @@ def _transformer(dims, attention, enc_layers=1, dec_layers=2):
     return encoder, decoder
 
 
-def _common(dims, attention):
-    encoder, decoder = _transformer(dims, attention)
+def _common(dims):
+    encoder, decoder = _transformer(dims)
     return dict(
         num_queries=30,
         data_preprocessor=dict(type='DetDataPreprocessor',
@@ -61,15 +61,14 @@ def _head(head_type, dims, cls_weight):
                 loss_iou=dict(type='GIoULoss', loss_weight=2.0))
 
 
-def dino_cfg(plus=True, dims=256, attention='default', dn=True):
+def dino_cfg(plus=True, dims=256, dn=True):
     """A tiny DINO; ``plus=False`` gives mmdet's ``DINO``."""
-    attention = _attention(plus, attention)
     cfg = dict(type='DINOPlus' if plus else 'DINO', with_box_refine=True,
                as_two_stage=True,
                positional_encoding=dict(num_feats=dims // 2, normalize=True,
                                         offset=0.0, temperature=20),
                bbox_head=_head('DINOHead', dims, 1.0),
-               **_common(dims, attention))
+               **_common(dims))
     if dn:
         cfg['dn_cfg'] = dict(label_noise_scale=0.5, box_noise_scale=1.0,
                              group_cfg=dict(dynamic=True, num_groups=None,
@@ -77,22 +76,14 @@ def dino_cfg(plus=True, dims=256, attention='default', dn=True):
     return cfg
 
 
-def deformable_detr_cfg(plus=True, refine=False, two_stage=False,
-                        attention='default'):
+def deformable_detr_cfg(plus=True, refine=False, two_stage=False):
     """A tiny Deformable DETR; ``plus=False`` gives mmdet's."""
-    attention = _attention(plus, attention)
     return dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',
                 with_box_refine=refine, as_two_stage=two_stage,
                 positional_encoding=dict(num_feats=128, normalize=True,
                                          offset=-0.5),
                 bbox_head=_head('DeformableDETRHead', 256, 2.0),
-                **_common(256, attention))
-
-
-def _attention(plus, attention):
-    if not plus:
-        return None  # mmdet's layers take no attention type
-    return None if attention == 'default' else attention
+                **_common(256))
 
 
 def build(cfg):

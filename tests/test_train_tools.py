@@ -17,9 +17,9 @@ TINY_DATA = [
 ]
 
 
-def _train(repo_root, cwd, work_dir, *extra, options=()):
+def _train(repo_root, cwd, work_dir, *extra, options=(), config=CONFIG):
     args = [osp.join(repo_root, 'tools/train.py'),
-            osp.join(repo_root, CONFIG), '--work-dir', str(work_dir), *extra,
+            osp.join(repo_root, config), '--work-dir', str(work_dir), *extra,
             '--cfg-options', *TINY_DATA, *options]
     return run_tool(args, cwd=cwd)
 
@@ -60,11 +60,8 @@ def test_three_iterations_train_and_evaluate(repo_root, tmp_path):
 
 def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     work_dir = tmp_path / 'work'
-    args = [osp.join(repo_root, 'tools/train.py'),
-            osp.join(repo_root, 'configs/shapes/deformable-detr-tiny_shapes.py'),
-            '--work-dir', str(work_dir), '--cfg-options', *TINY_DATA,
-            'train_cfg.max_iters=3']
-    run_tool(args, cwd=tmp_path)
+    _train(repo_root, tmp_path, work_dir, options=['train_cfg.max_iters=3'],
+           config='configs/shapes/deformable-detr-tiny_shapes.py')
     losses = _train_losses(work_dir)
     assert sorted(losses) == [1, 2, 3]
     assert all(loss > 0 for loss in losses.values())

@@ -61,8 +61,12 @@ def _head(head_type, dims, cls_weight):
                 loss_iou=dict(type='GIoULoss', loss_weight=2.0))
 
 
-def dino_cfg(plus=True, dims=256, dn=True):
-    """A tiny DINO; ``plus=False`` gives mmdet's ``DINO``."""
+def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
+    """A tiny DINO; ``plus=False`` gives mmdet's ``DINO``.
+
+    ``branches``: DINOPlus query branch configs; ``assigner``: the
+    assigner type (default mmdet's HungarianAssigner).
+    """
     cfg = dict(type='DINOPlus' if plus else 'DINO', with_box_refine=True,
                as_two_stage=True,
                positional_encoding=dict(num_feats=dims // 2, normalize=True,
@@ -73,6 +77,10 @@ def dino_cfg(plus=True, dims=256, dn=True):
         cfg['dn_cfg'] = dict(label_noise_scale=0.5, box_noise_scale=1.0,
                              group_cfg=dict(dynamic=True, num_groups=None,
                                             num_dn_queries=20))
+    if branches:
+        cfg['branches'] = [dict(b) for b in branches]
+    if assigner:
+        cfg['train_cfg']['assigner']['type'] = assigner
     return cfg
 
 

@@ -25,10 +25,10 @@ def _parts(bs=2, sizes=(4, 3, 2), dim=8):
             for name, n in zip(names, sizes)]
 
 
-def test_block_mask_layout():
+def test_dense_mask_layout():
     parts = _parts()
     parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
-    query, reference, mask = concat_branches(parts)
+    query, reference, mask = concat_branches(parts, dense_mask=True)
     assert query.shape == (2, 9, 8) and reference.shape == (2, 9, 4)
     main, a, b = slice(0, 4), slice(4, 7), slice(7, 9)
     assert not mask[main, main].any()
@@ -39,6 +39,36 @@ def test_block_mask_layout():
     assert torch.equal(mask[b, b], parts[2].attn_mask)
     pieces = split_branches(query, parts, dim=1)
     assert all(torch.equal(p.query, x) for p, x in zip(parts, pieces))
+
+
+def test_attention_blocks_group_what_may_see_each_other():
+    parts = _parts(sizes=(4, 3, 6))
+    parts[2].num_groups = 3
+    parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
+    _, _, blocks = concat_branches(parts)
+    main_block, group_block = blocks
+    assert (main_block.start, main_block.end) == (0, 7)
+    assert main_block.num_groups == 1
+    dense = concat_branches(parts, dense_mask=True)[2]
+    assert torch.equal(main_block.mask, dense[:7, :7])
+    assert (group_block.start, group_block.num_groups,
+            group_block.group_size) == (7, 3, 2)
+    assert torch.equal(group_block.mask, parts[2].attn_mask)
+    # the dense mask of the grouped branch is block-diagonal
+    assert torch.equal(dense[7:, 7:], torch.block_diag(
+        *[~parts[2].attn_mask] * 3).logical_not())
+
+
+def test_branch_order_and_names_are_checked():
+    parts = _parts()
+    with pytest.raises(ValueError, match='before the others'):
+        concat_branches([parts[0], parts[2], parts[1]])
+    parts[2].name = 'a'
+    with pytest.raises(ValueError, match='unique'):
+        concat_branches(parts)
+    with pytest.raises(ValueError, match='equal groups'):
+        BranchQueries('g', torch.zeros(1, 5, 8), torch.zeros(1, 5, 4),
+                      num_groups=2)
 
 
 def test_main_alone_needs_no_mask():

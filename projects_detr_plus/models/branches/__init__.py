@@ -1,7 +1,10 @@
 """Training-only query branches (see :mod:`.base` for the interface)."""
-from .base import (MAIN, BranchQueries, concat_branches, layer_loss_dict,
-                   split_branches)
+from .base import (MAIN, AttentionBlock, BranchQueries, concat_branches,
+                   layer_loss_dict, matched_set_loss, split_branches)
 from .denoising import DenoisingBranch
+from .group import GroupQueryBranch
+from .hybrid import HybridMatchingBranch
 
-__all__ = ['MAIN', 'BranchQueries', 'concat_branches', 'split_branches',
-           'layer_loss_dict', 'DenoisingBranch']
+__all__ = ['MAIN', 'AttentionBlock', 'BranchQueries', 'concat_branches',
+           'split_branches', 'layer_loss_dict', 'matched_set_loss',
+           'DenoisingBranch', 'GroupQueryBranch', 'HybridMatchingBranch']

@@ -5,15 +5,19 @@ H-DETR, Co-DETR's customized positive queries, DDQ's dense queries) is a set of
 decoder queries kept apart from the main, one-to-one queries by the decoder's
 self-attention mask.  A detector builds the main queries, asks each training
 branch for its :class:`BranchQueries`, runs the decoder *once* over their
-concatenation (:func:`concat_branches`), splits the outputs
-(:func:`split_branches`) and lets every branch compute its own loss.  At
-inference only the main queries exist, so no branch adds inference cost.
+concatenation (:func:`concat_branches`: queries that may see each other share
+an attention block, equal groups are folded into the batch), splits the
+outputs (:func:`split_branches`) and lets every branch compute its own loss.
+At inference only the main queries exist, so no branch adds inference cost.
 
-A branch is a module with two methods::
+A branch is a module with a ``name`` (unique in a detector) and two methods::
 
     make_queries(main, batch_data_samples, **encoder_outputs) -> BranchQueries
     loss(head, cls_scores, bbox_preds, queries, batch_data_samples) -> dict
 
+``encoder_outputs`` are ``memory`` (bs, num_keys, dim), ``memory_mask``,
+``spatial_shapes``, ``enc_class`` (bs, num_keys, C) and ``enc_coord_unact``
+(bs, num_keys, 4): the encoder tokens and their two-stage proposals.
 ``cls_scores`` (num_layers, bs, n, num_classes) and ``bbox_preds``
 (num_layers, bs, n, 4) are the head's outputs on that branch's queries only.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from mmdet.models.utils import multi_apply
 from torch import Tensor
 
 MAIN = 'main'
@@ -35,11 +40,14 @@ class BranchQueries:
         query (Tensor): content queries, (bs, n, embed_dims).
         reference (Tensor): reference boxes before the sigmoid (inverse-sigmoid
             space), (bs, n, 4) as (cx, cy, w, h).
-        attn_mask (Tensor | None): self-attention mask *inside* the branch,
-            (n, n) bool, True where attention is blocked.  None: all visible.
+        attn_mask (Tensor | None): self-attention mask *inside* one group of
+            the branch, (n / num_groups, n / num_groups) bool, True where
+            attention is blocked.  None: all visible.
         sees_main (bool): whether this branch's queries may attend to the main
             queries (DINO's denoising queries do).  The main queries never
             attend to any other branch.
+        num_groups (int): the queries are ``num_groups`` consecutive groups of
+            equal size that only attend inside their own group (Group DETR).
         meta (dict): whatever the branch's loss needs (targets, group sizes).
     """
     name: str
@@ -47,39 +55,153 @@ class BranchQueries:
     reference: Tensor
     attn_mask: Optional[Tensor] = None
     sees_main: bool = False
+    num_groups: int = 1
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_queries % self.num_groups:
+            raise ValueError(
+                f'branch {self.name!r}: {self.num_queries} queries do not '
+                f'split into {self.num_groups} equal groups')
 
     @property
     def num_queries(self) -> int:
         return self.query.shape[1]
 
+    @property
+    def group_size(self) -> int:
+        return self.num_queries // self.num_groups
 
-def concat_branches(parts: List[BranchQueries]):
-    """Concatenate branch queries and build the block self-attention mask.
+    def inner_mask(self) -> Tensor:
+        """The branch's whole (n, n) self-attention mask, True = blocked."""
+        n, size = self.num_queries, self.group_size
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.query.device)
+        for start in range(0, n, max(size, 1)):
+            group = slice(start, start + size)
+            mask[group, group] = (False if self.attn_mask is None else
+                                  self.attn_mask)
+        return mask
 
-    The first part must be the main branch.
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Queries ``[start, start + num_groups * group_size)`` of the decoder
+    input, split into ``num_groups`` groups that attend only inside
+    themselves, under ``mask`` ((group_size, group_size), True = blocked,
+    or None)."""
+    start: int
+    num_groups: int
+    group_size: int
+    mask: Optional[Tensor] = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_groups * self.group_size
+
+
+def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
+    """Concatenate branch queries and lay out the decoder self-attention.
+
+    The main branch comes first, then the branches that see it, then the
+    others.  Queries that can attend to each other form one attention block:
+    the main queries with every branch that sees them (under a block mask),
+    and each other branch on its own with its groups folded into the batch
+    dimension (cost ``num_groups * group_size**2`` instead of the
+    ``(sum of all sizes)**2`` of a single masked attention).
+
+    Args:
+        parts (list[BranchQueries]): main first, in the order above.
+        dense_mask (bool): lay out everything as one masked attention over
+            all queries instead (what the reference implementations do; for
+            checks and benchmarks).
 
     Returns:
-        tuple: query (bs, N, dim), reference (bs, N, 4) and attn_mask
-        (N, N) bool (True = blocked), or None when there is only one part
-        without an inner mask.  N is the sum of the parts' sizes.
+        tuple: query (bs, N, dim), reference (bs, N, 4) and the layout: None
+        (one block without a mask: plain self-attention), a (N, N) bool mask
+        (``dense_mask``), or a list of :class:`AttentionBlock` covering
+        ``[0, N)`` in order.  N is the sum of the parts' sizes.
     """
-    assert parts and parts[0].name == MAIN, 'the main branch comes first'
+    _check_order(parts)
     query = torch.cat([p.query for p in parts], dim=1)
     reference = torch.cat([p.reference for p in parts], dim=1)
-    if len(parts) == 1:
-        return query, reference, parts[0].attn_mask
-    total = query.shape[1]
-    mask = torch.ones(total, total, dtype=torch.bool, device=query.device)
+    if dense_mask:
+        return query, reference, _dense_mask(parts)
+    seeing = [p for p in parts if p.name == MAIN or p.sees_main]
+    if len(seeing) == 1 and parts[0].num_groups == 1:
+        main_block = AttentionBlock(0, 1, parts[0].num_queries,
+                                    parts[0].attn_mask)
+    else:
+        size = sum(p.num_queries for p in seeing)
+        main_block = AttentionBlock(0, 1, size, _dense_mask(seeing))
+    blocks, start = [main_block], main_block.end
+    for part in parts[len(seeing):]:
+        if part.num_queries:
+            blocks.append(AttentionBlock(start, part.num_groups,
+                                         part.group_size, part.attn_mask))
+        start += part.num_queries
+    if len(blocks) == 1 and main_block.mask is None:
+        return query, reference, None
+    return query, reference, blocks
+
+
+def _check_order(parts: List[BranchQueries]):
+    assert parts and parts[0].name == MAIN, 'the main branch comes first'
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f'query branch names must be unique, got {names}')
+    seeing = [p.sees_main for p in parts[1:]]
+    if seeing != sorted(seeing, reverse=True):
+        raise ValueError('branches that see the main queries must come '
+                         f'before the others, got {names}')
+
+
+def _dense_mask(parts: List[BranchQueries]) -> Tensor:
+    """One (N, N) mask, True = blocked, for all parts (main first)."""
+    total = sum(p.num_queries for p in parts)
+    mask = torch.ones(total, total, dtype=torch.bool,
+                      device=parts[0].query.device)
     start, num_main = 0, parts[0].num_queries
     for part in parts:
         end = start + part.num_queries
-        inner = part.attn_mask
-        mask[start:end, start:end] = False if inner is None else inner
+        mask[start:end, start:end] = part.inner_mask()
         if part.sees_main and part.name != MAIN:
             mask[start:end, :num_main] = False
         start = end
-    return query, reference, mask
+    return mask
+
+
+def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
+                         layout, **kwargs) -> Tensor:
+    """Decoder self-attention under a layout from :func:`concat_branches`.
+
+    Args:
+        self_attn (MultiheadAttention): mmcv's (batch first, residual
+            included).
+        query, query_pos (Tensor): (bs, N, dim).
+        layout: None, a (N, N) bool mask or a list of
+            :class:`AttentionBlock`.
+
+    Returns:
+        Tensor: (bs, N, dim).
+    """
+    if layout is None or isinstance(layout, Tensor):
+        return self_attn(query=query, key=query, value=query,
+                         query_pos=query_pos, key_pos=query_pos,
+                         attn_mask=layout, **kwargs)
+    outputs = []
+    for block in layout:
+        q = _fold(query[:, block.start:block.end], block.num_groups)
+        pos = _fold(query_pos[:, block.start:block.end], block.num_groups)
+        out = self_attn(query=q, key=q, value=q, query_pos=pos, key_pos=pos,
+                        attn_mask=block.mask, **kwargs)
+        outputs.append(out.reshape(query.shape[0], -1, query.shape[-1]))
+    return torch.cat(outputs, dim=1)
+
+
+def _fold(x: Tensor, num_groups: int) -> Tensor:
+    """(bs, G * S, dim) -> (bs * G, S, dim), group g of image b at b*G+g."""
+    bs, n, dim = x.shape
+    return x.reshape(bs * num_groups, n // num_groups, dim)
 
 
 def split_branches(tensor: Tensor, parts: List[BranchQueries], dim: int):
@@ -99,3 +221,33 @@ def layer_loss_dict(prefix: str, losses_per_layer: dict) -> dict:
         for layer_id, value in enumerate(per_layer[:-1]):
             named[f'd{layer_id}.{prefix}{key}'] = value
     return named
+
+
+def matched_set_loss(head, prefix: str, cls_scores: Tensor,
+                     bbox_preds: Tensor, batch_gt_instances, batch_img_metas,
+                     loss_weight: float = 1.0) -> dict:
+    """The head's matched (DETR) loss of every decoder layer, named.
+
+    Each layer goes through ``head.loss_by_feat_single``: the head's
+    assigner matches queries to ``batch_gt_instances``, losses are
+    normalised by the number of positives.
+
+    Args:
+        head (DETRHead): the detector's head.
+        prefix (str): loss-key prefix, e.g. ``'group_'``.
+        cls_scores (Tensor): (num_layers, bs, n, num_classes).
+        bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
+        batch_gt_instances (list[InstanceData]): targets per image.
+        batch_img_metas (list[dict]): per image.
+        loss_weight (float): multiplies every loss.
+    """
+    losses_cls, losses_bbox, losses_iou = multi_apply(
+        head.loss_by_feat_single, cls_scores, bbox_preds,
+        batch_gt_instances=batch_gt_instances,
+        batch_img_metas=batch_img_metas)
+    per_layer = dict(loss_cls=losses_cls, loss_bbox=losses_bbox,
+                     loss_iou=losses_iou)
+    if loss_weight != 1.0:
+        per_layer = {key: [loss * loss_weight for loss in losses]
+                     for key, losses in per_layer.items()}
+    return layer_loss_dict(prefix, per_layer)

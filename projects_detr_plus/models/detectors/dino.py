@@ -11,6 +11,10 @@ losses) with three differences:
   ``branches=[...]`` adds more (group, hybrid, ...);
 * ``dn_cfg=None`` builds DINO without denoising; inference never runs any
   branch but the main one.
+
+Group DETR (``GroupQueryBranch``) and H-DETR (``HybridMatchingBranch``) are
+such branches: Group-DINO and H-DINO are this detector with a ``branches``
+entry in the config.
 """
 import torch
 from mmdet.models.detectors import DINO, DeformableDETR
@@ -36,12 +40,18 @@ class DINOPlus(DINO):
         branches (list[dict], optional): further training branches, built
             through ``MODELS`` with ``num_classes``, ``embed_dims`` and
             ``num_matching_queries`` filled in by the detector.
+        dense_self_attn_mask (bool): run the decoder self-attention of all
+            branches as one masked attention over all queries, as the
+            reference implementations do, instead of one attention per
+            block of queries that see each other (groups folded into the
+            batch).  Same result, more compute; for checks and benchmarks.
         *args, **kwargs: as mmdet's ``DINO``.
     """
     encoder_type = DeformableEncoderPlus
     decoder_type = DinoDecoderPlus
 
-    def __init__(self, *args, dn_cfg=None, branches=(), **kwargs):
+    def __init__(self, *args, dn_cfg=None, branches=(),
+                 dense_self_attn_mask=False, **kwargs):
         # mmdet's DINO.__init__ requires dn_cfg; build the rest like it does.
         DeformableDETR.__init__(self, *args, **kwargs)
         if not (self.as_two_stage and self.with_box_refine):
@@ -53,6 +63,10 @@ class DINOPlus(DINO):
                 **self._branch_args(dn_cfg))
         self.extra_branches = torch.nn.ModuleList(
             MODELS.build(self._branch_args(cfg)) for cfg in branches)
+        names = [b.name for b in self.training_branches]
+        if len(set(names)) != len(names):
+            raise ValueError(f'query branch names must be unique: {names}')
+        self.dense_self_attn_mask = dense_self_attn_mask
 
     def _branch_args(self, cfg):
         cfg = dict(cfg)
@@ -90,20 +104,26 @@ class DINOPlus(DINO):
 
         Returns:
             tuple[dict, dict]: decoder inputs (``query`` (bs, N, dim),
-            ``reference_points`` (bs, N, 4) in [0, 1], ``dn_mask`` (N, N) or
-            None) and head inputs (training: the encoder's top-k scores and
+            ``reference_points`` (bs, N, 4) in [0, 1], ``dn_mask``: the
+            self-attention layout of :func:`concat_branches`) and head inputs (training: the encoder's top-k scores and
             boxes and the list of :class:`BranchQueries`).
         """
-        main, topk_score, topk_coords = self.main_queries(
-            memory, memory_mask, spatial_shapes)
+        enc_class, enc_coord = self.encoder_proposals(memory, memory_mask,
+                                                      spatial_shapes)
+        main, topk_score, topk_coords = self.main_queries(enc_class,
+                                                          enc_coord)
         parts = [main]
         if self.training:
-            parts += [branch.make_queries(main, batch_data_samples,
-                                          memory=memory,
-                                          memory_mask=memory_mask,
-                                          spatial_shapes=spatial_shapes)
-                      for branch in self.training_branches]
-        query, reference, attn_mask = concat_branches(parts)
+            branch_parts = [
+                branch.make_queries(
+                    main, batch_data_samples, memory=memory,
+                    memory_mask=memory_mask, spatial_shapes=spatial_shapes,
+                    enc_class=enc_class, enc_coord_unact=enc_coord)
+                for branch in self.training_branches]
+            # those that see the main queries share its attention block
+            parts += sorted(branch_parts, key=lambda p: not p.sees_main)
+        query, reference, attn_mask = concat_branches(
+            parts, dense_mask=self.dense_self_attn_mask)
         decoder_inputs = dict(query=query, memory=memory,
                               reference_points=reference.sigmoid(),
                               dn_mask=attn_mask)
@@ -112,7 +132,18 @@ class DINOPlus(DINO):
                            branch_queries=parts) if self.training else {}
         return decoder_inputs, head_inputs
 
-    def main_queries(self, memory, memory_mask, spatial_shapes):
+    def encoder_proposals(self, memory, memory_mask, spatial_shapes):
+        """Class logits (bs, num_keys, C) and boxes before the sigmoid
+        (bs, num_keys, 4) of every encoder token (two-stage proposals)."""
+        head, num_layers = self.bbox_head, self.decoder.num_layers
+        output_memory, output_proposals = self.gen_encoder_output_proposals(
+            memory, memory_mask, spatial_shapes)
+        enc_class = head.cls_branches[num_layers](output_memory)
+        enc_coord = head.reg_branches[num_layers](output_memory) + \
+            output_proposals
+        return enc_class, enc_coord
+
+    def main_queries(self, enc_class, enc_coord):
         """Mixed query selection: top-k encoder anchors, learnable content.
 
         Returns:
@@ -120,19 +151,13 @@ class DINOPlus(DINO):
             top-k class scores (bs, k, num_classes) and top-k boxes
             (bs, k, 4) in [0, 1] (undetached, for the encoder loss).
         """
-        head, num_layers = self.bbox_head, self.decoder.num_layers
-        output_memory, output_proposals = self.gen_encoder_output_proposals(
-            memory, memory_mask, spatial_shapes)
-        enc_class = head.cls_branches[num_layers](output_memory)
-        enc_coord = head.reg_branches[num_layers](output_memory) + \
-            output_proposals
         topk = torch.topk(enc_class.max(-1)[0], k=self.num_queries, dim=1)[1]
         topk_score = torch.gather(
             enc_class, 1, topk[..., None].expand(-1, -1, enc_class.shape[-1]))
         topk_coords_unact = torch.gather(
             enc_coord, 1, topk[..., None].expand(-1, -1, 4))
         content = self.query_embedding.weight[None].expand(
-            memory.shape[0], -1, -1)
+            enc_class.shape[0], -1, -1)
         main = BranchQueries(MAIN, content, topk_coords_unact.detach())
         return main, topk_score, topk_coords_unact.sigmoid()
 
@@ -173,11 +198,11 @@ class DINOPlus(DINO):
         losses = self.main_loss(cls_parts[0], bbox_parts[0],
                                 enc_outputs_class, enc_outputs_coord,
                                 batch_data_samples)
-        for branch, queries, cls, bbox in zip(
-                self.training_branches, branch_queries[1:], cls_parts[1:],
-                bbox_parts[1:]):
-            losses.update(branch.loss(self.bbox_head, cls, bbox, queries,
-                                      batch_data_samples))
+        branches = {branch.name: branch for branch in self.training_branches}
+        for queries, cls, bbox in zip(branch_queries[1:], cls_parts[1:],
+                                      bbox_parts[1:]):
+            losses.update(branches[queries.name].loss(
+                self.bbox_head, cls, bbox, queries, batch_data_samples))
         return losses
 
     def main_loss(self, cls_scores, bbox_preds, enc_cls, enc_coord,

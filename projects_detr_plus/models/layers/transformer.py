@@ -24,6 +24,8 @@ from mmdet.models.layers.transformer.utils import (MLP,
 from mmdet.registry import MODELS
 from torch import nn
 
+from ..branches.base import block_self_attention
+
 DEFAULT_ATTENTION = 'MultiScaleDeformableAttentionPlus'
 
 
@@ -58,6 +60,22 @@ class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
         self.embed_dims = self.self_attn.embed_dims
         self.ffn = FFN(**self.ffn_cfg)
         self.norms = _norms(self.norm_cfg, self.embed_dims, 3)
+
+    def forward(self, query, key=None, value=None, query_pos=None,
+                key_pos=None, self_attn_mask=None, cross_attn_mask=None,
+                key_padding_mask=None, **kwargs):
+        """As mmdet's layer; ``self_attn_mask`` may also be a list of
+        :class:`~..branches.base.AttentionBlock` (query branches laid out
+        by ``concat_branches``)."""
+        query = block_self_attention(self.self_attn, query, query_pos,
+                                     self_attn_mask, **kwargs)
+        query = self.norms[0](query)
+        query = self.cross_attn(
+            query=query, key=key, value=value, query_pos=query_pos,
+            key_pos=key_pos, attn_mask=cross_attn_mask,
+            key_padding_mask=key_padding_mask, **kwargs)
+        query = self.norms[1](query)
+        return self.norms[2](self.ffn(query))
 
 
 def _stack(layer_type, layer_cfg, num_layers, num_cp=0):
@@ -111,8 +129,9 @@ class DinoDecoderPlus(DinoTransformerDecoder):
             query (Tensor): (bs, num_queries, dim).
             value (Tensor): encoder memory, (bs, num_keys, dim).
             key_padding_mask (Tensor): (bs, num_keys), True at padding.
-            self_attn_mask (Tensor | None): (num_queries, num_queries) bool,
-                True where attention is blocked (query branches, DN groups).
+            self_attn_mask (Tensor | list | None): (num_queries,
+                num_queries) bool, True where attention is blocked, or the
+                attention blocks of the query branches (``concat_branches``).
             reference_points (Tensor): (bs, num_queries, 4) boxes as
                 sigmoid-space (cx, cy, w, h).
             spatial_shapes, level_start_index, valid_ratios: as mmdet.

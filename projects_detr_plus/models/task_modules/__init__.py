@@ -1,4 +1,7 @@
 """Task modules of DETR+ (assigners), registered into mmdet's TASK_UTILS."""
+from .group_assigner import (GROUPS_KEY, GroupOneToOneAssigner,
+                             with_query_groups)
 from .one_to_one_assigner import OneToOneAssigner
 
-__all__ = ['OneToOneAssigner']
+__all__ = ['OneToOneAssigner', 'GroupOneToOneAssigner', 'GROUPS_KEY',
+           'with_query_groups']

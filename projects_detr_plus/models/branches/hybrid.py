@@ -1,0 +1,84 @@
+"""H-DETR's hybrid matching as a query branch.
+
+H-DETR (Jia et al., 2023) adds a second query set trained one-to-many: the
+ground truth is repeated ``k`` times and matched to the set with the
+Hungarian algorithm, so each object gets ``k`` positive queries, which
+speeds up training.  The set never attends to the main queries nor they to
+it, and it is dropped at inference (the official values: 1500 queries,
+k = 6, loss weight 1).
+
+Anchors for a two-stage DINO: the encoder proposals ranked right after the
+main queries' top N (ranks N .. N + M), detached, so the two sets start from
+different boxes; content: the branch's own learnable embedding (mixed query
+selection).  Self-attention runs inside the set only (its own attention
+block: M**2, not (N + M)**2).
+"""
+import torch
+from mmdet.registry import MODELS
+from mmengine.structures import InstanceData
+from torch import nn
+
+from .base import BranchQueries, matched_set_loss
+
+
+@MODELS.register_module()
+class HybridMatchingBranch(nn.Module):
+    """One-to-many queries matched against the ground truth repeated k times.
+
+    Args:
+        num_queries (int): M, the size of the set (1500 in H-DETR).
+        k_one_to_many (int): copies of each ground truth (6 in H-DETR).
+        loss_weight (float): the branch's loss weight (lambda, 1.0).
+        num_classes, embed_dims, num_matching_queries (int): filled in by the
+            detector; ``num_matching_queries`` is the main set's N.
+    """
+    name = 'hybrid'
+
+    def __init__(self, num_classes, embed_dims, num_matching_queries,
+                 num_queries=1500, k_one_to_many=6, loss_weight=1.0):
+        super().__init__()
+        if num_queries < 1 or k_one_to_many < 1:
+            raise ValueError('num_queries and k_one_to_many must be >= 1, '
+                             f'got {num_queries} and {k_one_to_many}')
+        self.num_queries = num_queries
+        self.num_main_queries = num_matching_queries
+        self.k_one_to_many = k_one_to_many
+        self.loss_weight = loss_weight
+        self.content = nn.Embedding(num_queries, embed_dims)
+
+    def make_queries(self, main, batch_data_samples, enc_class=None,
+                     enc_coord_unact=None, **encoder_outputs):
+        """Queries on the encoder proposals ranked N .. N + M.
+
+        Args:
+            enc_class (Tensor): encoder class logits, (bs, num_keys, C).
+            enc_coord_unact (Tensor): encoder boxes before the sigmoid,
+                (bs, num_keys, 4).
+        """
+        num_keys = enc_class.shape[1]
+        wanted = self.num_main_queries + self.num_queries
+        if wanted > num_keys:
+            raise ValueError(
+                f'HybridMatchingBranch: {self.num_main_queries} main + '
+                f'{self.num_queries} hybrid queries need that many encoder '
+                f'proposals, but the encoder has only {num_keys} tokens; '
+                'lower num_queries')
+        ranked = torch.topk(enc_class.max(-1)[0], k=wanted, dim=1)[1]
+        picked = ranked[:, self.num_main_queries:]
+        reference = torch.gather(enc_coord_unact, 1,
+                                 picked[..., None].expand(-1, -1, 4))
+        query = self.content.weight[None].expand(enc_class.shape[0], -1, -1)
+        return BranchQueries(self.name, query, reference.detach())
+
+    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
+        """Hungarian loss against each image's ground truth repeated k times.
+
+        Args:
+            cls_scores (Tensor): (num_layers, bs, M, num_classes).
+            bbox_preds (Tensor): (num_layers, bs, M, 4).
+        """
+        repeated = [InstanceData.cat([s.gt_instances] * self.k_one_to_many)
+                    for s in batch_data_samples]
+        return matched_set_loss(
+            head, f'{self.name}_', cls_scores, bbox_preds, repeated,
+            [s.metainfo for s in batch_data_samples], self.loss_weight)

@@ -24,3 +24,30 @@ def test_train_step_benchmark_quick(repo_root, tmp_path):
     assert seconds['ours'] > 0 and seconds['mmdet'] > 0
     assert result['speedup_vs_mmdet'] == seconds['mmdet'] / seconds['ours']
     assert 'speed-up' in proc.stdout
+
+
+def test_query_branches_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'branches.json'
+    run_tool([osp.join(repo_root, 'benchmarks/query_branches.py'), '--quick',
+              '--variants', 'dino', 'group-k3', '--json', str(out)],
+             cwd=tmp_path)
+    result = json.loads(out.read_text())
+    seconds = result['seconds_per_step']
+    assert set(seconds) == {'dino', 'group-k3'}
+    assert result['time_ratio_vs_dino']['dino'] == 1.0
+    assert result['time_ratio_vs_dino']['group-k3'] == \
+        seconds['group-k3'] / seconds['dino']
+
+
+def test_convergence_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'conv'
+    proc = run_tool([osp.join(repo_root, 'benchmarks/convergence.py'),
+                     '--quick', '--methods', 'dino', 'group-dino', '--out',
+                     str(out)], cwd=tmp_path)
+    result = json.loads((tmp_path / 'conv.json').read_text())
+    assert (tmp_path / 'conv.png').stat().st_size > 0
+    for method in ('dino', 'group-dino'):
+        summary = result['summary'][method]
+        assert summary['iterations'] == [1, 2]
+        assert 0.0 <= summary['mean'][-1] <= 1.0
+        assert f'| {method} |' in proc.stdout

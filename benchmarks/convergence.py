@@ -1,0 +1,187 @@
+"""Convergence study: bbox mAP against iteration for every method's tiny
+shapes config, from scratch on the embedded shapes data, 2 seeds each.
+
+Every (method, seed) run trains for the same number of iterations (learning
+rate drop at 90 %), is evaluated on shapes val every ``--interval``
+iterations, and runs in its own process (``--jobs`` at a time, the CPU
+threads split between them).  Writes ``<out>.json`` (every curve),
+``<out>.png`` (mean over seeds per method, min-max band) and prints a
+markdown table of the final mAP.
+
+    python benchmarks/convergence.py --out benchmarks/results/convergence_cpu
+    python benchmarks/convergence.py --methods dino group-dino --iters 1000
+    python benchmarks/convergence.py --quick --out /tmp/conv   # smoke run
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from os import path as osp
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+METHODS = {
+    'dino': 'configs/shapes/dino-tiny_shapes.py',
+    'group-dino': 'configs/shapes/group-dino-tiny_shapes.py',
+    'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
+}
+
+
+def run_one(config, seed, iters, interval, out, val_images=None):
+    """Train ``config`` with ``seed``; write [(iteration, metrics)] to out."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+    sys.path.insert(0, ROOT)
+    import projects_detr_plus  # noqa: F401
+
+    class RecordMetrics(Hook):
+        def __init__(self):
+            self.curve = []
+
+        def after_val_epoch(self, runner, metrics=None):
+            self.curve.append(dict(iteration=runner.iter,
+                                   metrics=dict(metrics or {})))
+
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    cfg.work_dir = tempfile.mkdtemp(prefix='convergence_')
+    cfg.train_cfg.update(max_iters=iters, val_interval=interval)
+    cfg.param_scheduler[-1].update(end=iters, milestones=[int(iters * 0.9)])
+    cfg.default_hooks.checkpoint.update(interval=iters + 1)
+    cfg.default_hooks.logger.interval = max(interval // 4, 1)
+    cfg.randomness = dict(seed=seed)
+    if val_images:
+        val_cfg = cfg.val_dataloader.dataset
+        val_cfg.update(num_images=val_images, data_root=val_cfg.data_root
+                       .rstrip('/') + f'_val{val_images}/')
+        cfg.val_evaluator.ann_file = osp.join(
+            val_cfg.data_root, 'annotations/instances_val.json')
+    start = time.time()
+    runner = Runner.from_cfg(cfg)
+    record = RecordMetrics()
+    runner.register_hook(record, priority='LOWEST')
+    runner.train()
+    with open(out, 'w') as f:
+        json.dump(dict(config=config, seed=seed, iters=iters,
+                       seconds=time.time() - start,
+                       threads=torch.get_num_threads(), curve=record.curve),
+                  f, indent=2)
+
+
+def launch(method, seed, args, workdir):
+    out = osp.join(workdir, f'{method}_seed{seed}.json')
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    cmd = [sys.executable, __file__, '--run-one', METHODS[method],
+           '--seed', str(seed), '--iters', str(args.iters), '--interval',
+           str(args.interval), '--result', out]
+    if args.val_images:
+        cmd += ['--val-images', str(args.val_images)]
+    log = open(out.replace('.json', '.log'), 'w')
+    subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=log,
+                   check=True)
+    with open(out) as f:
+        return method, json.load(f)
+
+
+def summarize(runs):
+    """Per method: iterations, mean/min/max mAP over seeds, final table."""
+    summary = {}
+    for method, results in runs.items():
+        curves = [[p['metrics']['coco/bbox_mAP'] for p in r['curve']]
+                  for r in results]
+        its = [p['iteration'] for p in results[0]['curve']]
+        summary[method] = dict(
+            iterations=its,
+            mean=[statistics.mean(v) for v in zip(*curves)],
+            min=[min(v) for v in zip(*curves)],
+            max=[max(v) for v in zip(*curves)],
+            final_per_seed={r['seed']: r['curve'][-1]['metrics']
+                            ['coco/bbox_mAP'] for r in results},
+            seconds_per_run=statistics.mean(r['seconds'] for r in results))
+    return summary
+
+
+def plot(summary, png, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, s in summary.items():
+        ax.plot(s['iterations'], s['mean'], marker='o', label=method)
+        ax.fill_between(s['iterations'], s['min'], s['max'], alpha=0.2)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('shapes val bbox mAP')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
+def table(summary):
+    lines = ['| method | final mAP (mean) | per seed | min / run |',
+             '|---|---|---|---|']
+    for method, s in summary.items():
+        seeds = ', '.join(f'{v:.3f}' for v in s['final_per_seed'].values())
+        lines.append(f"| {method} | {s['mean'][-1]:.3f} | {seeds} | "
+                     f"{s['seconds_per_run'] / 60:.1f} |")
+    return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--methods', nargs='+', choices=list(METHODS),
+                        default=list(METHODS))
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    parser.add_argument('--iters', type=int, default=1000)
+    parser.add_argument('--interval', type=int, default=250)
+    parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--val-images', type=int, default=None,
+                        help='smaller val split (own data folder)')
+    parser.add_argument('--out', default='convergence',
+                        help='writes OUT.json and OUT.png')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: 2 iterations, 1 seed, 8 val images')
+    parser.add_argument('--run-one', help=argparse.SUPPRESS)
+    parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
+    parser.add_argument('--result', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iters, args.interval, args.seeds = 2, 1, [0]
+        args.val_images = 8
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.run_one:
+        return run_one(args.run_one, args.seed, args.iters, args.interval,
+                       args.result, args.val_images)
+    workdir = tempfile.mkdtemp(prefix='convergence_runs_')
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda job: launch(*job, args, workdir), jobs))
+    runs = {m: [r for name, r in done if name == m] for m in args.methods}
+    summary = summarize(runs)
+    result = dict(iters=args.iters, interval=args.interval, seeds=args.seeds,
+                  jobs=args.jobs, methods={m: METHODS[m] for m in runs},
+                  machine=dict(cpus=os.cpu_count(), platform=sys.platform),
+                  date=time.strftime('%Y-%m-%d'), summary=summary, runs=runs)
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out + '.json', 'w') as f:
+        json.dump(result, f, indent=2)
+    plot(summary, args.out + '.png',
+         f'shapes, {args.iters} iterations, seeds {args.seeds}')
+    print(table(summary))
+    print(f'curves: {args.out}.json, plot: {args.out}.png, logs: {workdir}')
+    return result
+
+
+if __name__ == '__main__':
+    main()

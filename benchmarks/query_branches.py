@@ -1,0 +1,155 @@
+"""Training cost of the query branches: Group-DINO and H-DINO against DINO.
+
+All variants are the tiny shapes DINO (``configs/shapes/``) with the same
+weights where they share them, trained on identical synthetic batches;
+their steps are interleaved in one process and the median seconds per step
+are reported with the ratio to plain DINO.  Peak memory (CPU: VmHWM, CUDA:
+max allocated) is measured per variant in a fresh process.
+
+Variants: ``dino``; ``group-k1``, ``group-k3``, ``group-k11`` (Group DETR
+with K groups, folded into the batch for self-attention);
+``group-k11-dense-mask`` (the same model with one (K*N)^2 masked
+self-attention, as the reference implementations do it); ``h-dino``.
+
+    python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json
+    python benchmarks/query_branches.py --quick       # smoke run
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from os import path as osp
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from train_step import (ROOT, build, machine, peak_rss_mb,  # noqa: E402
+                        synthetic_batch, time_steps)
+
+DINO = 'configs/shapes/dino-tiny_shapes.py'
+GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
+HYBRID = 'configs/shapes/h-dino-tiny_shapes.py'
+# name -> (config, model overrides)
+VARIANTS = {
+    'dino': (DINO, {}),
+    'group-k1': (GROUP, {'branches.0.num_groups': 1}),
+    'group-k3': (GROUP, {'branches.0.num_groups': 3}),
+    'group-k11': (GROUP, {'branches.0.num_groups': 11}),
+    'group-k11-dense-mask': (GROUP, {'branches.0.num_groups': 11,
+                                     'dense_self_attn_mask': True}),
+    'h-dino': (HYBRID, {}),
+}
+
+
+def load_config(name):
+    from mmengine.config import Config
+    path, overrides = VARIANTS[name]
+    cfg = Config.fromfile(osp.join(ROOT, path))
+    cfg.merge_from_dict({f'model.{k}': v for k, v in overrides.items()})
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def build_variants(names, device):
+    """Every variant, loaded with the plain DINO's shared weights."""
+    torch.manual_seed(0)
+    models = {name: build(load_config(name), device) for name in names}
+    shared = models[names[0]][0].state_dict()
+    for model, _ in models.values():
+        model.load_state_dict(shared, strict=False)
+    return models
+
+
+def peak_memory_mb(args, name):
+    cmd = [sys.executable, __file__, '--memory-of', name, '--image-size',
+           str(args.image_size), '--batch-size', str(args.batch_size),
+           '--num-gts', str(args.num_gts), '--device', args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory_only(args):
+    model, optim = build(load_config(args.memory_of), args.device)
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
+                            0, args.device)
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        model.train_step(batch, optim)
+    if args.device.startswith('cuda'):
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(peak_rss_mb())
+
+
+def run(args):
+    models = build_variants(args.variants, args.device)
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
+                            0, args.device)
+    seconds = time_steps(models, batch, args.iters, args.warmup, args.device)
+    base = seconds['dino'] if 'dino' in seconds else None
+    result = dict(device=args.device, machine=machine(args.device),
+                  image_size=args.image_size, batch_size=args.batch_size,
+                  num_gts=args.num_gts, iters=args.iters, warmup=args.warmup,
+                  variants={n: VARIANTS[n] for n in args.variants},
+                  seconds_per_step=seconds, date=time.strftime('%Y-%m-%d'))
+    if base:
+        result['time_ratio_vs_dino'] = {n: s / base
+                                        for n, s in seconds.items()}
+    if not args.skip_memory:
+        memory = {n: peak_memory_mb(args, n) for n in args.variants}
+        result['peak_memory_mb'] = memory
+        if 'dino' in memory:
+            result['memory_ratio_vs_dino'] = {
+                n: m / memory['dino'] for n, m in memory.items()}
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS),
+                        default=list(VARIANTS))
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--image-size', type=int, default=128)
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--num-gts', type=int, default=7)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--skip-memory', action='store_true')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: batch 1, 1 step, no memory')
+    parser.add_argument('--json', help='write the result here')
+    parser.add_argument('--memory-of', choices=list(VARIANTS),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.iters, args.warmup = 1, 1, 0
+        args.skip_memory = True
+    if args.variants[0] != 'dino' and 'dino' in args.variants:
+        args.variants.remove('dino')
+        args.variants.insert(0, 'dino')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_of:
+        return measure_memory_only(args)
+    result = run(args)
+    for name, secs in result['seconds_per_step'].items():
+        line = f'{name:22s} {secs * 1e3:7.0f} ms/step'
+        if 'time_ratio_vs_dino' in result:
+            line += f"  x{result['time_ratio_vs_dino'][name]:.2f} time"
+        if 'memory_ratio_vs_dino' in result:
+            line += (f"  {result['peak_memory_mb'][name]:6.0f} MB"
+                     f"  x{result['memory_ratio_vs_dino'][name]:.2f} memory")
+        print(line)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -31,7 +31,8 @@ METHODS = {
 }
 
 
-def run_one(config, seed, iters, interval, out, val_images=None):
+def run_one(config, seed, iters, interval, out, train_images=None,
+            val_images=None):
     """Train ``config`` with ``seed``; write [(iteration, metrics)] to out."""
     import torch
     from mmengine.config import Config
@@ -55,12 +56,17 @@ def run_one(config, seed, iters, interval, out, val_images=None):
     cfg.default_hooks.checkpoint.update(interval=iters + 1)
     cfg.default_hooks.logger.interval = max(interval // 4, 1)
     cfg.randomness = dict(seed=seed)
-    if val_images:
-        val_cfg = cfg.val_dataloader.dataset
-        val_cfg.update(num_images=val_images, data_root=val_cfg.data_root
-                       .rstrip('/') + f'_val{val_images}/')
+    if train_images or val_images:  # own data folder, the default untouched
+        train_set = cfg.train_dataloader.dataset
+        val_set = cfg.val_dataloader.dataset
+        data_root = (train_set.data_root.rstrip('/') +
+                     f'_train{train_images}_val{val_images}/')
+        train_set.update(data_root=data_root,
+                         num_images=train_images or train_set.num_images)
+        val_set.update(data_root=data_root,
+                       num_images=val_images or val_set.num_images)
         cfg.val_evaluator.ann_file = osp.join(
-            val_cfg.data_root, 'annotations/instances_val.json')
+            data_root, 'annotations/instances_val.json')
     start = time.time()
     runner = Runner.from_cfg(cfg)
     record = RecordMetrics()
@@ -80,10 +86,12 @@ def launch(method, seed, args, workdir):
     cmd = [sys.executable, __file__, '--run-one', METHODS[method],
            '--seed', str(seed), '--iters', str(args.iters), '--interval',
            str(args.interval), '--result', out]
-    if args.val_images:
-        cmd += ['--val-images', str(args.val_images)]
+    for flag, value in (('--train-images', args.train_images),
+                        ('--val-images', args.val_images)):
+        if value:
+            cmd += [flag, str(value)]
     log = open(out.replace('.json', '.log'), 'w')
-    subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=log,
+    subprocess.run(cmd, env=env, stdout=log, stderr=log,
                    check=True)
     with open(out) as f:
         return method, json.load(f)
@@ -142,19 +150,22 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=1000)
     parser.add_argument('--interval', type=int, default=250)
     parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--train-images', type=int, default=None,
+                        help='other train split size (own data folder)')
     parser.add_argument('--val-images', type=int, default=None,
-                        help='smaller val split (own data folder)')
+                        help='other val split size (own data folder)')
     parser.add_argument('--out', default='convergence',
                         help='writes OUT.json and OUT.png')
     parser.add_argument('--quick', action='store_true',
-                        help='smoke run: 2 iterations, 1 seed, 8 val images')
+                        help='smoke run: 2 iterations, 1 seed, 16 train '
+                        'and 8 val images')
     parser.add_argument('--run-one', help=argparse.SUPPRESS)
     parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.interval, args.seeds = 2, 1, [0]
-        args.val_images = 8
+        args.train_images, args.val_images = 16, 8
     return args
 
 
@@ -162,7 +173,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.run_one:
         return run_one(args.run_one, args.seed, args.iters, args.interval,
-                       args.result, args.val_images)
+                       args.result, args.train_images, args.val_images)
     workdir = tempfile.mkdtemp(prefix='convergence_runs_')
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:

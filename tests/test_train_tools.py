@@ -47,13 +47,19 @@ def resumed_run(repo_root, tmp_path_factory):
     return work_dir, proc
 
 
-def test_three_iterations_train_and_evaluate(repo_root, tmp_path):
-    work_dir = tmp_path / 'work'
-    proc = _train(repo_root, tmp_path, work_dir,
-                  options=['train_cfg.max_iters=3'])
-    losses = _train_losses(work_dir)
+def test_three_iterations_train_evaluate_and_repeat_bit_identically(
+        repo_root, tmp_path):
+    """Two deterministic runs: same losses to the bit, then evaluation."""
+    options = ['train_cfg.max_iters=3', 'randomness.deterministic=True']
+    runs = []
+    for name in ('first', 'second'):
+        work_dir = tmp_path / name
+        runs.append((_train(repo_root, tmp_path, work_dir, options=options),
+                     _train_losses(work_dir)))
+    (proc, losses), (_, repeated) = runs
     assert sorted(losses) == [1, 2, 3]
     assert all(loss > 0 and loss == loss for loss in losses.values())
+    assert losses == repeated
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
     assert (tmp_path / 'data/shapes/annotations/instances_train.json').exists()
 
@@ -96,6 +102,38 @@ def test_resume_continues_from_checkpoint(resumed_run):
     assert sorted(losses) == [1, 2, 3, 4], 'iterations 3-4 after resuming'
     checkpoint = torch.load(work_dir / 'iter_4.pth', weights_only=False)
     assert checkpoint['meta']['iter'] == 4
+
+
+def test_resume_is_exact(resumed_run, repo_root):
+    """Iterations 3-4 after resuming (a new process, mid-epoch) have the
+    losses of an uninterrupted 4-iteration run: data order, denoising
+    noise and flips continue the same random streams."""
+    work_dir, _ = resumed_run
+    checkpoint = torch.load(work_dir / 'iter_2.pth', weights_only=False)
+    assert set(checkpoint['rng_state']) >= {'python', 'numpy', 'torch'}
+    straight = work_dir.parent / 'straight'
+    _train(repo_root, work_dir.parent, straight,
+           options=['train_cfg.max_iters=4',
+                    'default_hooks.checkpoint.interval=2'])
+    resumed, uninterrupted = _train_losses(work_dir), _train_losses(straight)
+    assert resumed[1] == uninterrupted[1] and resumed[2] == uninterrupted[2]
+    assert resumed[3] == uninterrupted[3]
+    assert resumed[4] == uninterrupted[4]
+
+
+def test_resume_without_the_hook_changes_the_trajectory(repo_root, tmp_path):
+    """The control for the test above: without the generator states the
+    denoising noise after resuming differs (so that test can fail)."""
+    work_dir = tmp_path / 'work'
+    no_hook = ['custom_hooks=[]', 'default_hooks.checkpoint.interval=2']
+    _train(repo_root, tmp_path, work_dir,
+           options=['train_cfg.max_iters=2', *no_hook])
+    _train(repo_root, tmp_path, work_dir, '--resume',
+           options=['train_cfg.max_iters=3', *no_hook])
+    straight = tmp_path / 'straight'
+    _train(repo_root, tmp_path, straight,
+           options=['train_cfg.max_iters=3', *no_hook])
+    assert _train_losses(work_dir)[3] != _train_losses(straight)[3]
 
 
 def test_test_tool_evaluates_a_checkpoint(resumed_run, repo_root):

@@ -3,6 +3,8 @@
 _base_ = 'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'
 
 custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+# checkpoints carry the random generators: resume continues the same run
+custom_hooks = [dict(type='RandomStateHook')]
 
 model = dict(
     type='DeformableDETRPlus',

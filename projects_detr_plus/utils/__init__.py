@@ -1,12 +1,15 @@
 """Runtime fixes that importing the plugin applies to mmengine."""
 from .amp import CPUBF16AutocastOptimWrapper
 from .checkpoint import install_local_checkpoint_loader, load_from_local_trusted
+from .distributed import install_cpu_distributed_fallback
 from .random_state import RandomStateHook, get_rng_state, set_rng_state
 
 install_local_checkpoint_loader()
+install_cpu_distributed_fallback()
 
 __all__ = [
     'CPUBF16AutocastOptimWrapper', 'install_local_checkpoint_loader',
+    'install_cpu_distributed_fallback',
     'load_from_local_trusted', 'RandomStateHook', 'get_rng_state',
     'set_rng_state'
 ]

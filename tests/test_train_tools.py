@@ -24,14 +24,15 @@ def _train(repo_root, cwd, work_dir, *extra, options=(), config=CONFIG):
     return run_tool(args, cwd=cwd)
 
 
-def _train_losses(work_dir):
-    """{iter: loss} from every run's scalars.json under ``work_dir``."""
+def _train_losses(work_dir, key='loss'):
+    """{iter: value of key} from every run's scalars.json under
+    ``work_dir``."""
     losses = {}
     for path in sorted(work_dir.glob('*/vis_data/scalars.json')):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if 'loss' in record:
-                losses[record['iter']] = record['loss']
+            if key in record:
+                losses[record['iter']] = record[key]
     return losses
 
 
@@ -73,13 +74,21 @@ def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     assert all(loss > 0 for loss in losses.values())
 
 
-def test_amp_on_cpu_trains_with_bf16_autocast(repo_root, tmp_path):
+@pytest.mark.parametrize('config', [
+    CONFIG, 'configs/shapes/deformable-detr-tiny_shapes.py',
+    'configs/shapes/group-dino-tiny_shapes.py',
+    'configs/shapes/h-dino-tiny_shapes.py'])
+def test_amp_on_cpu_trains_with_bf16_autocast(repo_root, tmp_path, config):
+    """Every method, 4 iterations of bf16 autocast: finite losses and
+    gradient norms."""
     work_dir = tmp_path / 'work'
     _train(repo_root, tmp_path, work_dir, '--amp',
-           options=['train_cfg.max_iters=2'])
-    losses = _train_losses(work_dir)
-    assert sorted(losses) == [1, 2]
+           options=['train_cfg.max_iters=4'], config=config)
+    losses = _train_losses(work_dir, key='loss')
+    grad_norms = _train_losses(work_dir, key='grad_norm')
+    assert sorted(losses) == [1, 2, 3, 4]
     assert all(0 < loss < float('inf') for loss in losses.values())
+    assert all(0 < norm < float('inf') for norm in grad_norms.values())
     (dumped,) = work_dir.glob('*.py')
     assert "type='CPUBF16AutocastOptimWrapper'" in dumped.read_text()
 

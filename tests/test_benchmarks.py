@@ -51,3 +51,17 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
         assert summary['iterations'] == [1, 2]
         assert 0.0 <= summary['mean'][-1] <= 1.0
         assert f'| {method} |' in proc.stdout
+
+
+def test_crowded_memory_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'crowded.json'
+    run_tool([osp.join(repo_root, 'benchmarks/crowded_memory.py'),
+              '--num-gts', '1', '3', '--batch-size', '1', '--json', str(out)],
+             cwd=tmp_path)
+    result = json.loads(out.read_text())
+    memory = result['peak_memory_mb']
+    assert set(memory) == {'1', '3'}
+    for which in ('ours', 'mmdet'):
+        assert memory['1'][which] > 0
+        assert result['growth'][which] == memory['3'][which] / \
+            memory['1'][which]

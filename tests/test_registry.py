@@ -8,6 +8,7 @@ import pytest
 # (registry name in mmdet.registry, a name this package must register there)
 EXPECTED = [
     ('DATASETS', 'ShapesDataset'),
+    ('DATASETS', 'CheckedCocoDataset'),
     ('MODELS', 'DINOPlus'),
     ('MODELS', 'DeformableDETRPlus'),
     ('MODELS', 'MultiScaleDeformableAttentionPlus'),
@@ -15,7 +16,11 @@ EXPECTED = [
     ('MODELS', 'DeformableDecoderPlus'),
     ('MODELS', 'DinoDecoderPlus'),
     ('MODELS', 'DenoisingBranch'),
+    ('MODELS', 'GroupQueryBranch'),
+    ('MODELS', 'HybridMatchingBranch'),
     ('TASK_UTILS', 'OneToOneAssigner'),
+    ('TASK_UTILS', 'GroupOneToOneAssigner'),
+    ('HOOKS', 'RandomStateHook'),
     ('OPTIM_WRAPPERS', 'CPUBF16AutocastOptimWrapper'),
 ]
 

@@ -82,8 +82,9 @@ default_hooks = dict(
     checkpoint=dict(
         type='CheckpointHook', by_epoch=False, interval=max_iters,
         max_keep_ckpts=2))
-# checkpoints carry the random generators: resume continues the same run
-custom_hooks = [dict(type='RandomStateHook')]
+# checkpoints carry the random generators: resume continues the same run;
+# mmdet's NumClassCheckHook stops a num_classes / dataset classes mismatch
+custom_hooks = [dict(type='RandomStateHook'), dict(type='NumClassCheckHook')]
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
 auto_scale_lr = dict(base_batch_size=4, enable=False)

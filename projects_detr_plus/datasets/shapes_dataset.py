@@ -1,10 +1,11 @@
-"""``ShapesDataset``: mmdet's ``CocoDataset`` over the generated shapes data."""
+"""``ShapesDataset``: a (checked) ``CocoDataset`` over the generated shapes
+data."""
 import os.path as osp
 import warnings
 
-from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 
+from .checked_coco import CheckedCocoDataset
 from .shapes_generator import (CLASSES, ShapesSpec, annotation_path,
                                generate_split, stored_spec)
 
@@ -26,7 +27,7 @@ def prepare_shapes(data_root, **spec_kwargs):
 
 
 @DATASETS.register_module()
-class ShapesDataset(CocoDataset):
+class ShapesDataset(CheckedCocoDataset):
     """The embedded synthetic shapes dataset, generated on first use.
 
     Args:

@@ -28,6 +28,7 @@ METHODS = {
     'dino': 'configs/shapes/dino-tiny_shapes.py',
     'group-dino': 'configs/shapes/group-dino-tiny_shapes.py',
     'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
+    'co-dino': 'configs/shapes/co-dino-tiny_shapes.py',
 }
 
 

@@ -1,4 +1,4 @@
-"""Training cost of the query branches: Group-DINO and H-DINO against DINO.
+"""Training cost of the query branches: Group-, H- and Co-DINO against DINO.
 
 All variants are the tiny shapes DINO (``configs/shapes/``) with the same
 weights where they share them, trained on identical synthetic batches;
@@ -9,7 +9,8 @@ max allocated) is measured per variant in a fresh process.
 Variants: ``dino``; ``group-k1``, ``group-k3``, ``group-k11`` (Group DETR
 with K groups, folded into the batch for self-attention);
 ``group-k11-dense-mask`` (the same model with one (K*N)^2 masked
-self-attention, as the reference implementations do it); ``h-dino``.
+self-attention, as the reference implementations do it); ``h-dino``;
+``co-dino`` (ATSS + Faster R-CNN auxiliary heads).
 
     python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json
     python benchmarks/query_branches.py --quick       # smoke run
@@ -30,6 +31,7 @@ from train_step import (ROOT, build, machine, peak_rss_mb,  # noqa: E402
 DINO = 'configs/shapes/dino-tiny_shapes.py'
 GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
 HYBRID = 'configs/shapes/h-dino-tiny_shapes.py'
+CO = 'configs/shapes/co-dino-tiny_shapes.py'
 # name -> (config, model overrides)
 VARIANTS = {
     'dino': (DINO, {}),
@@ -39,6 +41,7 @@ VARIANTS = {
     'group-k11-dense-mask': (GROUP, {'branches.0.num_groups': 11,
                                      'dense_self_attn_mask': True}),
     'h-dino': (HYBRID, {}),
+    'co-dino': (CO, {}),
 }
 
 

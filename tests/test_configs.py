@@ -53,11 +53,42 @@ def _shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# our COCO config with query branches -> (the DINO config it extends or
+# None, the branch names it adds)
+BRANCH_CONFIGS = {
+    'group_detr/group-dino-4scale_r50_8xb2-12e_coco.py':
+    ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['group']),
+    'h_detr/h-dino-4scale_r50_8xb2-12e_coco.py':
+    ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['hybrid']),
+    'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py':
+    (None, ['co_atss', 'co_rcnn']),
+    'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
+    (None, ['co_atss', 'co_rcnn', 'co_fcos']),
+}
+
+
 def test_every_config_is_covered():
     shipped = {osp.relpath(p, osp.join(REPO_ROOT, 'configs'))
                for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
     coco = {p for p in shipped if not p.startswith('shapes/')}
-    assert coco == set(COCO_PAIRS)
+    assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS)
+
+
+@pytest.mark.parametrize('ours', sorted(BRANCH_CONFIGS))
+def test_branch_configs_extend_dino(ours):
+    base, names = BRANCH_CONFIGS[ours]
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', ours))
+    model = _build_model(cfg)
+    assert [b.name for b in model.extra_branches] == names
+    assert model.num_queries == 900
+    if base is not None:
+        dino = _shapes(_build_model(Config.fromfile(
+            osp.join(REPO_ROOT, 'configs', base))))
+        extended = _shapes(model)
+        extra = {k for k in extended if k.startswith('extra_branches.')}
+        assert {k: v for k, v in extended.items() if k not in extra} == dino
+    else:  # Co-DINO: 5 feature levels
+        assert model.num_feature_levels == 5
 
 
 @pytest.mark.parametrize('ours,theirs', sorted(COCO_PAIRS.items()))
@@ -74,8 +105,10 @@ def test_coco_config_matches_mmdet(ours, theirs):
     assert _shapes(ours_model) == _shapes(mmdet_model)
 
 
-@pytest.mark.parametrize('name', ['dino-tiny_shapes.py',
-                                  'deformable-detr-tiny_shapes.py'])
+@pytest.mark.parametrize('name', [
+    'dino-tiny_shapes.py', 'deformable-detr-tiny_shapes.py',
+    'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
+    'co-dino-tiny_shapes.py'])
 def test_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)

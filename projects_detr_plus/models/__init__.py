@@ -1,8 +1,9 @@
-"""Detectors, heads, layers, query branches and assigners of DETR+.
+"""Detectors, heads, layers, query branches, auxiliary heads and assigners of
+DETR+.
 
 Importing this package registers them into mmdet's registries.
 """
-from . import branches, detectors, layers, task_modules  # noqa: F401
+from . import aux_heads, branches, detectors, layers, task_modules  # noqa
 from .branches import BranchQueries, DenoisingBranch
 from .detectors import DeformableDETRPlus, DINOPlus
 from .task_modules import OneToOneAssigner

@@ -1,10 +1,13 @@
 """Training-only query branches (see :mod:`.base` for the interface)."""
 from .base import (MAIN, AttentionBlock, BranchQueries, concat_branches,
-                   layer_loss_dict, matched_set_loss, split_branches)
+                   fixed_target_loss, layer_loss_dict, matched_set_loss,
+                   split_branches)
+from .collaborative import CollaborativeBranch
 from .denoising import DenoisingBranch
 from .group import GroupQueryBranch
 from .hybrid import HybridMatchingBranch
 
 __all__ = ['MAIN', 'AttentionBlock', 'BranchQueries', 'concat_branches',
            'split_branches', 'layer_loss_dict', 'matched_set_loss',
+           'fixed_target_loss', 'CollaborativeBranch',
            'DenoisingBranch', 'GroupQueryBranch', 'HybridMatchingBranch']

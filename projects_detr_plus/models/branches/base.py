@@ -26,6 +26,8 @@ from typing import List, Optional
 
 import torch
 from mmdet.models.utils import multi_apply
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+from mmdet.utils import reduce_mean
 from torch import Tensor
 
 MAIN = 'main'
@@ -250,4 +252,51 @@ def matched_set_loss(head, prefix: str, cls_scores: Tensor,
     if loss_weight != 1.0:
         per_layer = {key: [loss * loss_weight for loss in losses]
                      for key, losses in per_layer.items()}
+    return layer_loss_dict(prefix, per_layer)
+
+
+def fixed_target_loss(head, prefix: str, cls_scores: Tensor,
+                      bbox_preds: Tensor, labels: Tensor, bbox_targets: Tensor,
+                      weights: Tensor, batch_img_metas,
+                      loss_weight: float = 1.0) -> dict:
+    """The head's DETR losses of every decoder layer for queries whose
+    targets are fixed in advance (no matching), named.
+
+    Args:
+        head (DETRHead): gives ``loss_cls``, ``loss_bbox``, ``loss_iou``.
+        prefix (str): loss-key prefix.
+        cls_scores (Tensor): (num_layers, bs, n, num_classes).
+        bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
+        labels (Tensor): (bs, n) class of each query's target.
+        bbox_targets (Tensor): (bs, n, 4) normalised cxcywh.
+        weights (Tensor): (bs, n), 1 for a real query, 0 for padding.
+        batch_img_metas (list[dict]): per image, with ``img_shape``.
+        loss_weight (float): multiplies every loss.
+
+    Losses are normalised by the number of real queries (averaged over
+    ranks), as the matched losses are by the number of positives.
+    """
+    num_classes = cls_scores.shape[-1]
+    valid = weights > 0
+    labels = torch.where(valid, labels, labels.new_full((), num_classes))
+    avg = torch.clamp(reduce_mean(weights.sum()), min=1).item()
+    factors = torch.stack([
+        bbox_preds.new_tensor([w, h, w, h])
+        for h, w in (meta['img_shape'][:2] for meta in batch_img_metas)
+    ])[:, None]  # (bs, 1, 4)
+    target_xyxy = (bbox_cxcywh_to_xyxy(bbox_targets) * factors).reshape(-1, 4)
+    flat_weights = weights.reshape(-1)
+    box_weights = flat_weights[:, None].expand(-1, 4)
+    per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
+    for layer_cls, layer_bbox in zip(cls_scores, bbox_preds):
+        per_layer['loss_cls'].append(head.loss_cls(
+            layer_cls.reshape(-1, num_classes), labels.reshape(-1),
+            flat_weights, avg_factor=avg) * loss_weight)
+        pred_xyxy = (bbox_cxcywh_to_xyxy(layer_bbox) * factors).reshape(-1, 4)
+        per_layer['loss_iou'].append(head.loss_iou(
+            pred_xyxy, target_xyxy, flat_weights, avg_factor=avg)
+            * loss_weight)
+        per_layer['loss_bbox'].append(head.loss_bbox(
+            layer_bbox.reshape(-1, 4), bbox_targets.reshape(-1, 4),
+            box_weights, avg_factor=avg) * loss_weight)
     return layer_loss_dict(prefix, per_layer)

@@ -20,6 +20,7 @@ import torch
 from mmdet.models.detectors import DINO, DeformableDETR
 from mmdet.models.dense_heads import DeformableDETRHead
 from mmdet.registry import MODELS
+from mmengine.model import ModuleList
 from torch import nn
 
 from ..branches import (MAIN, BranchQueries, DenoisingBranch,
@@ -61,7 +62,8 @@ class DINOPlus(DINO):
         if dn_cfg is not None:
             self.dn_query_generator = DenoisingBranch(
                 **self._branch_args(dn_cfg))
-        self.extra_branches = torch.nn.ModuleList(
+        # mmengine's ModuleList: init_weights reaches the branches' heads
+        self.extra_branches = ModuleList(
             MODELS.build(self._branch_args(cfg)) for cfg in branches)
         names = [b.name for b in self.training_branches]
         if len(set(names)) != len(names):

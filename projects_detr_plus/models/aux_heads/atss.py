@@ -1,0 +1,46 @@
+"""ATSS as a Co-DETR auxiliary head: mmdet's head, plus its positives."""
+import torch
+from mmdet.models.dense_heads import ATSSHead
+from mmdet.registry import MODELS
+from mmengine.structures import InstanceData
+
+
+@MODELS.register_module()
+class CoATSSHead(ATSSHead):
+    """mmdet's ``ATSSHead`` (ATSS assignment: per level the top-k anchors
+    nearest each box, kept when their IoU exceeds mean + std) whose positive
+    anchors also become decoder queries."""
+
+    def loss_and_positives(self, feats, batch_data_samples):
+        """Losses of the head and, per image, its positive anchors.
+
+        The targets are computed a second time for the positives (mmdet's
+        ``loss_by_feat`` does not return them); ATSS assignment is
+        deterministic, so these are the positives the losses used.
+        """
+        gts = [s.gt_instances for s in batch_data_samples]
+        metas = [s.metainfo for s in batch_data_samples]
+        outs = self(feats)
+        losses = self.loss_by_feat(*outs, gts, metas)
+        return losses, self.positives(outs[1], gts, metas)
+
+    def positives(self, bbox_preds, batch_gt_instances, batch_img_metas):
+        """Per image: positive anchors, their gt boxes and labels."""
+        sizes = [p.shape[-2:] for p in bbox_preds]
+        anchors, valid = self.get_anchors(sizes, batch_img_metas,
+                                          device=bbox_preds[0].device)
+        with torch.no_grad():
+            (anchors, labels, _, targets, _, _) = self.get_targets(
+                anchors, valid, batch_gt_instances, batch_img_metas)
+        anchors, labels, targets = (torch.cat(x, dim=1)
+                                    for x in (anchors, labels, targets))
+        result = []
+        for img_anchors, img_labels, img_targets in zip(anchors, labels,
+                                                        targets):
+            pos = (img_labels >= 0) & (img_labels < self.num_classes)
+            boxes = img_targets[pos]
+            if not self.reg_decoded_bbox:
+                boxes = self.bbox_coder.decode(img_anchors[pos], boxes)
+            result.append(InstanceData(priors=img_anchors[pos], bboxes=boxes,
+                                       labels=img_labels[pos]))
+        return result

@@ -1,0 +1,61 @@
+"""FCOS as a Co-DETR auxiliary head: mmdet's head, plus its positives."""
+import torch
+from mmdet.models.dense_heads import FCOSHead
+from mmdet.registry import MODELS
+from mmengine.structures import InstanceData
+
+
+@MODELS.register_module()
+class CoFCOSHead(FCOSHead):
+    """mmdet's ``FCOSHead`` (points inside a box, or its centre region with
+    ``center_sampling``, within the level's size range are positive) whose
+    positive points also become decoder queries.
+
+    A point has no box, so its query starts from a square centred on it of
+    side ``prior_scale * stride`` (like an ATSS anchor at octave scale 8).
+
+    Args:
+        prior_scale (float): side of the point's box in strides.
+        **kwargs: as ``FCOSHead``.
+    """
+
+    def __init__(self, *args, prior_scale=8.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prior_scale = prior_scale
+
+    def loss_and_positives(self, feats, batch_data_samples):
+        """Losses of the head and, per image, its positive points."""
+        gts = [s.gt_instances for s in batch_data_samples]
+        metas = [s.metainfo for s in batch_data_samples]
+        outs = self(feats)
+        losses = self.loss_by_feat(*outs, gts, metas)
+        return losses, self.positives(outs[0], gts)
+
+    def positives(self, cls_scores, batch_gt_instances):
+        """Per image: point boxes, their gt boxes (xyxy) and labels."""
+        sizes = [c.shape[-2:] for c in cls_scores]
+        points = self.prior_generator.grid_priors(
+            sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device)
+        with torch.no_grad():
+            labels, targets = self.get_targets(points, batch_gt_instances)
+        num_imgs = cls_scores[0].shape[0]
+        per_level = []
+        for level, (lvl_points, stride) in enumerate(zip(points,
+                                                         self.strides)):
+            ltrb = targets[level].reshape(num_imgs, -1, 4)
+            if self.norm_on_bbox:
+                ltrb = ltrb * stride
+            xy = lvl_points[None].expand(num_imgs, -1, -1)
+            half = self.prior_scale * stride / 2
+            per_level.append((
+                torch.cat([xy - half, xy + half], -1),
+                torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], -1),
+                labels[level].reshape(num_imgs, -1)))
+        priors, boxes, labels = (torch.cat(x, 1) for x in zip(*per_level))
+        result = []
+        for img_priors, img_boxes, img_labels in zip(priors, boxes, labels):
+            pos = (img_labels >= 0) & (img_labels < self.num_classes)
+            result.append(InstanceData(priors=img_priors[pos],
+                                       bboxes=img_boxes[pos],
+                                       labels=img_labels[pos]))
+        return result

@@ -1,0 +1,254 @@
+"""Co-DINO: auxiliary one-to-many heads and customized positive queries."""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import REPO_ROOT
+from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
+
+SHAPES = Config.fromfile(osp.join(REPO_ROOT,
+                                  'configs/shapes/co-dino-tiny_shapes.py'))
+FCOS = dict(type='CoFCOSHead', in_channels=128, feat_channels=128,
+            stacked_convs=1, strides=[8, 16, 32, 64, 128],
+            regress_ranges=((-1, 16), (16, 32), (32, 64), (64, 128),
+                            (128, 1e8)),
+            center_sampling=True, center_sample_radius=1.5,
+            norm_on_bbox=True, centerness_on_reg=True,
+            loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
+                          alpha=0.25, loss_weight=1.0),
+            loss_bbox=dict(type='GIoULoss', loss_weight=1.0),
+            loss_centerness=dict(type='CrossEntropyLoss', use_sigmoid=True,
+                                 loss_weight=1.0))
+
+
+def branch(name, head, **kwargs):
+    return dict(type='CollaborativeBranch', name=name,
+                aux_head=copy.deepcopy(head), **kwargs)
+
+
+ALL_BRANCHES = (branch('co_atss', SHAPES.atss_head.to_dict()),
+                branch('co_rcnn', SHAPES.rcnn_head.to_dict()),
+                branch('co_fcos', FCOS))
+
+
+def co_dino(branches=ALL_BRANCHES, dn=True):
+    torch.manual_seed(0)
+    model = build(dino_cfg(dims=128, dn=dn, branches=branches))
+    model.train()
+    return model
+
+
+def _encoder_outputs(model, inputs, samples):
+    data = model.data_preprocessor(
+        dict(inputs=inputs, data_samples=copy.deepcopy(samples)),
+        training=True)
+    feats = model.extract_feat(data['inputs'])
+    encoder_inputs, _ = model.pre_transformer(feats, data['data_samples'])
+    memory = model.forward_encoder(**encoder_inputs)['memory']
+    return memory, encoder_inputs['spatial_shapes'], data['data_samples']
+
+
+@pytest.fixture(scope='module')
+def model():
+    return co_dino()
+
+
+@pytest.fixture(scope='module')
+def pyramid(model):
+    from projects_detr_plus.models.branches.collaborative import \
+        encoder_pyramid
+    memory, shapes, samples = _encoder_outputs(model, *make_batch(
+        num_gts=(3, 6), size=128))
+    feats = encoder_pyramid(memory, shapes, model.extra_branches[0]
+                            .extra_level)
+    return feats, samples
+
+
+def test_pyramid_is_the_encoder_memory_per_level(model, pyramid):
+    feats, _ = pyramid
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2, 1]
+    memory, shapes, _ = _encoder_outputs(model, *make_batch(
+        num_gts=(3, 6), size=128))
+    first = int(shapes[0][0] * shapes[0][1])
+    torch.testing.assert_close(feats[0].flatten(2).transpose(1, 2),
+                               memory[:, :first])
+
+
+def test_atss_positives_equal_mmdet_assignment(model, pyramid):
+    from mmdet.models.task_modules import ATSSAssigner
+    from mmengine.structures import InstanceData
+    feats, samples = pyramid
+    head = model.extra_branches[0].aux_head
+    _, positives = head.loss_and_positives(feats, samples)
+    sizes = [f.shape[-2:] for f in feats]
+    anchors = head.prior_generator.grid_priors(sizes, device='cpu')
+    assigner = ATSSAssigner(topk=9)
+    for sample, pos in zip(samples, positives):
+        gt = sample.gt_instances
+        result = assigner.assign(InstanceData(priors=torch.cat(anchors)),
+                                 [len(a) for a in anchors], gt)
+        matched = result.gt_inds > 0
+        assert matched.any()
+        torch.testing.assert_close(pos.priors, torch.cat(anchors)[matched])
+        torch.testing.assert_close(
+            pos.bboxes, gt.bboxes[result.gt_inds[matched] - 1])
+        assert torch.equal(pos.labels, gt.labels[result.gt_inds[matched] - 1])
+
+
+def test_fcos_positives_are_points_inside_their_boxes(model, pyramid):
+    feats, samples = pyramid
+    head = model.extra_branches[2].aux_head
+    losses, positives = head.loss_and_positives(feats, samples)
+    assert {'loss_cls', 'loss_bbox', 'loss_centerness'} <= set(losses)
+    for sample, pos in zip(samples, positives):
+        gt = sample.gt_instances
+        assert len(pos) > 0
+        centres = (pos.priors[:, :2] + pos.priors[:, 2:]) / 2
+        inside = ((centres >= pos.bboxes[:, :2] - 1e-3) &
+                  (centres <= pos.bboxes[:, 2:] + 1e-3)).all(1)
+        assert inside.all()
+        # each target box is one of the image's gt boxes, with its label
+        ious = torch.cdist(pos.bboxes, gt.bboxes)
+        nearest = ious.argmin(1)
+        assert torch.allclose(pos.bboxes, gt.bboxes[nearest], atol=1e-3)
+        assert torch.equal(pos.labels, gt.labels[nearest])
+
+
+def test_rcnn_positives_overlap_their_targets(model, pyramid):
+    from mmdet.structures.bbox import bbox_overlaps
+    feats, samples = pyramid
+    head = model.extra_branches[1].aux_head
+    losses, positives = head.loss_and_positives(feats, samples)
+    assert {'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls',
+            'loss_bbox'} <= set(losses)
+    for sample, pos in zip(samples, positives):
+        assert len(pos) > 0
+        ious = bbox_overlaps(pos.priors, pos.bboxes, is_aligned=True)
+        assert (ious >= 0.5 - 1e-4).all()  # rcnn pos_iou_thr
+        gt = sample.gt_instances
+        match = (pos.bboxes[:, None] == gt.bboxes[None]).all(-1)
+        assert match.any(1).all()
+        assert torch.equal(pos.labels, gt.labels[match.int().argmax(1)])
+
+
+def test_positive_queries_carry_their_targets(model):
+    inputs, samples = make_batch(num_gts=(3, 6), size=128)
+    memory, shapes, data_samples = _encoder_outputs(model, inputs, samples)
+    branch_module = model.extra_branches[0]
+    torch.manual_seed(0)
+    queries = branch_module.make_queries(None, data_samples, memory=memory,
+                                         spatial_shapes=shapes)
+    torch.manual_seed(0)
+    _, positives = branch_module.aux_head.loss_and_positives(
+        __import__('projects_detr_plus.models.branches.collaborative',
+                   fromlist=['x']).encoder_pyramid(
+            memory, shapes, branch_module.extra_level), data_samples)
+    meta = queries.meta
+    assert queries.num_queries == max(len(p) for p in positives)
+    assert not queries.sees_main
+    for i, (pos, sample) in enumerate(zip(positives, data_samples)):
+        n = len(pos)
+        h, w = sample.img_shape
+        scale = torch.tensor([w, h, w, h], dtype=torch.float)
+        assert meta['weights'][i, :n].eq(1).all()
+        assert meta['weights'][i, n:].eq(0).all()
+        cxcywh = meta['bbox_targets'][i, :n] * scale
+        xyxy = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2,
+                          cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
+        torch.testing.assert_close(xyxy, pos.bboxes, atol=1e-3, rtol=1e-4)
+        assert torch.equal(meta['labels'][i, :n], pos.labels)
+        anchors = queries.reference[i, :n].sigmoid() * scale
+        centres = (pos.priors[:, :2] + pos.priors[:, 2:]) / 2
+        torch.testing.assert_close(anchors[:, :2],
+                                   centres.clamp(min=0.128, max=127.872),
+                                   atol=1e-2, rtol=1e-3)
+
+
+def test_at_most_max_queries_per_image():
+    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                     max_queries=5), ))
+    inputs, samples = make_batch(num_gts=(8, 6), size=128)
+    memory, shapes, data_samples = _encoder_outputs(model, inputs, samples)
+    queries = model.extra_branches[0].make_queries(
+        None, data_samples, memory=memory, spatial_shapes=shapes)
+    assert queries.num_queries == 5
+    assert queries.meta['weights'].sum() == 10
+
+
+def _hidden_states(model, inputs, samples, perturb=None):
+    torch.manual_seed(3)
+    data = model.data_preprocessor(
+        dict(inputs=inputs, data_samples=copy.deepcopy(samples)),
+        training=True)
+    with torch.no_grad():
+        out = model.forward_transformer(model.extract_feat(data['inputs']),
+                                        data['data_samples'])
+    return out
+
+
+def test_perturbing_positive_queries_leaves_main_bit_identical():
+    model = co_dino()
+    inputs, samples = make_batch(num_gts=(3, 6), size=128)
+    clean = _hidden_states(model, inputs, samples)
+    with torch.no_grad():
+        for b in model.extra_branches:
+            b.content[0].weight.add_(torch.randn_like(b.content[0].weight))
+    noisy = _hidden_states(model, inputs, samples)
+    names = [p.name for p in clean['branch_queries']]
+    sizes = [p.num_queries for p in clean['branch_queries']]
+    main_end = sizes[0] + sizes[names.index('dn')]
+    co_start = sum(sizes[:names.index('co_atss')])
+    assert torch.equal(clean['hidden_states'][:, :, :main_end],
+                       noisy['hidden_states'][:, :, :main_end])
+    assert not torch.equal(clean['hidden_states'][:, :, co_start:],
+                           noisy['hidden_states'][:, :, co_start:])
+
+
+def test_losses_of_every_branch_and_head(model):
+    losses = losses_with_seed(model, *make_batch(num_gts=(3, 6), size=128))
+    for name in ('co_atss', 'co_rcnn', 'co_fcos'):
+        for key in ('loss_cls', 'loss_bbox', 'loss_iou'):
+            assert losses[f'{name}_{key}'] > 0
+            assert f'd0.{name}_{key}' in losses
+    assert sum(losses['co_atss.loss_centerness']) > 0
+    assert sum(losses['co_rcnn.loss_rpn_cls']) > 0
+    for key, value in losses.items():
+        values = value if isinstance(value, list) else [value]
+        assert all(torch.isfinite(v) for v in values), key
+
+
+def test_empty_ground_truth_in_every_head():
+    model = co_dino()
+    model.zero_grad(set_to_none=True)
+    losses = losses_with_seed(model, *make_batch(num_gts=(0, 0), size=128))
+    total = sum(sum(v) if isinstance(v, list) else v
+                for k, v in losses.items() if 'loss' in k)
+    assert torch.isfinite(total) and total > 0
+    total.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_predict_equals_plain_dino_with_the_same_weights():
+    model = co_dino()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = model.data_preprocessor(dict(zip(('inputs', 'data_samples'),
+                                            make_batch(size=128))), True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    optimizer.zero_grad()
+    model.parse_losses(losses)[0].backward()
+    optimizer.step()
+    plain = build(dino_cfg(dims=128))
+    missing, unexpected = plain.load_state_dict(model.state_dict(),
+                                                strict=False)
+    assert not missing and all(k.startswith('extra_branches.')
+                               for k in unexpected)
+    inputs, samples = make_batch(seed=3, size=128)
+    for a, b in zip(predict(model, inputs, samples),
+                    predict(plain, inputs, samples)):
+        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
+        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)

@@ -252,3 +252,21 @@ def test_predict_equals_plain_dino_with_the_same_weights():
                     predict(plain, inputs, samples)):
         assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
         assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
+
+
+def test_every_kind_of_branch_combines_in_one_model():
+    """Denoising + group + hybrid + collaborative, from config alone."""
+    branches = (dict(type='GroupQueryBranch', num_groups=2),
+                dict(type='HybridMatchingBranch', num_queries=40,
+                     k_one_to_many=2),
+                branch('co_atss', SHAPES.atss_head.to_dict()))
+    torch.manual_seed(0)
+    model = build(dino_cfg(dims=128, branches=branches,
+                           assigner='GroupOneToOneAssigner'))
+    model.train()
+    losses = losses_with_seed(model, *make_batch(num_gts=(3, 6), size=128))
+    for prefix in ('dn_', 'group_', 'hybrid_', 'co_atss_'):
+        assert losses[f'{prefix}loss_iou'] > 0, prefix
+    model.parse_losses(losses)[0].backward()
+    assert all(p.grad is not None for p in model.parameters()
+               if p.requires_grad)

@@ -65,3 +65,16 @@ def test_crowded_memory_benchmark_quick(repo_root, tmp_path):
         assert memory['1'][which] > 0
         assert result['growth'][which] == memory['3'][which] / \
             memory['1'][which]
+
+
+def test_inference_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'inference.json'
+    proc = run_tool([osp.join(repo_root, 'benchmarks/inference.py'),
+                     '--quick', '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    (row, ) = result['results']
+    assert row['batch_size'] == 1
+    latency = row['latency_s']
+    assert row['speedup_vs_mmdet'] == latency['mmdet'] / latency['ours']
+    assert row['images_per_s']['ours'] == 1 / latency['ours']
+    assert 'speed-up' in proc.stdout

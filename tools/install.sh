@@ -42,10 +42,10 @@ if ! have "$MMCV_OK"; then
     $PIP install --no-build-isolation "mmcv>=2.0.0rc4,<2.2.0"
 fi
 
-if ! have "import mmdet, mmengine, pycocotools, scipy, mim, matplotlib; \
+if ! have "import mmdet, mmengine, pycocotools, scipy, mim, matplotlib, psutil; \
 import sys; sys.exit(mmdet.__version__ != '3.3.0')"; then
     $PIP install "mmdet==3.3.0" "mmengine>=0.10.0,<0.11" pycocotools scipy \
-        openmim matplotlib
+        openmim matplotlib psutil
     # openmim may pull a setuptools without pkg_resources' needs; re-pin.
     $PIP install "setuptools<82"
 fi

@@ -10,6 +10,8 @@ markdown table of the final mAP.
 
     python benchmarks/convergence.py --out benchmarks/results/convergence_cpu
     python benchmarks/convergence.py --methods dino group-dino --iters 1000
+
+Data go to ``data/shapes/`` under the working directory, as the configs'.
     python benchmarks/convergence.py --quick --out /tmp/conv   # smoke run
 """
 import argparse
@@ -148,7 +150,9 @@ def parse_args(argv=None):
     parser.add_argument('--methods', nargs='+', choices=list(METHODS),
                         default=list(METHODS))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
-    parser.add_argument('--iters', type=int, default=1000)
+    parser.add_argument('--iters', type=int, default=750,
+                        help='default: about an hour for the 4 methods x 2 '
+                        'seeds on 2 cores')
     parser.add_argument('--interval', type=int, default=250)
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--train-images', type=int, default=None,

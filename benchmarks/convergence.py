@@ -164,6 +164,9 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: 2 iterations, 1 seed, 16 train '
                         'and 8 val images')
+    parser.add_argument('--combine', nargs='+', metavar='JSON',
+                        help='merge the runs of earlier result files (same '
+                        'iterations) into OUT instead of training')
     parser.add_argument('--run-one', help=argparse.SUPPRESS)
     parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
@@ -179,14 +182,26 @@ def main(argv=None):
     if args.run_one:
         return run_one(args.run_one, args.seed, args.iters, args.interval,
                        args.result, args.train_images, args.val_images)
-    workdir = tempfile.mkdtemp(prefix='convergence_runs_')
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda job: launch(*job, args, workdir), jobs))
-    runs = {m: [r for name, r in done if name == m] for m in args.methods}
+    if args.combine:
+        runs, workdir = {}, None
+        for path in args.combine:
+            with open(path) as f:
+                earlier = json.load(f)
+            runs.update(earlier['runs'])
+            args.iters, args.seeds = earlier['iters'], earlier['seeds']
+            args.interval, args.jobs = earlier['interval'], earlier['jobs']
+    else:
+        workdir = tempfile.mkdtemp(prefix='convergence_runs_')
+        jobs = [(m, s) for m in args.methods for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda job: launch(*job, args, workdir),
+                                 jobs))
+        runs = {m: [r for name, r in done if name == m]
+                for m in args.methods}
     summary = summarize(runs)
     result = dict(iters=args.iters, interval=args.interval, seeds=args.seeds,
-                  jobs=args.jobs, methods={m: METHODS[m] for m in runs},
+                  jobs=args.jobs,
+                  methods={m: METHODS.get(m) for m in runs},
                   machine=dict(cpus=os.cpu_count(), platform=sys.platform),
                   date=time.strftime('%Y-%m-%d'), summary=summary, runs=runs)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)

@@ -51,6 +51,12 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
         assert summary['iterations'] == [1, 2]
         assert 0.0 <= summary['mean'][-1] <= 1.0
         assert f'| {method} |' in proc.stdout
+    merged = tmp_path / 'merged'
+    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
+              str(tmp_path / 'conv.json'), '--out', str(merged)],
+             cwd=tmp_path)
+    combined = json.loads((tmp_path / 'merged.json').read_text())
+    assert combined['summary'] == result['summary']
 
 
 def test_crowded_memory_benchmark_quick(repo_root, tmp_path):

@@ -28,7 +28,9 @@ def _parts(bs=2, sizes=(4, 3, 2), dim=8):
 def test_dense_mask_layout():
     parts = _parts()
     parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
-    query, reference, mask = concat_branches(parts, dense_mask=True)
+    query, reference, (block, ) = concat_branches(parts, dense_mask=True)
+    mask = block.mask
+    assert (block.start, block.end, block.num_groups) == (0, 9, 1)
     assert query.shape == (2, 9, 8) and reference.shape == (2, 9, 4)
     main, a, b = slice(0, 4), slice(4, 7), slice(7, 9)
     assert not mask[main, main].any()
@@ -49,7 +51,7 @@ def test_attention_blocks_group_what_may_see_each_other():
     main_block, group_block = blocks
     assert (main_block.start, main_block.end) == (0, 7)
     assert main_block.num_groups == 1
-    dense = concat_branches(parts, dense_mask=True)[2]
+    dense = concat_branches(parts, dense_mask=True)[2][0].mask
     assert torch.equal(main_block.mask, dense[:7, :7])
     assert (group_block.start, group_block.num_groups,
             group_block.group_size) == (7, 3, 2)
@@ -57,6 +59,37 @@ def test_attention_blocks_group_what_may_see_each_other():
     # the dense mask of the grouped branch is block-diagonal
     assert torch.equal(dense[7:, 7:], torch.block_diag(
         *[~parts[2].attn_mask] * 3).logical_not())
+
+
+def test_padding_queries_are_invisible():
+    """Keys of padding queries are masked (but a group with nothing real
+    keeps its first query visible), and real queries' outputs do not depend
+    on the padding."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+
+    from projects_detr_plus.models.branches.base import block_self_attention
+    torch.manual_seed(0)
+    attn = MultiheadAttention(8, 2, batch_first=True).eval()
+    parts = _parts(sizes=(4, 3, 3))
+    parts[2].padding = torch.tensor([[False, False, True],
+                                     [True, True, True]])
+    query, _, blocks = concat_branches(parts)
+    assert torch.equal(blocks[1].padding, torch.tensor(
+        [[False, False, True], [False, True, True]]))
+    pos = torch.zeros_like(query)
+    with torch.no_grad():
+        out = block_self_attention(attn, query, pos, blocks)
+        # image 0's two real queries of branch b, decoded without the pad
+        alone = attn(query=query[:1, 7:9], query_pos=pos[:1, 7:9])
+        changed = query.clone()
+        changed[0, 9] += 10.0  # the padding query of image 0
+        again = block_self_attention(attn, changed, pos, blocks)
+        dense = concat_branches(parts, dense_mask=True)[2]
+        dense_out = block_self_attention(attn, query, pos, dense)
+    torch.testing.assert_close(out[:1, 7:9], alone)
+    assert torch.equal(out[:, :9], again[:, :9])
+    assert torch.isfinite(out).all() and torch.isfinite(dense_out).all()
+    torch.testing.assert_close(out, dense_out)
 
 
 def test_branch_order_and_names_are_checked():

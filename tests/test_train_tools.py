@@ -41,9 +41,12 @@ def resumed_run(repo_root, tmp_path_factory):
     """Train 2 iterations, then resume the same work dir to 4."""
     cwd = tmp_path_factory.mktemp('resume')
     work_dir = cwd / 'work'
-    first = ['train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2']
+    # validation right after each checkpoint: it must not shift the streams
+    first = ['train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+             'train_cfg.val_interval=2']
     _train(repo_root, cwd, work_dir, options=first)
-    second = ['train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2']
+    second = ['train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2',
+              'train_cfg.val_interval=2']
     proc = _train(repo_root, cwd, work_dir, '--resume', options=second)
     return work_dir, proc
 
@@ -124,7 +127,8 @@ def test_resume_is_exact(resumed_run, repo_root):
     straight = work_dir.parent / 'straight'
     _train(repo_root, work_dir.parent, straight,
            options=['train_cfg.max_iters=4',
-                    'default_hooks.checkpoint.interval=2'])
+                    'default_hooks.checkpoint.interval=2',
+                    'train_cfg.val_interval=2'])
     resumed, uninterrupted = _train_losses(work_dir), _train_losses(straight)
     assert resumed[1] == uninterrupted[1] and resumed[2] == uninterrupted[2]
     assert resumed[3] == uninterrupted[3]

@@ -9,14 +9,22 @@ before the first resumed batch is loaded: after mmengine's iteration-based
 loop has replayed the data loader over the batches already trained, so that
 replay (which runs the augmentation pipeline) does not shift the streams.
 
-Exact for ``num_workers=0`` loaders (the shapes configs); with worker
-processes the workers' own generators are seeded by mmengine, not restored.
+Validation leaves the training streams untouched (their state is saved
+before and restored after it), so a checkpoint taken right before a
+validation resumes exactly too.
+
+Exact for single-process runs with ``num_workers=0`` loaders (the shapes
+configs).  With worker processes the workers' own generators are seeded by
+mmengine, not restored.  Checkpoints are written by rank 0 alone, so in a
+distributed run rank 0 restores its streams and the other ranks keep
+mmengine's re-seeding.
 """
 import random
 
 import numpy as np
 import torch
 from mmdet.registry import HOOKS
+from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 
 CHECKPOINT_KEY = 'rng_state'
@@ -35,9 +43,10 @@ def set_rng_state(state):
     """Restore what :func:`get_rng_state` returned."""
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
+    # a checkpoint loaded with map_location='cuda' holds CUDA tensors
+    torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 class _RestoreAfterReplay:
@@ -77,13 +86,24 @@ class RandomStateHook(Hook):
 
     def __init__(self):
         self._resumed_state = None
+        self._training_state = None
 
     def before_save_checkpoint(self, runner, checkpoint):
         checkpoint[CHECKPOINT_KEY] = get_rng_state()
 
     def after_load_checkpoint(self, runner, checkpoint):
-        if runner._resume:  # load_from of weights alone keeps the seed
+        # load_from of weights alone keeps the seed; only rank 0's states
+        # are in the checkpoint
+        if runner._resume and get_rank() == 0:
             self._resumed_state = checkpoint.get(CHECKPOINT_KEY)
+
+    def before_val(self, runner):
+        self._training_state = get_rng_state()
+
+    def after_val(self, runner):
+        if self._training_state is not None:
+            set_rng_state(self._training_state)
+            self._training_state = None
 
     def before_train(self, runner):
         if self._resumed_state is None:

@@ -16,7 +16,9 @@ class CoATSSHead(ATSSHead):
 
         The targets are computed a second time for the positives (mmdet's
         ``loss_by_feat`` does not return them); ATSS assignment is
-        deterministic, so these are the positives the losses used.
+        deterministic, so these are the positives the losses used.  With
+        ``reg_decoded_bbox=False`` the gt boxes are decoded back from the
+        regression targets (exact up to the coder's ``wh_ratio_clip``).
         """
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]

@@ -34,6 +34,10 @@ class CoFCOSHead(FCOSHead):
     def positives(self, cls_scores, batch_gt_instances):
         """Per image: point boxes, their gt boxes (xyxy) and labels."""
         sizes = [c.shape[-2:] for c in cls_scores]
+        if len(sizes) != len(self.strides):
+            raise ValueError(f'CoFCOSHead has {len(self.strides)} strides for '
+                             f'a {len(sizes)}-level pyramid (encoder levels '
+                             '+ 1)')
         points = self.prior_generator.grid_priors(
             sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device)
         with torch.no_grad():

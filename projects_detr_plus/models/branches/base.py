@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from mmdet.models.losses import QualityFocalLoss
 from mmdet.models.utils import multi_apply
-from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
 from mmdet.utils import reduce_mean
 from torch import Tensor
 
@@ -50,6 +51,10 @@ class BranchQueries:
             attend to any other branch.
         num_groups (int): the queries are ``num_groups`` consecutive groups of
             equal size that only attend inside their own group (Group DETR).
+        padding (Tensor | None): (bs, n) bool, True at padding queries
+            (images with fewer queries than the batch's largest): no real
+            query attends to them.  Only for branches that do not see the
+            main queries.
         meta (dict): whatever the branch's loss needs (targets, group sizes).
     """
     name: str
@@ -58,6 +63,7 @@ class BranchQueries:
     attn_mask: Optional[Tensor] = None
     sees_main: bool = False
     num_groups: int = 1
+    padding: Optional[Tensor] = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -65,6 +71,10 @@ class BranchQueries:
             raise ValueError(
                 f'branch {self.name!r}: {self.num_queries} queries do not '
                 f'split into {self.num_groups} equal groups')
+        if self.padding is not None and self.sees_main:
+            raise ValueError(f'branch {self.name!r}: padding queries are only '
+                             'supported in branches that do not see the main '
+                             'queries')
 
     @property
     def num_queries(self) -> int:
@@ -90,11 +100,13 @@ class AttentionBlock:
     """Queries ``[start, start + num_groups * group_size)`` of the decoder
     input, split into ``num_groups`` groups that attend only inside
     themselves, under ``mask`` ((group_size, group_size), True = blocked,
-    or None)."""
+    or None) and ``padding`` ((bs, num_groups * group_size), True = no query
+    attends to that one, or None)."""
     start: int
     num_groups: int
     group_size: int
     mask: Optional[Tensor] = None
+    padding: Optional[Tensor] = None
 
     @property
     def end(self) -> int:
@@ -119,15 +131,22 @@ def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
 
     Returns:
         tuple: query (bs, N, dim), reference (bs, N, 4) and the layout: None
-        (one block without a mask: plain self-attention), a (N, N) bool mask
-        (``dense_mask``), or a list of :class:`AttentionBlock` covering
-        ``[0, N)`` in order.  N is the sum of the parts' sizes.
+        (one block without a mask: plain self-attention) or a list of
+        :class:`AttentionBlock` covering ``[0, N)`` in order (one block with
+        a (N, N) mask for ``dense_mask``).  N is the sum of the parts'
+        sizes.
     """
     _check_order(parts)
     query = torch.cat([p.query for p in parts], dim=1)
     reference = torch.cat([p.reference for p in parts], dim=1)
     if dense_mask:
-        return query, reference, _dense_mask(parts)
+        padding = None
+        if any(p.padding is not None for p in parts):
+            padding = torch.cat([
+                p.query.new_zeros(p.query.shape[:2], dtype=torch.bool)
+                if p.padding is None else _padding(p) for p in parts], dim=1)
+        return query, reference, [AttentionBlock(0, 1, query.shape[1],
+                                                 _dense_mask(parts), padding)]
     seeing = [p for p in parts if p.name == MAIN or p.sees_main]
     if len(seeing) == 1 and parts[0].num_groups == 1:
         main_block = AttentionBlock(0, 1, parts[0].num_queries,
@@ -139,7 +158,8 @@ def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
     for part in parts[len(seeing):]:
         if part.num_queries:
             blocks.append(AttentionBlock(start, part.num_groups,
-                                         part.group_size, part.attn_mask))
+                                         part.group_size, part.attn_mask,
+                                         _padding(part)))
         start += part.num_queries
     if len(blocks) == 1 and main_block.mask is None:
         return query, reference, None
@@ -155,6 +175,21 @@ def _check_order(parts: List[BranchQueries]):
     if seeing != sorted(seeing, reverse=True):
         raise ValueError('branches that see the main queries must come '
                          f'before the others, got {names}')
+
+
+def _padding(part: BranchQueries) -> Optional[Tensor]:
+    """The part's (bs, n) key padding (None when it has none).
+
+    The first query of each group stays visible even when it is padding
+    (an image without any real query there), so that no attention row is
+    empty (softmax over nothing gives NaN); only padding queries see it.
+    """
+    if part.padding is None:
+        return None
+    bs = part.padding.shape[0]
+    padding = part.padding.reshape(bs, part.num_groups, -1).clone()
+    padding[:, :, 0] = False
+    return padding.reshape(bs, -1)
 
 
 def _dense_mask(parts: List[BranchQueries]) -> Tensor:
@@ -194,8 +229,12 @@ def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
     for block in layout:
         q = _fold(query[:, block.start:block.end], block.num_groups)
         pos = _fold(query_pos[:, block.start:block.end], block.num_groups)
+        padding = None
+        if block.padding is not None:
+            padding = block.padding.reshape(q.shape[:2])
         out = self_attn(query=q, key=q, value=q, query_pos=pos, key_pos=pos,
-                        attn_mask=block.mask, **kwargs)
+                        attn_mask=block.mask, key_padding_mask=padding,
+                        **kwargs)
         outputs.append(out.reshape(query.shape[0], -1, query.shape[-1]))
     return torch.cat(outputs, dim=1)
 
@@ -289,10 +328,15 @@ def fixed_target_loss(head, prefix: str, cls_scores: Tensor,
     box_weights = flat_weights[:, None].expand(-1, 4)
     per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
     for layer_cls, layer_bbox in zip(cls_scores, bbox_preds):
-        per_layer['loss_cls'].append(head.loss_cls(
-            layer_cls.reshape(-1, num_classes), labels.reshape(-1),
-            flat_weights, avg_factor=avg) * loss_weight)
         pred_xyxy = (bbox_cxcywh_to_xyxy(layer_bbox) * factors).reshape(-1, 4)
+        cls_target = labels.reshape(-1)
+        if isinstance(head.loss_cls, QualityFocalLoss):  # as mmdet's heads
+            quality = bbox_overlaps(pred_xyxy.detach(), target_xyxy,
+                                    is_aligned=True) * flat_weights
+            cls_target = (cls_target, quality)
+        per_layer['loss_cls'].append(head.loss_cls(
+            layer_cls.reshape(-1, num_classes), cls_target, flat_weights,
+            avg_factor=avg) * loss_weight)
         per_layer['loss_iou'].append(head.loss_iou(
             pred_xyxy, target_xyxy, flat_weights, avg_factor=avg)
             * loss_weight)

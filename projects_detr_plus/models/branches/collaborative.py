@@ -18,7 +18,8 @@ This branch holds one auxiliary head (:mod:`..aux_heads`).  In training:
 3. up to ``max_queries`` positives per image (a random subset beyond that)
    become queries: reference = the positive's box, detached; content = a
    linear map + LayerNorm of its sine embedding; images are padded to the
-   batch's largest count with zero-weight queries;
+   batch's largest count with zero-weight queries that no query attends
+   to;
 4. the queries see only each other (masked from the main queries both
    ways) and are trained with the head's targets, weight ``loss_weight``
    (lambda_1 = 1).
@@ -93,6 +94,7 @@ class CollaborativeBranch(BaseModule):
         sine = coordinate_to_encoding(priors, num_feats=self.embed_dims // 2)
         return BranchQueries(
             self.name, self.content(sine), inverse_sigmoid(priors, eps=1e-3),
+            padding=weights == 0,
             meta=dict(labels=labels, bbox_targets=targets, weights=weights,
                       aux_losses=aux_losses))
 

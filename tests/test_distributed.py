@@ -8,12 +8,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import run_tool
+from mmengine.config import Config
+
+from conftest import REPO_ROOT, run_tool
 from detr_testing import build, dino_cfg, make_batch
 
+CO_DINO = Config.fromfile(osp.join(REPO_ROOT,
+                                   'configs/shapes/co-dino-tiny_shapes.py'))
 BRANCHES = (dict(type='GroupQueryBranch', num_groups=2),
             dict(type='HybridMatchingBranch', num_queries=30,
-                 k_one_to_many=2))
+                 k_one_to_many=2),
+            dict(type='CollaborativeBranch', name='co_atss',
+                 aux_head=CO_DINO.atss_head.to_dict()))
 WORLD = 2
 
 
@@ -76,9 +82,10 @@ def _split(inputs, samples):
 
 
 def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path):
-    """Group + hybrid branches, no denoising noise: the box-count
-    normalisation is averaged across ranks, so DDP's averaged gradient is
-    the gradient of the global batch."""
+    """Group + hybrid + collaborative (ATSS) branches, no denoising noise:
+    the box-count normalisations are averaged across ranks and the padding
+    of the positive queries is invisible, so DDP's averaged gradient is the
+    gradient of the global batch."""
     cfg = _cfg(dn=False)
     inputs, samples = make_batch(num_gts=(3, 1, 6, 2), seed=4)
     results = _run_ddp(tmp_path, cfg, [_split(inputs, samples)])

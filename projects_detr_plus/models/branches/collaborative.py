@@ -130,12 +130,13 @@ class CollaborativeBranch(BaseModule):
         meta = queries.meta
         losses = {f'{self.name}.{key}': value
                   for key, value in meta['aux_losses'].items()}
-        if queries.num_queries == 0:  # keep the content map in the graph
-            tie = sum(p.sum() for p in self.content.parameters()) * 0.0
-            losses[f'{self.name}_loss_cls'] = tie
-            return losses
+        # computed even without queries: its normaliser is a collective
         losses.update(fixed_target_loss(
             head, f'{self.name}_', cls_scores, bbox_preds, meta['labels'],
             meta['bbox_targets'], meta['weights'],
             [s.metainfo for s in batch_data_samples], self.loss_weight))
+        if queries.num_queries == 0:  # keep the content map in the graph
+            key = f'{self.name}_loss_cls'
+            losses[key] = losses[key] + sum(
+                p.sum() for p in self.content.parameters()) * 0.0
         return losses

@@ -1,6 +1,7 @@
 """Faster R-CNN (RPN + RoI head) as a Co-DETR auxiliary head."""
 import copy
 
+import torch
 from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.registry import MODELS
 from mmengine.config import ConfigDict
@@ -58,7 +59,17 @@ class CoRCNNHead(BaseModule):
         self.num_classes = self.roi_head.bbox_head.num_classes
 
     def loss_and_positives(self, feats, batch_data_samples):
-        """RPN and RoI losses and, per image, the positive proposals."""
+        """RPN and RoI losses and, per image, the positive proposals.
+
+        Runs in fp32 under autocast: mmcv's NMS and RoIAlign take fp32 only
+        on the CPU.
+        """
+        device_type = feats[0].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._loss_and_positives(
+                tuple(f.float() for f in feats), batch_data_samples)
+
+    def _loss_and_positives(self, feats, batch_data_samples):
         rpn_samples = copy.deepcopy(batch_data_samples)
         for sample in rpn_samples:  # the RPN is class-agnostic
             sample.gt_instances.labels = \

@@ -9,7 +9,6 @@ fresh process on a synthetic batch (tiny shapes DINO widened to 256, as
     python benchmarks/crowded_memory.py --json benchmarks/results/crowded_memory_cpu.json
 """
 import argparse
-import json
 import sys
 import time
 from os import path as osp
@@ -44,9 +43,7 @@ def main(argv=None):
                   batch_size=args.batch_size, image_size=128,
                   peak_memory_mb=memory, growth=growth,
                   date=time.strftime('%Y-%m-%d'))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    train_step.write_json(result, args.json)
     return result
 
 

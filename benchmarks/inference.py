@@ -11,7 +11,6 @@ latency per batch and the images per second are reported with the ratio.
 """
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train_step import (PAIRS, _sync, build, load_configs,  # noqa: E402
-                        machine, synthetic_batch)
+                        machine, synthetic_batch, write_json)
 
 
 def time_inference(models, batch, iters, warmup, device):
@@ -91,9 +90,7 @@ def main(argv=None):
               f"{lat['mmdet'] * 1e3:.0f} ms ({ips['mmdet']:.1f} img/s), ours "
               f"{lat['ours'] * 1e3:.0f} ms ({ips['ours']:.1f} img/s), "
               f"speed-up {row['speedup_vs_mmdet']:.2f}x")
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 

@@ -16,7 +16,6 @@ self-attention, as the reference implementations do it); ``h-dino``;
     python benchmarks/query_branches.py --quick       # smoke run
 """
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ from os import path as osp
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train_step import (ROOT, build, machine, peak_rss_mb,  # noqa: E402
-                        synthetic_batch, time_steps)
+from train_step import (ROOT, build, machine,  # noqa: E402
+                        print_peak_training_memory, synthetic_batch,
+                        time_steps, write_json)
 
 DINO = 'configs/shapes/dino-tiny_shapes.py'
 GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
@@ -73,17 +73,7 @@ def peak_memory_mb(args, name):
 
 
 def measure_memory_only(args):
-    model, optim = build(load_config(args.memory_of), args.device)
-    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
-                            0, args.device)
-    if args.device.startswith('cuda'):
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        model.train_step(batch, optim)
-    if args.device.startswith('cuda'):
-        print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(peak_rss_mb())
+    print_peak_training_memory(load_config(args.memory_of), args, steps=2)
 
 
 def run(args):
@@ -148,9 +138,7 @@ def main(argv=None):
             line += (f"  {result['peak_memory_mb'][name]:6.0f} MB"
                      f"  x{result['memory_ratio_vs_dino'][name]:.2f} memory")
         print(line)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 

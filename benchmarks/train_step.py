@@ -168,13 +168,20 @@ def peak_memory_mb(args, which):
 
 
 def measure_memory_only(args):
-    cfg = load_configs(args.pair)[args.memory_of]
+    print_peak_training_memory(load_configs(args.pair)[args.memory_of],
+                               args, steps=args.iters)
+
+
+def print_peak_training_memory(cfg, args, steps):
+    """Train ``cfg`` for ``steps`` steps on a synthetic batch (``args``:
+    image_size, batch_size, num_gts, device); print the peak memory in MB
+    for the parent process to read."""
     model, optim = build(cfg, args.device)
     batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
                             0, args.device)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.iters):
+    for _ in range(steps):
         model.train_step(copy.deepcopy(batch), optim)
     if args.device.startswith('cuda'):
         print(torch.cuda.max_memory_allocated() / 2**20)
@@ -267,10 +274,15 @@ def main(argv=None):
         print(f"peak memory: mmdet {memory['mmdet']:.0f} MB, ours "
               f"{memory['ours']:.0f} MB (ratio "
               f"{result['memory_ratio_vs_mmdet']:.2f})")
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
+
+
+def write_json(result, path):
+    """Write a benchmark result to ``path`` (nothing when path is None)."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == '__main__':

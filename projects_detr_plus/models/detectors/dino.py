@@ -18,13 +18,12 @@ entry in the config.
 """
 import torch
 from mmdet.models.detectors import DINO, DeformableDETR
-from mmdet.models.dense_heads import DeformableDETRHead
 from mmdet.registry import MODELS
 from mmengine.model import ModuleList
 from torch import nn
 
 from ..branches import (MAIN, BranchQueries, DenoisingBranch,
-                        concat_branches, split_branches)
+                        concat_branches, matched_set_loss, split_branches)
 from ..layers.transformer import DeformableEncoderPlus, DinoDecoderPlus
 from .deformable_detr import init_transformer_modules
 
@@ -213,8 +212,8 @@ class DINOPlus(DINO):
         head = self.bbox_head
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
-        losses = super(DeformableDETRHead, head).loss_by_feat(
-            cls_scores, bbox_preds, gts, metas)
+        losses = matched_set_loss(head, '', cls_scores, bbox_preds, gts,
+                                  metas)
         enc_losses = head.loss_by_feat_single(
             enc_cls, enc_coord, batch_gt_instances=gts, batch_img_metas=metas)
         losses.update(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),

@@ -84,6 +84,19 @@ def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
     return cfg
 
 
+def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8):
+    """A tiny DDQ-DETR; ``plus=False`` gives mmdet's ``DDQDETR``."""
+    cfg = dino_cfg(plus, dims)
+    cfg.update(type='DDQDETRPlus' if plus else 'DDQDETR',
+               dense_topk_ratio=1.5,
+               dqs_cfg=dict(type='nms', iou_threshold=iou))
+    cfg['bbox_head']['type'] = 'DDQHeadPlus' if plus else 'DDQDETRHead'
+    cfg['bbox_head']['aux_num_pos'] = 4
+    if plus:
+        cfg['suppressed_queries'] = suppressed
+    return cfg
+
+
 def deformable_detr_cfg(plus=True, refine=False, two_stage=False):
     """A tiny Deformable DETR; ``plus=False`` gives mmdet's."""
     return dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',

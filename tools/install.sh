@@ -58,8 +58,14 @@ fi
 STAMP="$ROOT/.install-stamp"
 HASH=$(cd "$ROOT" && cat setup.py requirements.txt projects_detr_plus/version.py \
     $(find ops -type f | sort) | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && \
-        have "import projects_detr_plus"; then
+# checked from outside the repo (there the current folder would import it)
+# and against this checkout (an earlier editable install may point elsewhere)
+installed_here() {
+    (cd / && $PYTHON -c "import os, projects_detr_plus as p
+assert os.path.realpath(os.path.dirname(p.__file__)) == \
+    os.path.realpath('$ROOT/projects_detr_plus')") >/dev/null 2>&1
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && installed_here; then
     say "projects_detr_plus is up to date"
 else
     say "installing projects_detr_plus (editable, builds the op extension)"

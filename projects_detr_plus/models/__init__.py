@@ -3,7 +3,8 @@ DETR+.
 
 Importing this package registers them into mmdet's registries.
 """
-from . import aux_heads, branches, detectors, layers, task_modules  # noqa
+from . import (aux_heads, branches, detectors, heads, layers,  # noqa
+               task_modules)
 from .branches import BranchQueries, DenoisingBranch
 from .detectors import DeformableDETRPlus, DINOPlus
 from .task_modules import OneToOneAssigner

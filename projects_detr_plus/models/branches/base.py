@@ -17,14 +17,21 @@ A branch is a module with a ``name`` (unique in a detector) and two methods::
 
 ``encoder_outputs`` are ``memory`` (bs, num_keys, dim), ``memory_mask``,
 ``spatial_shapes``, ``enc_class`` (bs, num_keys, C) and ``enc_coord_unact``
-(bs, num_keys, 4): the encoder tokens and their two-stage proposals.
+(bs, num_keys, 4): the encoder tokens and their two-stage proposals;
+``enc_memory`` (bs, num_keys, dim) and ``enc_anchors`` (bs, num_keys, 4): the
+transformed tokens and anchors the proposals were predicted from;
+``head``: the detection head; plus whatever the detector adds (DDQ:
+``token_content``).
 ``cls_scores`` (num_layers, bs, n, num_classes) and ``bbox_preds``
-(num_layers, bs, n, 4) are the head's outputs on that branch's queries only.
+(num_layers, bs, n, 4) are the predictions on that branch's queries only:
+of the head's per-layer branches, or of the branch's own
+(``BranchQueries.predictors``).
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from mmdet.models.layers.transformer.utils import inverse_sigmoid
 from mmdet.models.losses import QualityFocalLoss
 from mmdet.models.utils import multi_apply
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
@@ -56,6 +63,10 @@ class BranchQueries:
             query attends to them.  Only for branches that do not see the
             main queries.
         meta (dict): whatever the branch's loss needs (targets, group sizes).
+        predictors (tuple | None): ``(cls_branches, reg_branches)``, one
+            class and one box-refinement module per decoder layer that
+            predict for this branch (DDQ's dense queries have their own);
+            None: the detection head's.
     """
     name: str
     query: Tensor
@@ -65,6 +76,7 @@ class BranchQueries:
     num_groups: int = 1
     padding: Optional[Tensor] = None
     meta: dict = field(default_factory=dict)
+    predictors: Optional[tuple] = None
 
     def __post_init__(self):
         if self.num_queries % self.num_groups:
@@ -233,10 +245,18 @@ def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
         if block.padding is not None:
             padding = block.padding.reshape(q.shape[:2])
         out = self_attn(query=q, key=q, value=q, query_pos=pos, key_pos=pos,
-                        attn_mask=block.mask, key_padding_mask=padding,
-                        **kwargs)
+                        attn_mask=_per_head(block.mask, self_attn.num_heads),
+                        key_padding_mask=padding, **kwargs)
         outputs.append(out.reshape(query.shape[0], -1, query.shape[-1]))
     return torch.cat(outputs, dim=1)
+
+
+def _per_head(mask: Optional[Tensor], num_heads: int) -> Optional[Tensor]:
+    """A per-image (bs, L, S) mask as torch's attention wants it:
+    (bs * num_heads, L, S), image-major."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    return mask.repeat_interleave(num_heads, dim=0)
 
 
 def _fold(x: Tensor, num_groups: int) -> Tensor:
@@ -248,6 +268,70 @@ def _fold(x: Tensor, num_groups: int) -> Tensor:
 def split_branches(tensor: Tensor, parts: List[BranchQueries], dim: int):
     """Split ``tensor`` along its query dimension ``dim`` back into parts."""
     return torch.split(tensor, [p.num_queries for p in parts], dim=dim)
+
+
+class SegmentedLayers:
+    """Per-decoder-layer modules applied segment by segment along the
+    query dimension.
+
+    ``SegmentedLayers([(n0, layers0), (n1, layers1)])[i](x)`` equals
+    ``cat([layers0[i](x[:, :n0]), layers1[i](x[:, n0:n0 + n1])], dim=1)``;
+    with a single segment it is ``layers0[i]`` itself.
+    """
+
+    def __init__(self, segments):
+        self.segments = []
+        for size, layers in [s for s in segments if s[0]] or segments[:1]:
+            if self.segments and self.segments[-1][1] is layers:
+                self.segments[-1] = (self.segments[-1][0] + size, layers)
+            else:
+                self.segments.append((size, layers))
+
+    def __getitem__(self, layer_id):
+        if len(self.segments) == 1:
+            return self.segments[0][1][layer_id]
+
+        def apply(x):
+            chunks = x.split([size for size, _ in self.segments], dim=1)
+            return torch.cat([layers[layer_id](chunk) for (_, layers), chunk
+                              in zip(self.segments, chunks)], dim=1)
+        return apply
+
+
+def branch_layers(parts: List[BranchQueries], default, index: int):
+    """The per-layer predictors of every part: ``part.predictors[index]``
+    (0: classes, 1: box refinement) or ``default`` (the head's)."""
+    return SegmentedLayers([
+        (p.num_queries, default if p.predictors is None else
+         p.predictors[index]) for p in parts])
+
+
+def branch_predictions(head, hidden_states: Tensor, references,
+                       parts: List[BranchQueries]):
+    """Class logits and boxes of all queries, each branch by its predictors.
+
+    Args:
+        head (DeformableDETRHead): its ``cls_branches``/``reg_branches``
+            predict for the branches without their own.
+        hidden_states (Tensor): (num_layers, bs, N, dim).
+        references (list[Tensor]): num_layers (+ 1) of (bs, N, 4) in [0, 1].
+        parts (list[BranchQueries]): the branches, in decoder order.
+
+    Returns:
+        tuple[Tensor, Tensor]: (num_layers, bs, N, num_classes) logits and
+        (num_layers, bs, N, 4) boxes (normalised cx, cy, w, h), as the
+        head's ``forward``.
+    """
+    if all(p.predictors is None for p in parts):
+        return head(hidden_states, references)
+    cls_layers = branch_layers(parts, head.cls_branches, 0)
+    reg_layers = branch_layers(parts, head.reg_branches, 1)
+    scores, boxes = [], []
+    for layer_id, state in enumerate(hidden_states):
+        scores.append(cls_layers[layer_id](state))
+        delta = reg_layers[layer_id](state)
+        boxes.append((delta + inverse_sigmoid(references[layer_id])).sigmoid())
+    return torch.stack(scores), torch.stack(boxes)
 
 
 def layer_loss_dict(prefix: str, losses_per_layer: dict) -> dict:

@@ -23,7 +23,8 @@ from mmengine.model import ModuleList
 from torch import nn
 
 from ..branches import (MAIN, BranchQueries, DenoisingBranch,
-                        concat_branches, matched_set_loss, split_branches)
+                        branch_layers, branch_predictions, concat_branches,
+                        matched_set_loss, split_branches)
 from ..layers.transformer import DeformableEncoderPlus, DinoDecoderPlus
 from .deformable_detr import init_transformer_modules
 
@@ -106,20 +107,17 @@ class DINOPlus(DINO):
         Returns:
             tuple[dict, dict]: decoder inputs (``query`` (bs, N, dim),
             ``reference_points`` (bs, N, 4) in [0, 1], ``dn_mask``: the
-            self-attention layout of :func:`concat_branches`) and head inputs (training: the encoder's top-k scores and
-            boxes and the list of :class:`BranchQueries`).
+            self-attention layout of :func:`concat_branches`,
+            ``branch_queries``: the list of :class:`BranchQueries`) and head
+            inputs (training: the encoder's top-k scores and boxes and the
+            branch queries).
         """
-        enc_class, enc_coord = self.encoder_proposals(memory, memory_mask,
-                                                      spatial_shapes)
-        main, topk_score, topk_coords = self.main_queries(enc_class,
-                                                          enc_coord)
+        inputs = self.query_inputs(memory, memory_mask, spatial_shapes)
+        main, topk_score, topk_coords = self.main_queries(**inputs)
         parts = [main]
         if self.training:
             branch_parts = [
-                branch.make_queries(
-                    main, batch_data_samples, memory=memory,
-                    memory_mask=memory_mask, spatial_shapes=spatial_shapes,
-                    enc_class=enc_class, enc_coord_unact=enc_coord)
+                branch.make_queries(main, batch_data_samples, **inputs)
                 for branch in self.training_branches]
             # those that see the main queries share its attention block
             parts += sorted(branch_parts, key=lambda p: not p.sees_main)
@@ -127,24 +125,33 @@ class DINOPlus(DINO):
             parts, dense_mask=self.dense_self_attn_mask)
         decoder_inputs = dict(query=query, memory=memory,
                               reference_points=reference.sigmoid(),
-                              dn_mask=attn_mask)
+                              dn_mask=attn_mask, branch_queries=parts)
         head_inputs = dict(enc_outputs_class=topk_score,
                            enc_outputs_coord=topk_coords,
                            branch_queries=parts) if self.training else {}
         return decoder_inputs, head_inputs
 
-    def encoder_proposals(self, memory, memory_mask, spatial_shapes):
-        """Class logits (bs, num_keys, C) and boxes before the sigmoid
-        (bs, num_keys, 4) of every encoder token (two-stage proposals)."""
-        head, num_layers = self.bbox_head, self.decoder.num_layers
-        output_memory, output_proposals = self.gen_encoder_output_proposals(
-            memory, memory_mask, spatial_shapes)
-        enc_class = head.cls_branches[num_layers](output_memory)
-        enc_coord = head.reg_branches[num_layers](output_memory) + \
-            output_proposals
-        return enc_class, enc_coord
+    def query_inputs(self, memory, memory_mask, spatial_shapes):
+        """What the main queries and the branches are made from.
 
-    def main_queries(self, enc_class, enc_coord):
+        Returns:
+            dict: ``memory``, ``memory_mask``, ``spatial_shapes``, the
+            two-stage proposals of every encoder token (``enc_class``
+            logits (bs, num_keys, C), ``enc_coord_unact`` boxes before the
+            sigmoid (bs, num_keys, 4)), the transformed tokens and anchors
+            they come from (``enc_memory``, ``enc_anchors``) and ``head``.
+        """
+        head, num_layers = self.bbox_head, self.decoder.num_layers
+        enc_memory, enc_anchors = self.gen_encoder_output_proposals(
+            memory, memory_mask, spatial_shapes)
+        enc_class = head.cls_branches[num_layers](enc_memory)
+        enc_coord = head.reg_branches[num_layers](enc_memory) + enc_anchors
+        return dict(memory=memory, memory_mask=memory_mask,
+                    spatial_shapes=spatial_shapes, enc_class=enc_class,
+                    enc_coord_unact=enc_coord, enc_memory=enc_memory,
+                    enc_anchors=enc_anchors, head=head)
+
+    def main_queries(self, enc_class, enc_coord_unact, **query_inputs):
         """Mixed query selection: top-k encoder anchors, learnable content.
 
         Returns:
@@ -156,7 +163,7 @@ class DINOPlus(DINO):
         topk_score = torch.gather(
             enc_class, 1, topk[..., None].expand(-1, -1, enc_class.shape[-1]))
         topk_coords_unact = torch.gather(
-            enc_coord, 1, topk[..., None].expand(-1, -1, 4))
+            enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4))
         content = self.query_embedding.weight[None].expand(
             enc_class.shape[0], -1, -1)
         main = BranchQueries(MAIN, content, topk_coords_unact.detach())
@@ -164,14 +171,21 @@ class DINOPlus(DINO):
 
     def forward_decoder(self, query, memory, memory_mask, reference_points,
                         spatial_shapes, level_start_index, valid_ratios,
-                        dn_mask=None, **kwargs):
-        """Run the decoder once over all branches' queries (see mmdet)."""
+                        dn_mask=None, branch_queries=None, **kwargs):
+        """Run the decoder once over all branches' queries (see mmdet).
+
+        ``branch_queries`` (from :meth:`pre_decoder`) say which box
+        refinement each query uses (a branch may bring its own).
+        """
+        reg_branches = self.bbox_head.reg_branches
+        if branch_queries is not None:
+            reg_branches = branch_layers(branch_queries, reg_branches, 1)
         hidden_states, references = self.decoder(
             query=query, value=memory, key_padding_mask=memory_mask,
             self_attn_mask=dn_mask, reference_points=reference_points,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index, valid_ratios=valid_ratios,
-            reg_branches=self.bbox_head.reg_branches, **kwargs)
+            reg_branches=reg_branches, **kwargs)
         return dict(hidden_states=hidden_states, references=list(references))
 
     def loss(self, batch_inputs, batch_data_samples):
@@ -182,8 +196,9 @@ class DINOPlus(DINO):
                                   **head_inputs)
 
     def branch_losses(self, hidden_states, references, enc_outputs_class,
-                      enc_outputs_coord, branch_queries, batch_data_samples):
-        """Split the head's outputs by branch and sum up their losses.
+                      enc_outputs_coord, branch_queries, batch_data_samples,
+                      **main_inputs):
+        """Split the predictions by branch and sum up their losses.
 
         Args:
             hidden_states (Tensor): (num_layers, bs, N, dim).
@@ -192,13 +207,16 @@ class DINOPlus(DINO):
             enc_outputs_coord (Tensor): (bs, k, 4).
             branch_queries (list[BranchQueries]): main first.
             batch_data_samples (list[DetDataSample]): the batch.
+            **main_inputs: more inputs of :meth:`main_loss` (returned by
+                :meth:`forward_decoder`).
         """
-        cls_scores, bbox_preds = self.bbox_head(hidden_states, references)
+        cls_scores, bbox_preds = branch_predictions(
+            self.bbox_head, hidden_states, references, branch_queries)
         cls_parts = split_branches(cls_scores, branch_queries, dim=2)
         bbox_parts = split_branches(bbox_preds, branch_queries, dim=2)
         losses = self.main_loss(cls_parts[0], bbox_parts[0],
                                 enc_outputs_class, enc_outputs_coord,
-                                batch_data_samples)
+                                batch_data_samples, **main_inputs)
         branches = {branch.name: branch for branch in self.training_branches}
         for queries, cls, bbox in zip(branch_queries[1:], cls_parts[1:],
                                       bbox_parts[1:]):
@@ -207,15 +225,21 @@ class DINOPlus(DINO):
         return losses
 
     def main_loss(self, cls_scores, bbox_preds, enc_cls, enc_coord,
-                  batch_data_samples):
+                  batch_data_samples, **decoder_outputs):
         """One-to-one losses of every decoder layer and of the encoder."""
         head = self.bbox_head
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
-        losses = matched_set_loss(head, '', cls_scores, bbox_preds, gts,
-                                  metas)
+        losses = self.main_decoder_loss(cls_scores, bbox_preds, gts, metas,
+                                        **decoder_outputs)
         enc_losses = head.loss_by_feat_single(
             enc_cls, enc_coord, batch_gt_instances=gts, batch_img_metas=metas)
         losses.update(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),
                           enc_losses))
         return losses
+
+    def main_decoder_loss(self, cls_scores, bbox_preds, batch_gt_instances,
+                          batch_img_metas):
+        """Hungarian loss of the main queries in every decoder layer."""
+        return matched_set_loss(self.bbox_head, '', cls_scores, bbox_preds,
+                                batch_gt_instances, batch_img_metas)

@@ -122,7 +122,7 @@ class DinoDecoderPlus(DinoTransformerDecoder):
 
     def forward(self, query, value, key_padding_mask, self_attn_mask,
                 reference_points, spatial_shapes, level_start_index,
-                valid_ratios, reg_branches, **kwargs):
+                valid_ratios, reg_branches, between_layers=None, **kwargs):
         """Decode ``query`` with iterative box refinement.
 
         Args:
@@ -136,6 +136,12 @@ class DinoDecoderPlus(DinoTransformerDecoder):
                 sigmoid-space (cx, cy, w, h).
             spatial_shapes, level_start_index, valid_ratios: as mmdet.
             reg_branches (nn.ModuleList): box refinement heads.
+            between_layers (callable, optional): called after every layer
+                but the last as ``between_layers(layer_id, query,
+                reference_points, self_attn_mask)`` with the layer's output
+                (bs, nq, dim) and refined boxes (bs, nq, 4); returns the
+                self-attention layout of the next layer (DDQ's distinct
+                query selection).
 
         Returns:
             tuple[Tensor, Tensor]: hidden states (num_layers, bs, nq, dim) and
@@ -162,6 +168,11 @@ class DinoDecoderPlus(DinoTransformerDecoder):
                            inverse_sigmoid(reference_points, eps=1e-3))
                 refined = refined.sigmoid()
                 reference_points = refined.detach()
+            if between_layers is not None and \
+                    layer_id < len(self.layers) - 1:
+                self_attn_mask = between_layers(layer_id, query,
+                                                reference_points,
+                                                self_attn_mask)
             if self.return_intermediate:
                 intermediate.append(self.norm(query))
                 intermediate_refs.append(refined)

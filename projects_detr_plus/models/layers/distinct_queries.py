@@ -1,0 +1,120 @@
+"""DDQ's distinct query selection: class-agnostic NMS over query boxes,
+expressed as the main queries' self-attention mask.
+
+DDQ (Zhang et al., 2023) keeps queries dense (for recall) but distinct
+(duplicates weaken one-to-one matching): before the decoder, NMS over the
+encoder proposals picks the main queries; after every decoder layer but the
+last, NMS over the refined boxes of the queries still distinct suppresses
+the new duplicates, which the next layer masks out of self-attention and
+whose predictions neither the loss nor inference uses.
+"""
+from dataclasses import replace
+
+import torch
+from mmcv.ops import batched_nms
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+
+from ..branches.base import AttentionBlock
+
+SUPPRESSED_MODES = ('isolated', 'mmdet')
+
+
+def distinct_indices(boxes, scores, nms_cfg, candidates=None):
+    """Class-agnostic NMS in every image, the whole batch in one call.
+
+    Args:
+        boxes (Tensor): (bs, n, 4) as (x1, y1, x2, y2).
+        scores (Tensor): (bs, n).
+        nms_cfg (dict): mmcv's ``batched_nms`` config, e.g.
+            ``dict(type='nms', iou_threshold=0.8)``.
+        candidates (Tensor, optional): (bs, n) bool, the boxes taking part
+            (default all).
+
+    Returns:
+        list[Tensor]: per image, the indices of the kept boxes by
+        descending score.
+    """
+    if candidates is None:
+        candidates = torch.ones_like(scores, dtype=torch.bool)
+    image_ids, box_ids = candidates.nonzero(as_tuple=True)
+    # mmcv's NMS kernels are fp32 only
+    _, keep = batched_nms(boxes[image_ids, box_ids].detach().float(),
+                          scores[image_ids, box_ids].detach().float(),
+                          image_ids, dict(nms_cfg))
+    kept_images, kept_boxes = image_ids[keep], box_ids[keep]
+    return [kept_boxes[kept_images == b] for b in range(scores.shape[0])]
+
+
+class DistinctQuerySelection:
+    """Distinct-query selection between decoder layers, for one forward pass.
+
+    Pass it as the decoder's ``between_layers``.  After layer ``l`` it
+    scores the main queries (the first ``num_main`` of the decoder) with the
+    head's layer-``l`` classifier, runs NMS over the refined boxes of those
+    still distinct, appends their (bs, num_main) bool mask to ``keeps`` and
+    returns the next layer's self-attention layout, with the main attention
+    block masked per image.  A new object per forward pass: nothing
+    outlives it.
+
+    Args:
+        cls_branches (nn.ModuleList): the head's per-layer classifiers.
+        num_main (int): number of main queries.
+        nms_cfg (dict): e.g. ``dict(type='nms', iou_threshold=0.8)``.
+        suppressed (str): ``'isolated'``: a suppressed query neither attends
+            nor is attended to (it sees itself only), as if removed;
+            ``'mmdet'``: the mask of mmdet's and the official DDQ code:
+            distinct queries still attend to suppressed ones, suppressed
+            ones attend to distinct ones only, and denoising queries see
+            all main queries.
+    """
+
+    def __init__(self, cls_branches, num_main, nms_cfg,
+                 suppressed='isolated'):
+        if suppressed not in SUPPRESSED_MODES:
+            raise ValueError(f'suppressed must be one of {SUPPRESSED_MODES}, '
+                             f'got {suppressed!r}')
+        self.cls_branches = cls_branches
+        self.num_main = num_main
+        self.nms_cfg = nms_cfg
+        self.suppressed = suppressed
+        self.keeps = []
+        self._first_mask = None
+
+    def __call__(self, layer_id, query, reference_points, layout):
+        """Select after layer ``layer_id``; returns the next layout.
+
+        Args:
+            query (Tensor): the layer's output, (bs, N, dim).
+            reference_points (Tensor): refined boxes (bs, N, 4), cxcywh in
+                [0, 1].
+            layout: the layer's self-attention layout (``concat_branches``).
+        """
+        n = self.num_main
+        scores = self.cls_branches[layer_id](query[:, :n]).sigmoid()
+        boxes = bbox_cxcywh_to_xyxy(reference_points[:, :n])
+        previous = self.keeps[-1] if self.keeps else None
+        keep = torch.zeros_like(scores[..., 0], dtype=torch.bool)
+        for image, kept in enumerate(distinct_indices(
+                boxes, scores.max(-1).values, self.nms_cfg, previous)):
+            keep[image, kept] = True
+        self.keeps.append(keep)
+        return self._layout(layout, keep)
+
+    def _layout(self, layout, keep):
+        """``layout`` with the main block masked per image by ``keep``."""
+        if layout is None:  # the main queries alone, unmasked
+            layout = [AttentionBlock(0, 1, self.num_main)]
+        block = layout[0]
+        if self._first_mask is None:
+            self._first_mask = block.mask  # (S, S) or None: static
+        bs, n, size = keep.shape[0], self.num_main, block.group_size
+        mask = keep.new_zeros(size, size) if self._first_mask is None \
+            else self._first_mask
+        mask = mask.expand(bs, size, size).clone()
+        if self.suppressed == 'mmdet':
+            mask[:, :n, :n] = ~(keep[:, :, None] | keep[:, None, :])
+        else:
+            eye = torch.eye(n, dtype=torch.bool, device=keep.device)
+            mask[:, :n, :n] = ~(keep[:, :, None] & keep[:, None, :] | eye)
+            mask[:, n:, :n] |= ~keep[:, None, :]
+        return [replace(block, mask=mask)] + list(layout[1:])

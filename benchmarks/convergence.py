@@ -31,6 +31,7 @@ METHODS = {
     'group-dino': 'configs/shapes/group-dino-tiny_shapes.py',
     'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
     'co-dino': 'configs/shapes/co-dino-tiny_shapes.py',
+    'ddq-detr': 'configs/shapes/ddq-detr-tiny_shapes.py',
 }
 
 

@@ -64,6 +64,7 @@ class DDQDETRPlus(DINOPlus):
         names = [b.name for b in self.training_branches]
         if len(set(names)) != len(names):
             raise ValueError(f'query branch names must be unique: {names}')
+        self.register_load_state_dict_pre_hook(_drop_mmdet_decoder_alias)
 
     def _init_layers(self):
         init_transformer_modules(self)
@@ -147,6 +148,15 @@ class DDQDETRPlus(DINOPlus):
             for key, loss in zip(per_layer, losses):
                 per_layer[key].append(loss)
         return layer_loss_dict('', per_layer)
+
+
+def _drop_mmdet_decoder_alias(module, state_dict, prefix, *args):
+    """mmdet's DDQDETR registers ``bbox_head.aux_reg_branches`` a second
+    time, as ``decoder.aux_reg_branches``, on its first training step, so
+    its trained checkpoints hold those weights twice: drop the copy."""
+    alias = f'{prefix}decoder.aux_reg_branches.'
+    for key in [k for k in state_dict if k.startswith(alias)]:
+        del state_dict[key]
 
 
 def kept_query_loss(head, cls_scores, bbox_preds, keep, batch_gt_instances,

@@ -51,10 +51,11 @@ class DistinctQuerySelection:
     Pass it as the decoder's ``between_layers``.  After layer ``l`` it
     scores the main queries (the first ``num_main`` of the decoder) with the
     head's layer-``l`` classifier, runs NMS over the refined boxes of those
-    still distinct, appends their (bs, num_main) bool mask to ``keeps`` and
-    returns the next layer's self-attention layout, with the main attention
-    block masked per image.  A new object per forward pass: nothing
-    outlives it.
+    still distinct, appends their (bs, num_main) bool mask to ``keeps`` (the
+    queries whose predictions count in the loss of layer ``l + 1`` and, for
+    the last, at inference) and returns the next layer's self-attention
+    layout, with the main attention block masked per image.  A new object
+    per forward pass: nothing outlives it.
 
     Args:
         cls_branches (nn.ModuleList): the head's per-layer classifiers.
@@ -62,10 +63,13 @@ class DistinctQuerySelection:
         nms_cfg (dict): e.g. ``dict(type='nms', iou_threshold=0.8)``.
         suppressed (str): ``'isolated'``: a suppressed query neither attends
             nor is attended to (it sees itself only), as if removed;
-            ``'mmdet'``: the mask of mmdet's and the official DDQ code:
-            distinct queries still attend to suppressed ones, suppressed
-            ones attend to distinct ones only, and denoising queries see
-            all main queries.
+            ``'mmdet'``: exactly what mmdet 3.3's DDQ does, for its
+            checkpoints.  Its mask lets distinct queries still attend to
+            suppressed ones, suppressed ones attend to distinct ones only,
+            and denoising queries see all main queries.  And mmdet reads the
+            distinct set back from the *first row* of that mask, which is
+            all queries whenever query 0 is distinct: then every query
+            counts in the loss, at inference and in the next NMS.
     """
 
     def __init__(self, cls_branches, num_main, nms_cfg,
@@ -97,7 +101,9 @@ class DistinctQuerySelection:
         for image, kept in enumerate(distinct_indices(
                 boxes, scores.max(-1).values, self.nms_cfg, previous)):
             keep[image, kept] = True
-        self.keeps.append(keep)
+        # mmdet: row 0 of its visibility mask, keep[i] or keep[0]
+        self.keeps.append(keep | keep[:, :1] if self.suppressed == 'mmdet'
+                          else keep)
         return self._layout(layout, keep)
 
     def _layout(self, layout, keep):

@@ -22,6 +22,8 @@ COCO_PAIRS = {
     'dino/dino-4scale_r50_8xb2-24e_coco.py',
     'dino/dino-4scale_r50_8xb2-36e_coco.py':
     'dino/dino-4scale_r50_8xb2-36e_coco.py',
+    'ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py':
+    'ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py',
 }
 
 
@@ -108,7 +110,7 @@ def test_coco_config_matches_mmdet(ours, theirs):
 @pytest.mark.parametrize('name', [
     'dino-tiny_shapes.py', 'deformable-detr-tiny_shapes.py',
     'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
-    'co-dino-tiny_shapes.py'])
+    'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py'])
 def test_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)

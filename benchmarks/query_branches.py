@@ -1,4 +1,5 @@
-"""Training cost of the query branches: Group-, H- and Co-DINO against DINO.
+"""Training cost of the query branches: Group-, H-, Co-DINO and DDQ-DETR
+against DINO.
 
 All variants are the tiny shapes DINO (``configs/shapes/``) with the same
 weights where they share them, trained on identical synthetic batches;
@@ -10,7 +11,8 @@ Variants: ``dino``; ``group-k1``, ``group-k3``, ``group-k11`` (Group DETR
 with K groups, folded into the batch for self-attention);
 ``group-k11-dense-mask`` (the same model with one (K*N)^2 masked
 self-attention, as the reference implementations do it); ``h-dino``;
-``co-dino`` (ATSS + Faster R-CNN auxiliary heads).
+``co-dino`` (ATSS + Faster R-CNN auxiliary heads); ``ddq-detr`` (distinct
+queries and the dense branch).
 
     python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json
     python benchmarks/query_branches.py --quick       # smoke run
@@ -32,6 +34,7 @@ DINO = 'configs/shapes/dino-tiny_shapes.py'
 GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
 HYBRID = 'configs/shapes/h-dino-tiny_shapes.py'
 CO = 'configs/shapes/co-dino-tiny_shapes.py'
+DDQ = 'configs/shapes/ddq-detr-tiny_shapes.py'
 # name -> (config, model overrides)
 VARIANTS = {
     'dino': (DINO, {}),
@@ -42,6 +45,7 @@ VARIANTS = {
                                      'dense_self_attn_mask': True}),
     'h-dino': (HYBRID, {}),
     'co-dino': (CO, {}),
+    'ddq-detr': (DDQ, {}),
 }
 
 

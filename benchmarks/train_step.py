@@ -33,6 +33,9 @@ PAIRS = {
                              None),
     'dino-r50': ('configs/dino/dino-4scale_r50_8xb2-12e_coco.py',
                  'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py'),
+    'ddq-detr-tiny': ('configs/shapes/ddq-detr-tiny_shapes.py', None),
+    'ddq-detr-r50': ('configs/ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py',
+                     'mmdet::ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py'),
     'deformable-detr-r50': (
         'configs/deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
         'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'),
@@ -43,6 +46,7 @@ PAIRS = {
         'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'),
 }
 MMDET_TYPES = {'DINOPlus': 'DINO', 'DeformableDETRPlus': 'DeformableDETR',
+               'DDQDETRPlus': 'DDQDETR', 'DDQHeadPlus': 'DDQDETRHead',
                'OneToOneAssigner': 'HungarianAssigner'}
 
 
@@ -57,6 +61,7 @@ def to_mmdet_model_cfg(model_cfg):
                 node['type'] = MMDET_TYPES[node['type']]
             if isinstance(node.get('dn_cfg'), dict):
                 node['dn_cfg'].pop('max_targets', None)
+            node.pop('suppressed_queries', None)  # DDQ: ours only
             return node
         if isinstance(node, (list, tuple)):
             return type(node)(convert(v) for v in node)

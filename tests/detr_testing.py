@@ -84,9 +84,9 @@ def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
     return cfg
 
 
-def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8):
+def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8, dn=True):
     """A tiny DDQ-DETR; ``plus=False`` gives mmdet's ``DDQDETR``."""
-    cfg = dino_cfg(plus, dims)
+    cfg = dino_cfg(plus, dims, dn=dn)
     cfg.update(type='DDQDETRPlus' if plus else 'DDQDETR',
                dense_topk_ratio=1.5,
                dqs_cfg=dict(type='nms', iou_threshold=iou))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from mmengine.config import Config
 
 from conftest import REPO_ROOT, run_tool
-from detr_testing import build, dino_cfg, make_batch
+from detr_testing import build, ddq_cfg, dino_cfg, make_batch
 
 CO_DINO = Config.fromfile(osp.join(REPO_ROOT,
                                    'configs/shapes/co-dino-tiny_shapes.py'))
@@ -23,9 +23,12 @@ BRANCHES = (dict(type='GroupQueryBranch', num_groups=2),
 WORLD = 2
 
 
-def _cfg(dn):
-    cfg = dino_cfg(dims=128, dn=dn, branches=BRANCHES,
-                   assigner='GroupOneToOneAssigner')
+def _cfg(dn, model='branches'):
+    if model == 'ddq':  # NMS-selected queries, dense one-to-many branch
+        cfg = ddq_cfg(dims=128, dn=dn, suppressed='isolated')
+    else:
+        cfg = dino_cfg(dims=128, dn=dn, branches=BRANCHES,
+                       assigner='GroupOneToOneAssigner')
     cfg['backbone']['norm_eval'] = True  # BN batch statistics are per rank
     return cfg
 
@@ -81,12 +84,13 @@ def _split(inputs, samples):
             for r in range(WORLD)]
 
 
-def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path):
-    """Group + hybrid + collaborative (ATSS) branches, no denoising noise:
-    the box-count normalisations are averaged across ranks and the padding
-    of the positive queries is invisible, so DDP's averaged gradient is the
-    gradient of the global batch."""
-    cfg = _cfg(dn=False)
+@pytest.mark.parametrize('model', ['branches', 'ddq'])
+def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path, model):
+    """Group + hybrid + collaborative (ATSS) branches, or DDQ-DETR; no
+    denoising noise: the box-count normalisations are averaged across ranks
+    and the padding of the positive queries is invisible, so DDP's averaged
+    gradient is the gradient of the global batch."""
+    cfg = _cfg(dn=False, model=model)
     inputs, samples = make_batch(num_gts=(3, 1, 6, 2), seed=4)
     results = _run_ddp(tmp_path, cfg, [_split(inputs, samples)])
     torch.manual_seed(0)

@@ -321,3 +321,30 @@ def test_configuration_errors():
         build(cfg)
     with pytest.raises(ValueError, match='suppressed'):
         build(ddq_cfg(True, suppressed='hidden'))
+
+
+def test_ddq_combines_with_other_branches():
+    """DDQ plus group and hybrid branches trains, and predicts exactly what
+    a plain DDQ holding the same weights predicts."""
+    cfg = ddq_cfg(True, suppressed='isolated')
+    cfg['branches'] = [dict(type='GroupQueryBranch', num_groups=2),
+                       dict(type='HybridMatchingBranch', num_queries=20,
+                            k_one_to_many=2)]
+    cfg['train_cfg']['assigner']['type'] = 'GroupOneToOneAssigner'
+    torch.manual_seed(0)
+    combined = _overlapping_boxes(build(cfg))
+    combined.train()
+    inputs, samples = make_batch()
+    losses = losses_with_seed(combined, inputs, samples)
+    for prefix in ('group_', 'hybrid_', 'dense_', 'dn_'):
+        assert any(key.startswith(prefix) for key in losses), prefix
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    plain = ddq(True, suppressed='isolated')
+    plain.load_state_dict(combined.state_dict(), strict=False)
+    for ours, ref in zip(predict(combined, inputs, samples),
+                         predict(plain, inputs, samples)):
+        assert torch.equal(ours.pred_instances.bboxes,
+                           ref.pred_instances.bboxes)
+        assert torch.equal(ours.pred_instances.scores,
+                           ref.pred_instances.scores)

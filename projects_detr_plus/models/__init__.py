@@ -6,8 +6,9 @@ Importing this package registers them into mmdet's registries.
 from . import (aux_heads, branches, detectors, heads, layers,  # noqa
                task_modules)
 from .branches import BranchQueries, DenoisingBranch
-from .detectors import DeformableDETRPlus, DINOPlus
+from .detectors import DDQDETRPlus, DeformableDETRPlus, DINOPlus
+from .heads import DDQHeadPlus
 from .task_modules import OneToOneAssigner
 
-__all__ = ['BranchQueries', 'DenoisingBranch', 'DeformableDETRPlus',
-           'DINOPlus', 'OneToOneAssigner']
+__all__ = ['BranchQueries', 'DenoisingBranch', 'DDQDETRPlus', 'DDQHeadPlus',
+           'DeformableDETRPlus', 'DINOPlus', 'OneToOneAssigner']

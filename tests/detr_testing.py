@@ -1,5 +1,6 @@
 """Small DETR models, batches and mmdet references shared by the model tests."""
 import copy
+from contextlib import contextmanager
 
 import torch
 from mmdet.structures import DetDataSample
@@ -145,3 +146,35 @@ def predict(model, inputs, samples):
     model.eval()
     with torch.no_grad():
         return model.predict(inputs, copy.deepcopy(samples))
+
+
+def decode(model, inputs, samples, training=True):
+    """``forward_transformer``'s outputs on a raw batch (preprocessed in
+    ``training`` mode, no gradients, the denoising noise seeded)."""
+    model.train(training)
+    torch.manual_seed(3)
+    data = model.data_preprocessor(
+        dict(inputs=inputs, data_samples=copy.deepcopy(samples)), training)
+    with torch.no_grad():
+        feats = model.extract_feat(data['inputs'])
+        return model.forward_transformer(feats, data['data_samples'])
+
+
+@contextmanager
+def noised_branch(model, name, scale=5.0, shift=3.0):
+    """Inside the block, training branch ``name`` makes noisy queries:
+    content + ``scale`` * N(0, 1), reference + ``shift``."""
+    branch = {b.name: b for b in model.training_branches}[name]
+    original = branch.make_queries
+
+    def noisy(*args, **kwargs):
+        queries = original(*args, **kwargs)
+        queries.query = queries.query + scale * torch.randn_like(
+            queries.query)
+        queries.reference = queries.reference + shift
+        return queries
+    branch.make_queries = noisy
+    try:
+        yield
+    finally:
+        branch.__dict__.pop('make_queries')

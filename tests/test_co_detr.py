@@ -7,7 +7,8 @@ import torch
 from mmengine.config import Config
 
 from conftest import REPO_ROOT
-from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
+from detr_testing import (build, decode, dino_cfg, losses_with_seed,
+                          make_batch, predict)
 
 SHAPES = Config.fromfile(osp.join(REPO_ROOT,
                                   'configs/shapes/co-dino-tiny_shapes.py'))
@@ -178,25 +179,14 @@ def test_at_most_max_queries_per_image():
     assert queries.meta['weights'].sum() == 10
 
 
-def _hidden_states(model, inputs, samples, perturb=None):
-    torch.manual_seed(3)
-    data = model.data_preprocessor(
-        dict(inputs=inputs, data_samples=copy.deepcopy(samples)),
-        training=True)
-    with torch.no_grad():
-        out = model.forward_transformer(model.extract_feat(data['inputs']),
-                                        data['data_samples'])
-    return out
-
-
 def test_perturbing_positive_queries_leaves_main_bit_identical():
     model = co_dino()
     inputs, samples = make_batch(num_gts=(3, 6), size=128)
-    clean = _hidden_states(model, inputs, samples)
+    clean = decode(model, inputs, samples)
     with torch.no_grad():
         for b in model.extra_branches:
             b.content[0].weight.add_(torch.randn_like(b.content[0].weight))
-    noisy = _hidden_states(model, inputs, samples)
+    noisy = decode(model, inputs, samples)
     names = [p.name for p in clean['branch_queries']]
     sizes = [p.num_queries for p in clean['branch_queries']]
     main_end = sizes[0] + sizes[names.index('dn')]

@@ -4,10 +4,9 @@ import copy
 import pytest
 import torch
 
-from detr_testing import (build, ddq_cfg, losses_with_seed, make_batch,
-                          predict)
-from projects_detr_plus.models.branches import (MAIN, AttentionBlock,
-                                                BranchQueries,
+from detr_testing import (build, ddq_cfg, decode, losses_with_seed,
+                          make_batch, noised_branch, predict)
+from projects_detr_plus.models.branches import (MAIN, BranchQueries,
                                                 concat_branches)
 from projects_detr_plus.models.branches.base import block_self_attention
 from projects_detr_plus.models.detectors.ddq_detr import kept_query_loss
@@ -44,16 +43,6 @@ def pair():
     return reference, ours
 
 
-def _decode(model, inputs, samples, training):
-    model.train(training)
-    torch.manual_seed(3)
-    data = model.data_preprocessor(
-        dict(inputs=inputs, data_samples=copy.deepcopy(samples)), training)
-    with torch.no_grad():
-        feats = model.extract_feat(data['inputs'])
-        return model.forward_transformer(feats, data['data_samples'])
-
-
 def test_same_parameters_and_keys(pair):
     reference, ours = pair
     assert {k: v.shape for k, v in ours.state_dict().items()} == \
@@ -67,11 +56,11 @@ def test_queries_are_suppressed_in_these_tests(pair):
     inputs, samples = make_batch()
     isolated = copy.deepcopy(ours)
     isolated.suppressed_queries = 'isolated'
-    keep = _decode(isolated, inputs, samples, training=False)['query_keep']
+    keep = decode(isolated, inputs, samples, training=False)['query_keep']
     assert 0 < keep[-1].sum() < keep[-1].numel()
     # mmdet reads its distinct set from row 0 of its mask: all queries
     # whenever query 0 is distinct, as here
-    keep = _decode(ours, inputs, samples, training=False)['query_keep']
+    keep = decode(ours, inputs, samples, training=False)['query_keep']
     assert keep[-1].all()
 
 
@@ -145,8 +134,9 @@ def test_distinct_indices_is_per_image_nms():
 
 
 def _selection_case(suppressed, num_dn=4, n=6, dims=16):
-    """A main block of n main + num_dn denoising queries, after a selection
-    that keeps main queries 0, 2 and 5 of image 0 and all of image 1."""
+    """A main block of n main + num_dn denoising queries: its layout after a
+    selection that keeps main queries 0, 2 and 5 of image 0 and all of image
+    1, the kept (2, n) mask and the layout before the selection."""
     keep = torch.ones(2, n, dtype=torch.bool)
     keep[0, [1, 3, 4]] = False
     selection = DistinctQuerySelection(None, n, NMS, suppressed)
@@ -154,14 +144,14 @@ def _selection_case(suppressed, num_dn=4, n=6, dims=16):
     dn = BranchQueries('dn', torch.randn(2, num_dn, dims),
                        torch.randn(2, num_dn, 4), sees_main=True)
     _, _, layout = concat_branches([main, dn])
-    return selection._layout(layout, keep), keep
+    return selection._layout(layout, keep), keep, layout
 
 
 def test_isolated_suppressed_queries_never_attend_nor_are_attended_to():
     from mmcv.cnn.bricks.transformer import MultiheadAttention
     torch.manual_seed(0)
     attention = MultiheadAttention(16, 4, batch_first=True).eval()
-    layout, keep = _selection_case('isolated')
+    layout, keep, before = _selection_case('isolated')
     query, pos = torch.randn(2, 10, 16), torch.randn(2, 10, 16)
     suppressed = torch.zeros(2, 10, dtype=torch.bool)
     suppressed[:, :6] = ~keep
@@ -177,19 +167,12 @@ def test_isolated_suppressed_queries_never_attend_nor_are_attended_to():
             query)
         alone = block_self_attention(attention, others, pos, layout)
         assert torch.equal(clean[suppressed], alone[suppressed])
-    mask = layout[0].mask
-    assert mask[1].equal(layout_without_selection()[0].mask)
-
-
-def layout_without_selection():
-    main = BranchQueries(MAIN, torch.randn(2, 6, 16), torch.randn(2, 6, 4))
-    dn = BranchQueries('dn', torch.randn(2, 4, 16), torch.randn(2, 4, 4),
-                       sees_main=True)
-    return concat_branches([main, dn])[2]
+    # image 1 kept every query: its mask is the one before the selection
+    assert layout[0].mask[1].equal(before[0].mask)
 
 
 def test_mmdet_mask_lets_distinct_queries_read_suppressed_ones():
-    layout, keep = _selection_case('mmdet')
+    layout, _, _ = _selection_case('mmdet')
     mask = layout[0].mask[0]  # True = blocked
     kept, dropped = [0, 2, 5], [1, 3, 4]
     assert not mask[kept][:, :6].any()  # distinct rows read every query
@@ -202,20 +185,9 @@ def test_mmdet_mask_lets_distinct_queries_read_suppressed_ones():
 def test_dense_branch_perturbation_leaves_main_bit_identical():
     model = ddq(True, suppressed='isolated')
     inputs, samples = make_batch()
-    clean = _decode(model, inputs, samples, training=True)
-    dense = model.extra_branches[-1]
-    original = dense.make_queries
-
-    def noisy(*args, **kwargs):
-        queries = original(*args, **kwargs)
-        queries.query = queries.query + 5 * torch.randn_like(queries.query)
-        queries.reference = queries.reference + 3.0
-        return queries
-    dense.make_queries = noisy
-    try:
-        perturbed = _decode(model, inputs, samples, training=True)
-    finally:
-        dense.__dict__.pop('make_queries')
+    clean = decode(model, inputs, samples)
+    with noised_branch(model, 'dense'):
+        perturbed = decode(model, inputs, samples)
     sizes = [p.num_queries for p in clean['branch_queries']]
     assert [p.name for p in clean['branch_queries']] == [MAIN, 'dn', 'dense']
     main_and_dn = slice(0, sizes[0] + sizes[1])
@@ -239,7 +211,7 @@ def test_dense_queries_use_their_own_predictors():
         lambda module, args, output: layer_outputs.append(output))
     inputs, samples = make_batch()
     try:
-        outputs = _decode(model, inputs, samples, training=True)
+        outputs = decode(model, inputs, samples)
     finally:
         hook.remove()
     dense = outputs['branch_queries'][-1]

@@ -1,11 +1,11 @@
 """Group DETR and H-DETR hybrid matching as query branches on DINOPlus."""
-import copy
 
 import pytest
 import torch
 from mmengine.structures import InstanceData
 
-from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
+from detr_testing import (build, decode, dino_cfg, losses_with_seed,
+                          make_batch, noised_branch, predict)
 from projects_detr_plus.models.task_modules import (GroupOneToOneAssigner,
                                                     OneToOneAssigner,
                                                     with_query_groups)
@@ -62,33 +62,6 @@ def test_group_assigner_rejects_uneven_groups():
         GroupOneToOneAssigner(COSTS).assign(preds, gts, meta)
 
 
-def _decode(model, inputs, samples, perturb_branch=None):
-    """Decoder outputs; ``perturb_branch``'s queries heavily noised."""
-    branch = None if perturb_branch is None else {
-        b.name: b for b in model.training_branches}[perturb_branch]
-    if branch is not None:
-        original = branch.make_queries
-
-        def noisy(*args, **kwargs):
-            queries = original(*args, **kwargs)
-            queries.query = queries.query + 5 * torch.randn_like(
-                queries.query)
-            queries.reference = queries.reference + 3.0
-            return queries
-        branch.make_queries = noisy
-    try:
-        torch.manual_seed(3)
-        data = model.data_preprocessor(
-            dict(inputs=inputs, data_samples=copy.deepcopy(samples)),
-            training=True)
-        with torch.no_grad():
-            feats = model.extract_feat(data['inputs'])
-            return model.forward_transformer(feats, data['data_samples'])
-    finally:
-        if branch is not None:
-            branch.__dict__.pop('make_queries')
-
-
 def _slices(outputs):
     slices, start = {}, 0
     for part in outputs['branch_queries']:
@@ -101,8 +74,9 @@ def _slices(outputs):
 def test_perturbing_a_branch_leaves_main_bit_identical(perturbed):
     model = group_dino(branches=(GROUP, HYBRID))
     inputs, samples = make_batch()
-    clean = _decode(model, inputs, samples)
-    noisy = _decode(model, inputs, samples, perturb_branch=perturbed)
+    clean = decode(model, inputs, samples)
+    with noised_branch(model, perturbed):
+        noisy = decode(model, inputs, samples)
     where = _slices(clean)
     states_clean, states_noisy = clean['hidden_states'], noisy['hidden_states']
     assert not torch.equal(states_clean[:, :, where[perturbed]],
@@ -120,11 +94,11 @@ def test_extra_groups_are_isolated_from_each_other():
     """Group 2 perturbed: group 1 of the group branch does not change."""
     model = group_dino(dn=False)
     inputs, samples = make_batch()
-    clean = _decode(model, inputs, samples)
+    clean = decode(model, inputs, samples)
     size = model.num_queries
     with torch.no_grad():
         model.extra_branches[0].content.weight[size:] += 1.0
-    noisy = _decode(model, inputs, samples)
+    noisy = decode(model, inputs, samples)
     first = slice(size, 2 * size)
     assert torch.equal(clean['hidden_states'][:, :, first],
                        noisy['hidden_states'][:, :, first])
@@ -135,9 +109,9 @@ def test_extra_groups_are_isolated_from_each_other():
 def test_folded_blocks_equal_one_dense_mask():
     model = group_dino(branches=(GROUP, HYBRID))
     inputs, samples = make_batch()
-    blocks = _decode(model, inputs, samples)
+    blocks = decode(model, inputs, samples)
     model.dense_self_attn_mask = True
-    dense = _decode(model, inputs, samples)
+    dense = decode(model, inputs, samples)
     assert isinstance(dense['branch_queries'], list)
     torch.testing.assert_close(blocks['hidden_states'],
                                dense['hidden_states'], rtol=1e-4, atol=1e-5)
@@ -237,7 +211,7 @@ def test_trained_group_dino_predicts_like_plain_dino():
 
 def test_group_of_one_adds_no_queries():
     model = group_dino(branches=(dict(GROUP, num_groups=1), ))
-    outputs = _decode(model, *make_batch())
+    outputs = decode(model, *make_batch())
     group = [p for p in outputs['branch_queries'] if p.name == 'group'][0]
     assert group.num_queries == 0
     losses = losses_with_seed(model, *make_batch())

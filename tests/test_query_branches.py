@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
+from detr_testing import (build, decode, dino_cfg, losses_with_seed,
+                          make_batch, noised_branch, predict)
 from projects_detr_plus.models.branches import (MAIN, BranchQueries,
                                                 concat_branches,
                                                 split_branches)
@@ -109,36 +110,11 @@ def test_main_alone_needs_no_mask():
     assert mask is None
 
 
-def _decode(model, inputs, samples, perturb=None):
-    """Hidden states and references of every branch, dn optionally noised."""
-    generator = model.dn_query_generator
-    original = generator.make_queries
-
-    def noisy(*args, **kwargs):
-        queries = original(*args, **kwargs)
-        queries.query = queries.query + perturb * torch.randn_like(
-            queries.query)
-        queries.reference = queries.reference + perturb
-        return queries
-
-    if perturb is not None:
-        generator.make_queries = noisy
-    try:
-        torch.manual_seed(3)
-        feats = model.extract_feat(inputs)
-        return model.forward_transformer(feats, copy.deepcopy(samples))
-    finally:
-        generator.__dict__.pop('make_queries', None)
-
-
 def test_denoising_perturbation_leaves_main_bit_identical(dino):
     inputs, samples = make_batch()
-    data = dino.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                  training=True)
-    with torch.no_grad():
-        clean = _decode(dino, data['inputs'], data['data_samples'])
-        noisy = _decode(dino, data['inputs'], data['data_samples'],
-                        perturb=5.0)
+    clean = decode(dino, inputs, samples)
+    with noised_branch(dino, 'dn', scale=5.0, shift=5.0):
+        noisy = decode(dino, inputs, samples)
     num_main = clean['branch_queries'][0].num_queries
     assert clean['branch_queries'][1].num_queries > 0
     dn_clean = clean['hidden_states'][:, :, num_main:]

@@ -28,8 +28,8 @@ from torch import nn
 
 from ..branches import MAIN, BranchQueries, DenseQueryBranch, layer_loss_dict
 from ..layers.distinct_queries import (DistinctQuerySelection,
+                                       check_suppressed_mode,
                                        distinct_indices)
-from .deformable_detr import init_transformer_modules
 from .dino import DINOPlus
 
 
@@ -56,22 +56,16 @@ class DDQDETRPlus(DINOPlus):
             raise TypeError('DDQDETRPlus needs bbox_head=DDQHeadPlus, got '
                             f'{type(self.bbox_head).__name__}')
         self.dqs_cfg = dict(dqs_cfg)
-        # validates the mode early
-        DistinctQuerySelection(None, 0, self.dqs_cfg, suppressed_queries)
-        self.suppressed_queries = suppressed_queries
+        self.suppressed_queries = check_suppressed_mode(suppressed_queries)
         self.extra_branches.append(DenseQueryBranch(**self._branch_args(dict(
             ratio=dense_topk_ratio, num_pos=self.bbox_head.aux_num_pos))))
-        names = [b.name for b in self.training_branches]
-        if len(set(names)) != len(names):
-            raise ValueError(f'query branch names must be unique: {names}')
+        self._check_branch_names()
         self.register_load_state_dict_pre_hook(_drop_mmdet_decoder_alias)
 
     def _init_layers(self):
-        init_transformer_modules(self)
-        self.query_embedding = None
+        super()._init_layers()
+        self.query_embedding = None  # content comes from query_map
         self.query_map = nn.Linear(self.embed_dims, self.embed_dims)
-        self.memory_trans_fc = nn.Linear(self.embed_dims, self.embed_dims)
-        self.memory_trans_norm = nn.LayerNorm(self.embed_dims)
 
     def init_weights(self):
         """As mmdet's DDQDETR (DINO's, without query embeddings)."""

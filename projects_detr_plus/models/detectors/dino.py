@@ -65,10 +65,13 @@ class DINOPlus(DINO):
         # mmengine's ModuleList: init_weights reaches the branches' heads
         self.extra_branches = ModuleList(
             MODELS.build(self._branch_args(cfg)) for cfg in branches)
+        self._check_branch_names()
+        self.dense_self_attn_mask = dense_self_attn_mask
+
+    def _check_branch_names(self):
         names = [b.name for b in self.training_branches]
         if len(set(names)) != len(names):
             raise ValueError(f'query branch names must be unique: {names}')
-        self.dense_self_attn_mask = dense_self_attn_mask
 
     def _branch_args(self, cfg):
         cfg = dict(cfg)

@@ -19,6 +19,14 @@ from ..branches.base import AttentionBlock
 SUPPRESSED_MODES = ('isolated', 'mmdet')
 
 
+def check_suppressed_mode(mode):
+    """``mode`` if it is one of :data:`SUPPRESSED_MODES`, else ValueError."""
+    if mode not in SUPPRESSED_MODES:
+        raise ValueError(f'suppressed_queries must be one of '
+                         f'{SUPPRESSED_MODES}, got {mode!r}')
+    return mode
+
+
 def distinct_indices(boxes, scores, nms_cfg, candidates=None):
     """Class-agnostic NMS in every image, the whole batch in one call.
 
@@ -74,13 +82,10 @@ class DistinctQuerySelection:
 
     def __init__(self, cls_branches, num_main, nms_cfg,
                  suppressed='isolated'):
-        if suppressed not in SUPPRESSED_MODES:
-            raise ValueError(f'suppressed must be one of {SUPPRESSED_MODES}, '
-                             f'got {suppressed!r}')
         self.cls_branches = cls_branches
         self.num_main = num_main
         self.nms_cfg = nms_cfg
-        self.suppressed = suppressed
+        self.suppressed = check_suppressed_mode(suppressed)
         self.keeps = []
         self._first_mask = None
 

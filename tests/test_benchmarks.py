@@ -84,3 +84,57 @@ def test_inference_benchmark_quick(repo_root, tmp_path):
     assert row['speedup_vs_mmdet'] == latency['mmdet'] / latency['ours']
     assert row['images_per_s']['ours'] == 1 / latency['ours']
     assert 'speed-up' in proc.stdout
+
+
+def _two_image_gt():
+    """COCO annotations: two objects (classes 1, 2) in image 1, one in 2."""
+    objects = [(1, 1, [10, 10, 30, 30]), (1, 2, [50, 50, 20, 40]),
+               (2, 1, [5, 60, 25, 25])]
+    annotations = [dict(id=i, image_id=img, category_id=cat, bbox=box,
+                        area=box[2] * box[3], iscrowd=0)
+                   for i, (img, cat, box) in enumerate(objects, 1)]
+    images = [dict(id=i, width=100, height=100, file_name=f'{i}.png')
+              for i in (1, 2)]
+    categories = [dict(id=1, name='a'), dict(id=2, name='b')]
+    return dict(images=images, annotations=annotations,
+                categories=categories)
+
+
+def test_error_analysis_scores_confusion_and_duplicates():
+    from benchmarks.error_analysis import breakdown
+    gt = _two_image_gt()
+    truth = [dict(image_id=a['image_id'], category_id=a['category_id'],
+                  bbox=list(a['bbox']), score=0.4) for a in gt['annotations']]
+    perfect = breakdown(gt, truth, [1, 2], nms_iou=0.6)
+    assert all(s['mAP'] == 1.0 for s in perfect.values())
+
+    swapped = [dict(d, category_id=3 - d['category_id']) for d in truth]
+    confused = breakdown(gt, swapped, [1, 2], nms_iou=0.6)
+    assert confused['classwise']['mAP'] == 0.0
+    assert confused['agnostic']['mAP'] == 1.0
+
+    # image 1's objects, each found twice (the copy 2 px off, IoU ~0.8 with
+    # the original), outscore image 2's object: a false positive ranks
+    # above a true one until NMS removes the copies
+    copies = [dict(d, bbox=[d['bbox'][0] + 2] + d['bbox'][1:], score=0.9)
+              for d in truth if d['image_id'] == 1]
+    truth_high = [dict(d, score=0.95) if d['image_id'] == 1 else d
+                  for d in truth]
+    duplicated = breakdown(gt, truth_high + copies, [1, 2], nms_iou=0.6)
+    assert duplicated['agnostic']['mAP'] < 1.0
+    assert duplicated['agnostic_nms']['mAP'] == 1.0
+    assert duplicated['classwise_nms']['mAP'] == 1.0
+
+
+def test_error_analysis_quick(repo_root, tmp_path):
+    out = tmp_path / 'errors.json'
+    proc = run_tool([osp.join(repo_root, 'benchmarks/error_analysis.py'),
+                     osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'),
+                     '--quick', '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result['images'] == 8
+    assert set(result['scores']) == {'classwise', 'agnostic',
+                                     'classwise_nms', 'agnostic_nms'}
+    for score in result['scores'].values():
+        assert all(0.0 <= v <= 1.0 for v in score.values())
+    assert 'agnostic_nms' in proc.stdout

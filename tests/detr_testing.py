@@ -142,6 +142,24 @@ def losses_with_seed(model, inputs, samples, seed=7):
     return model.loss(inputs, copy.deepcopy(samples))
 
 
+def assert_empty_gt_losses(losses, no_negatives=('dn_', )):
+    """Losses of a batch without ground truth: every classification loss
+    > 0 except those whose key holds one of ``no_negatives`` (branches
+    with no queries or no negatives then); every other loss exactly 0."""
+    for key, value in losses.items():
+        if 'loss_cls' in key and not any(m in key for m in no_negatives):
+            assert value > 0, key
+        else:
+            assert value == 0, key
+
+
+def parameters_without_grad(model):
+    """Names of the trainable parameters the backward pass left without a
+    gradient (DDP's unused-parameter error, mmdet #10989)."""
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.grad is None]
+
+
 def predict(model, inputs, samples):
     model.eval()
     with torch.no_grad():

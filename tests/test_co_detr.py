@@ -8,7 +8,7 @@ from mmengine.config import Config
 
 from conftest import REPO_ROOT
 from detr_testing import (build, decode, dino_cfg, losses_with_seed,
-                          make_batch, predict)
+                          make_batch, parameters_without_grad, predict)
 
 SHAPES = Config.fromfile(osp.join(REPO_ROOT,
                                   'configs/shapes/co-dino-tiny_shapes.py'))
@@ -218,9 +218,7 @@ def test_empty_ground_truth_in_every_head():
                 for k, v in losses.items() if 'loss' in k)
     assert torch.isfinite(total) and total > 0
     total.backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and p.grad is None]
-    assert not missing
+    assert not parameters_without_grad(model)
 
 
 def test_predict_equals_plain_dino_with_the_same_weights():

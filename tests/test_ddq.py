@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
-from detr_testing import (build, ddq_cfg, decode, losses_with_seed,
-                          make_batch, noised_branch, predict)
+from detr_testing import (assert_empty_gt_losses, build, ddq_cfg, decode,
+                          losses_with_seed, make_batch, noised_branch,
+                          parameters_without_grad, predict)
 from projects_detr_plus.models.branches import (MAIN, BranchQueries,
                                                 concat_branches)
 from projects_detr_plus.models.branches.base import block_self_attention
@@ -259,17 +260,11 @@ def test_empty_ground_truth_trains_every_parameter():
     model.train()
     inputs, samples = make_batch(num_gts=(0, 0))
     losses = losses_with_seed(model, inputs, samples)
-    for key, value in losses.items():
-        # no denoising queries; the dense loss (mmdet's DDQAuxLoss) weighs
-        # negatives only in images with ground truth
-        if 'loss_cls' in key and 'dn_' not in key and 'dense_' not in key:
-            assert value > 0, key
-        else:
-            assert value == 0, key
+    # no denoising queries; the dense loss (mmdet's DDQAuxLoss) weighs
+    # negatives only in images with ground truth
+    assert_empty_gt_losses(losses, no_negatives=('dn_', 'dense_'))
     sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and p.grad is None]
-    assert not missing
+    assert not parameters_without_grad(model)
 
 
 def test_prediction_with_fewer_candidates_than_max_per_img():

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from mmengine.config import Config
 
 from conftest import REPO_ROOT, run_tool
-from detr_testing import build, ddq_cfg, dino_cfg, make_batch
+from detr_testing import (build, ddq_cfg, dino_cfg, make_batch,
+                          parameters_without_grad)
 
 CO_DINO = Config.fromfile(osp.join(REPO_ROOT,
                                    'configs/shapes/co-dino-tiny_shapes.py'))
@@ -61,8 +62,7 @@ def _worker(rank, init_file, cfg, rank_batches, out):
         for step, batches in enumerate(rank_batches):
             torch.manual_seed(100 + step)
             _step(model, ddp, batches[rank])
-            unused += [name for name, p in model.named_parameters()
-                       if p.requires_grad and p.grad is None]
+            unused += parameters_without_grad(model)
             if step == 0:
                 first = _grads(model)
         torch.save(dict(grads=first, unused=unused),

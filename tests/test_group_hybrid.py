@@ -118,20 +118,115 @@ def test_folded_blocks_equal_one_dense_mask():
                                dense['hidden_states'], rtol=1e-4, atol=1e-5)
 
 
-def test_identical_groups_give_the_main_loss():
-    """Extra groups holding the main content queries decode exactly like
-    the main group, so their mean loss equals the main loss: the group loss
-    is normalised by the positives of all groups."""
-    model = group_dino(dn=False)
-    branch = model.extra_branches[0]
+def _copy_main_group(model):
+    """Give every extra group the main group's encoder heads and content."""
+    branch, head = model.extra_branches[0], model.bbox_head
+    layers = model.decoder.num_layers
     with torch.no_grad():
-        branch.content.weight.copy_(
-            model.query_embedding.weight.repeat(2, 1))
+        for g in range(branch.num_extra_groups):
+            branch.memory_trans_fc[g].load_state_dict(
+                model.memory_trans_fc.state_dict())
+            branch.memory_trans_norm[g].load_state_dict(
+                model.memory_trans_norm.state_dict())
+            branch.enc_cls[g].load_state_dict(
+                head.cls_branches[layers].state_dict())
+            branch.enc_reg[g].load_state_dict(
+                head.reg_branches[layers].state_dict())
+            branch.content_tables()[g].copy_(model.query_embedding.weight)
+
+
+def test_identical_groups_give_the_single_group_loss():
+    """K groups with the main group's heads and content decode and score
+    exactly like it; the loss is their equal-weight average, so it equals
+    the loss of the same model with one group."""
+    model = group_dino(dn=False)
+    _copy_main_group(model)
+    single = build(dino_cfg(dims=128, dn=False))
+    single.load_state_dict(model.state_dict(), strict=False)
+    single.train()
     losses = losses_with_seed(model, *make_batch())
-    for key in ('loss_cls', 'loss_bbox', 'loss_iou', 'd0.loss_cls'):
-        torch.testing.assert_close(losses[f'group_{key}' if '.' not in key
-                                          else key.replace('.', '.group_')],
-                                   losses[key], rtol=1e-4, atol=1e-6)
+    expected = losses_with_seed(single, *make_batch())
+    torch.testing.assert_close(sum(losses.values()),
+                               sum(expected.values()), rtol=1e-5, atol=1e-6)
+    for key, value in expected.items():  # main group: weight 1 / K
+        torch.testing.assert_close(losses[key], value / 3)
+        group_key = ('.group_'.join(key.split('.')) if '.' in key
+                     else f'group_{key}')
+        torch.testing.assert_close(losses[group_key], value * 2 / 3,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_each_group_selects_its_own_anchors():
+    """Perturbing group 2's encoder box head moves group 2's anchors
+    only; the main and group-1 anchors stay bit-identical."""
+    model = group_dino(dn=False)
+    inputs, samples = make_batch()
+    clean = decode(model, inputs, samples)
+    with torch.no_grad():
+        model.extra_branches[0].enc_reg[1][-1].bias += 0.5
+    moved = decode(model, inputs, samples)
+    size = model.num_queries
+    first, second = clean['references'][0], moved['references'][0]
+    assert torch.equal(first[:, :2 * size], second[:, :2 * size])
+    assert not torch.equal(first[:, 2 * size:], second[:, 2 * size:])
+    groups = first.reshape(first.shape[0], 3, size, 4)
+    assert not torch.equal(groups[:, 0], groups[:, 1])  # own top-k
+
+
+def test_each_group_has_isolated_denoising_queries():
+    """Group 1's denoising queries: perturbing them changes nothing in the
+    main group, its denoising queries or group 2; each group's
+    denoising queries see their group's matching queries."""
+    model = group_dino(dn=True)
+    inputs, samples = make_batch()
+    clean = decode(model, inputs, samples)
+    parts = {p.name: p for p in clean['branch_queries']}
+    group, dn = parts['group'], parts['dn']
+    size, num_dn = model.num_queries, dn.num_queries
+    assert group.num_queries == 2 * (size + num_dn)
+    assert group.attn_mask[:size, size:].all()  # matching does not see DN
+    assert not group.attn_mask[size:, :size].any()  # DN sees matching
+    assert torch.equal(group.attn_mask[size:, size:], dn.attn_mask)
+    denoiser = model.extra_branches[0].denoisers[0]
+    original = denoiser.make_queries
+
+    def noisy(*args, **kwargs):
+        queries = original(*args, **kwargs)
+        queries.query = queries.query + 5.0
+        return queries
+    denoiser.make_queries = noisy
+    moved = decode(model, inputs, samples)
+    start = size + num_dn  # the group branch follows main + dn
+    g1_dn = slice(start + size, start + size + num_dn)
+    g2 = slice(start + size + num_dn, None)
+    states, states_moved = clean['hidden_states'], moved['hidden_states']
+    assert not torch.equal(states[:, :, g1_dn], states_moved[:, :, g1_dn])
+    assert torch.equal(states[:, :, :start + size],
+                       states_moved[:, :, :start + size])
+    assert torch.equal(states[:, :, g2], states_moved[:, :, g2])
+
+
+def test_group_denoising_losses_are_averaged_over_groups():
+    model = group_dino(dn=True)
+    losses = losses_with_seed(model, *make_batch())
+    for key in ('group_dn_loss_cls', 'd0.group_dn_loss_bbox',
+                'group_enc_loss_iou'):
+        assert key in losses and losses[key] > 0, key
+    shared = group_dino(dn=False, branches=(dict(GROUP,
+                                                  shared_anchors=True), ))
+    shared_losses = losses_with_seed(shared, *make_batch())
+    assert not any('group_enc_' in key for key in shared_losses)
+    assert not hasattr(shared.extra_branches[0], 'enc_cls')
+
+
+def test_group_content_initialised_like_main():
+    model = group_dino(dn=False)
+    bound = (6.0 / (model.num_queries + model.embed_dims)) ** 0.5
+    main = model.query_embedding.weight
+    for table in model.extra_branches[0].content_tables():
+        assert table.abs().max() <= bound
+        assert abs(float(table.std()) - float(main.std())) < 0.1 * float(
+            main.std())
 
 
 def test_loss_keys_per_branch_and_weights():

@@ -428,3 +428,34 @@ def fixed_target_loss(head, prefix: str, cls_scores: Tensor,
             layer_bbox.reshape(-1, 4), bbox_targets.reshape(-1, 4),
             box_weights, avg_factor=avg) * loss_weight)
     return layer_loss_dict(prefix, per_layer)
+
+
+def top_proposals(enc_score, enc_class, enc_coord_unact, k, start=0):
+    """The proposals ranked ``start .. start + k`` by ``enc_score``.
+
+    Args:
+        enc_score (Tensor): (bs, num_keys).
+        enc_class (Tensor): (bs, num_keys, C).
+        enc_coord_unact (Tensor): (bs, num_keys, 4) before the sigmoid.
+
+    Returns:
+        tuple[Tensor, Tensor]: their logits (bs, k, C) and boxes before the
+        sigmoid (bs, k, 4), undetached.
+    """
+    num_keys = enc_score.shape[1]
+    if start + k > num_keys:
+        raise ValueError(
+            f'{start + k} queries need that many encoder proposals, but the '
+            f'encoder has only {num_keys} tokens; lower the number of '
+            'queries')
+    ranked = torch.topk(enc_score, k=start + k, dim=1)[1][:, start:]
+    scores = torch.gather(
+        enc_class, 1, ranked[..., None].expand(-1, -1, enc_class.shape[-1]))
+    coords = torch.gather(enc_coord_unact, 1,
+                          ranked[..., None].expand(-1, -1, 4))
+    return scores, coords
+
+
+def learnable_content(table, batch_size):
+    """(bs, n, dim) content queries from an (n, dim) embedding table."""
+    return table.weight[None].expand(batch_size, -1, -1)

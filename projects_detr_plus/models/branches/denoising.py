@@ -41,6 +41,7 @@ class DenoisingBranch(CdnQueryGenerator):
             ``box_noise_scale``, ``group_cfg``).
     """
     name = 'dn'
+    belongs_to_main = True  # scaled with the main queries' losses
 
     def __init__(self, *args, max_targets=None, **kwargs):
         super().__init__(*args, **kwargs)

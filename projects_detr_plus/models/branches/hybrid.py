@@ -7,18 +7,21 @@ speeds up training.  The set never attends to the main queries nor they to
 it, and it is dropped at inference (the official values: 1500 queries,
 k = 6, loss weight 1).
 
-Anchors for a two-stage DINO: the encoder proposals ranked right after the
-main queries' top N (ranks N .. N + M), detached, so the two sets start from
-different boxes; content: the branch's own learnable embedding (mixed query
-selection).  Self-attention runs inside the set only (its own attention
-block: M**2, not (N + M)**2).
+Anchors: the encoder proposals ranked right after the main queries' top N
+(ranks N .. N + M by the detector's ranking score), detached, as the
+official code takes its 300 + 1500 queries from one top-1800
+(``HDETR/H-Deformable-DETR``, ``models/deformable_detr.py``); content: the
+branch's own learnable table (mixed query selection), initialised like the
+main content table (the official code has one table for both sets).
+Self-attention runs inside the set only (its own attention block: M**2, not
+(N + M)**2).  Its loss covers the decoder layers, not the encoder proposals,
+as the official ``engine.py``.
 """
-import torch
 from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import BranchQueries, matched_set_loss
+from .base import BranchQueries, matched_set_loss, top_proposals
 
 
 @MODELS.register_module()
@@ -46,27 +49,33 @@ class HybridMatchingBranch(nn.Module):
         self.loss_weight = loss_weight
         self.content = nn.Embedding(num_queries, embed_dims)
 
+    def content_tables(self):
+        """The content table, initialised by the detector like its main
+        content (H-Deformable-DETR: one N(0, 1) table for both sets)."""
+        return [self.content.weight]
+
     def make_queries(self, main, batch_data_samples, enc_class=None,
-                     enc_coord_unact=None, **encoder_outputs):
+                     enc_coord_unact=None, enc_score=None,
+                     **encoder_outputs):
         """Queries on the encoder proposals ranked N .. N + M.
 
         Args:
             enc_class (Tensor): encoder class logits, (bs, num_keys, C).
             enc_coord_unact (Tensor): encoder boxes before the sigmoid,
                 (bs, num_keys, 4).
+            enc_score (Tensor): (bs, num_keys), what the main queries are
+                ranked by (DINO: best class; Deformable DETR: class 0).
         """
         num_keys = enc_class.shape[1]
-        wanted = self.num_main_queries + self.num_queries
-        if wanted > num_keys:
+        if self.num_main_queries + self.num_queries > num_keys:
             raise ValueError(
                 f'HybridMatchingBranch: {self.num_main_queries} main + '
                 f'{self.num_queries} hybrid queries need that many encoder '
                 f'proposals, but the encoder has only {num_keys} tokens; '
                 'lower num_queries')
-        ranked = torch.topk(enc_class.max(-1)[0], k=wanted, dim=1)[1]
-        picked = ranked[:, self.num_main_queries:]
-        reference = torch.gather(enc_coord_unact, 1,
-                                 picked[..., None].expand(-1, -1, 4))
+        _, reference = top_proposals(enc_score, enc_class, enc_coord_unact,
+                                     self.num_queries,
+                                     start=self.num_main_queries)
         query = self.content.weight[None].expand(enc_class.shape[0], -1, -1)
         return BranchQueries(self.name, query, reference.detach())
 

@@ -79,6 +79,7 @@ class DDQDETRPlus(DINOPlus):
                 m.init_weights()
         nn.init.xavier_uniform_(self.memory_trans_fc.weight)
         nn.init.normal_(self.level_embed)
+        self.init_branch_contents()
 
     def query_inputs(self, memory, memory_mask, spatial_shapes):
         """DINO's, plus ``token_content`` (bs, num_keys, dim): the content

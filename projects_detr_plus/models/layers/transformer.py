@@ -97,12 +97,80 @@ class DeformableEncoderPlus(DeformableDetrTransformerEncoder):
 
 @MODELS.register_module()
 class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
-    """Deformable-DETR decoder on :class:`DeformableDecoderLayerPlus`."""
+    """Deformable-DETR decoder on :class:`DeformableDecoderLayerPlus`.
+
+    Args:
+        look_forward_twice (bool): return each layer's refined boxes
+            undetached, so that layer i's box loss also trains the
+            refinement of layer i - 1 (DINO; H-Deformable-DETR's
+            ``--look_forward_twice``).  The boxes fed to the next layer are
+            detached either way.  False: mmdet's Deformable DETR.
+        **kwargs: as mmdet's ``DeformableDetrTransformerDecoder``.
+    """
+
+    def __init__(self, *args, look_forward_twice=False, **kwargs):
+        self.look_forward_twice = look_forward_twice
+        super().__init__(*args, **kwargs)
 
     def _init_layers(self):
         self.layers = _stack(DeformableDecoderLayerPlus, self.layer_cfg,
                              self.num_layers)
         self.embed_dims = self.layers[0].embed_dims
+        if self.post_norm_cfg is not None:
+            raise ValueError('There is no post_norm in '
+                             f'{self._get_name()}')
+
+    def forward(self, query, query_pos, value, key_padding_mask,
+                reference_points, spatial_shapes, level_start_index,
+                valid_ratios, reg_branches=None, **kwargs):
+        """Decode ``query`` (bs, nq, dim) at ``query_pos`` (bs, nq, dim).
+
+        Args:
+            reference_points (Tensor): (bs, nq, 4) boxes or (bs, nq, 2)
+                points, in [0, 1].
+            reg_branches (nn.ModuleList, optional): box refinement heads.
+            **kwargs: passed to every layer (``self_attn_mask``: a mask or
+                the attention blocks of the query branches).
+            Others: as mmdet's.
+
+        Returns:
+            tuple[Tensor, Tensor]: hidden states (num_layers, bs, nq, dim)
+            and every layer's references (num_layers, bs, nq, 4 or 2) when
+            ``return_intermediate``; else the last ones.
+        """
+        intermediate, intermediate_refs = [], []
+        for layer_id, layer in enumerate(self.layers):
+            ratios = valid_ratios if reference_points.shape[-1] == 2 else \
+                torch.cat([valid_ratios, valid_ratios], -1)
+            query = layer(
+                query, query_pos=query_pos, value=value,
+                key_padding_mask=key_padding_mask,
+                spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+                valid_ratios=valid_ratios,
+                reference_points=reference_points[:, :, None] *
+                ratios[:, None], **kwargs)
+            refined = reference_points
+            if reg_branches is not None:
+                refined = _refine(reg_branches[layer_id](query),
+                                  reference_points)
+                reference_points = refined.detach()
+            if self.return_intermediate:
+                intermediate.append(query)
+                intermediate_refs.append(
+                    refined if self.look_forward_twice else reference_points)
+        if self.return_intermediate:
+            return torch.stack(intermediate), torch.stack(intermediate_refs)
+        return query, reference_points
+
+
+def _refine(delta, reference_points):
+    """Boxes (bs, nq, 4) refined by ``delta`` in inverse-sigmoid space;
+    points (bs, nq, 2) move their centre only (mmdet's rule)."""
+    if reference_points.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference_points)).sigmoid()
+    centre = delta[..., :2] + inverse_sigmoid(reference_points)
+    return torch.cat([centre, delta[..., 2:]], -1).sigmoid()
 
 
 @MODELS.register_module()

@@ -32,6 +32,9 @@ METHODS = {
     'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
     'co-dino': 'configs/shapes/co-dino-tiny_shapes.py',
     'ddq-detr': 'configs/shapes/ddq-detr-tiny_shapes.py',
+    'deformable-detr-2stage':
+    'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py',
+    'h-deformable-detr': 'configs/shapes/h-deformable-detr-tiny_shapes.py',
 }
 
 
@@ -85,6 +88,9 @@ def run_one(config, seed, iters, interval, out, train_images=None,
 
 def launch(method, seed, args, workdir):
     out = osp.join(workdir, f'{method}_seed{seed}.json')
+    if osp.exists(out):  # finished in an earlier invocation: resume
+        with open(out) as f:
+            return method, json.load(f)
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     cmd = [sys.executable, __file__, '--run-one', METHODS[method],
@@ -156,6 +162,9 @@ def parse_args(argv=None):
                         'seeds on 2 cores')
     parser.add_argument('--interval', type=int, default=250)
     parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--workdir', default=None,
+                        help='folder of the per-run results; a run whose '
+                        'result is there is not run again (resume)')
     parser.add_argument('--train-images', type=int, default=None,
                         help='other train split size (own data folder)')
     parser.add_argument('--val-images', type=int, default=None,
@@ -192,7 +201,8 @@ def main(argv=None):
             args.iters, args.seeds = earlier['iters'], earlier['seeds']
             args.interval, args.jobs = earlier['interval'], earlier['jobs']
     else:
-        workdir = tempfile.mkdtemp(prefix='convergence_runs_')
+        workdir = args.workdir or tempfile.mkdtemp(prefix='convergence_runs_')
+        os.makedirs(workdir, exist_ok=True)
         jobs = [(m, s) for m in args.methods for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             done = list(pool.map(lambda job: launch(*job, args, workdir),

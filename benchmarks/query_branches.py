@@ -1,7 +1,7 @@
 """Training cost of the query branches: Group-, H-, Co-DINO and DDQ-DETR
-against DINO.
+against DINO, H-Deformable-DETR against its two-stage Deformable DETR.
 
-All variants are the tiny shapes DINO (``configs/shapes/``) with the same
+All variants are tiny shapes models (``configs/shapes/``) with the same
 weights where they share them, trained on identical synthetic batches;
 their steps are interleaved in one process and the median seconds per step
 are reported with the ratio to plain DINO.  Peak memory (CPU: VmHWM, CUDA:
@@ -10,9 +10,14 @@ max allocated) is measured per variant in a fresh process.
 Variants: ``dino``; ``group-k1``, ``group-k3``, ``group-k11`` (Group DETR
 with K groups, folded into the batch for self-attention);
 ``group-k11-dense-mask`` (the same model with one (K*N)^2 masked
-self-attention, as the reference implementations do it); ``h-dino``;
+self-attention, as the reference implementations do it);
+``group-k3-shared-anchors`` (every group on the main group's anchors, no
+per-group encoder heads or denoising); ``h-dino``;
 ``co-dino`` (ATSS + Faster R-CNN auxiliary heads); ``ddq-detr`` (distinct
-queries and the dense branch).
+queries and the dense branch); ``deformable-detr-2stage`` (refine +
+two-stage, mixed selection, look forward twice) and ``h-deformable-detr``
+(that plus the hybrid branch).  Each variant's ratio is also reported
+against its own base (``BASE``).
 
     python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json
     python benchmarks/query_branches.py --quick       # smoke run
@@ -35,6 +40,8 @@ GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
 HYBRID = 'configs/shapes/h-dino-tiny_shapes.py'
 CO = 'configs/shapes/co-dino-tiny_shapes.py'
 DDQ = 'configs/shapes/ddq-detr-tiny_shapes.py'
+DEFORMABLE = 'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py'
+H_DEFORMABLE = 'configs/shapes/h-deformable-detr-tiny_shapes.py'
 # name -> (config, model overrides)
 VARIANTS = {
     'dino': (DINO, {}),
@@ -43,10 +50,18 @@ VARIANTS = {
     'group-k11': (GROUP, {'branches.0.num_groups': 11}),
     'group-k11-dense-mask': (GROUP, {'branches.0.num_groups': 11,
                                      'dense_self_attn_mask': True}),
+    'group-k3-shared-anchors': (GROUP, {'branches.0.num_groups': 3,
+                                        'branches.0.shared_anchors': True}),
     'h-dino': (HYBRID, {}),
     'co-dino': (CO, {}),
     'ddq-detr': (DDQ, {}),
+    'deformable-detr-2stage': (DEFORMABLE, {}),
+    'h-deformable-detr': (H_DEFORMABLE, {}),
 }
+# the model each variant adds its branches to
+BASE = dict({name: 'dino' for name in VARIANTS},
+            **{'deformable-detr-2stage': 'deformable-detr-2stage',
+               'h-deformable-detr': 'deformable-detr-2stage'})
 
 
 def load_config(name):
@@ -59,12 +74,15 @@ def load_config(name):
 
 
 def build_variants(names, device):
-    """Every variant, loaded with the plain DINO's shared weights."""
+    """Every variant, loaded with its base's weights where they fit."""
     torch.manual_seed(0)
     models = {name: build(load_config(name), device) for name in names}
-    shared = models[names[0]][0].state_dict()
-    for model, _ in models.values():
-        model.load_state_dict(shared, strict=False)
+    for name, (model, _) in models.items():
+        base = models.get(BASE[name], models[names[0]])[0].state_dict()
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in base.items()
+                               if k in own and own[k].shape == v.shape},
+                              strict=False)
     return models
 
 
@@ -94,12 +112,18 @@ def run(args):
     if base:
         result['time_ratio_vs_dino'] = {n: s / base
                                         for n, s in seconds.items()}
+    result['time_ratio_vs_base'] = {
+        n: s / seconds[BASE[n]] for n, s in seconds.items()
+        if BASE[n] in seconds}
     if not args.skip_memory:
         memory = {n: peak_memory_mb(args, n) for n in args.variants}
         result['peak_memory_mb'] = memory
         if 'dino' in memory:
             result['memory_ratio_vs_dino'] = {
                 n: m / memory['dino'] for n, m in memory.items()}
+        result['memory_ratio_vs_base'] = {
+            n: m / memory[BASE[n]] for n, m in memory.items()
+            if BASE[n] in memory}
     return result
 
 
@@ -141,6 +165,11 @@ def main(argv=None):
         if 'memory_ratio_vs_dino' in result:
             line += (f"  {result['peak_memory_mb'][name]:6.0f} MB"
                      f"  x{result['memory_ratio_vs_dino'][name]:.2f} memory")
+        if BASE[name] != 'dino' and name in result['time_ratio_vs_base']:
+            line += (f"  vs {BASE[name]}: "
+                     f"x{result['time_ratio_vs_base'][name]:.2f} time")
+            if 'memory_ratio_vs_base' in result:
+                line += f" x{result['memory_ratio_vs_base'][name]:.2f} memory"
         print(line)
     write_json(result, args.json)
     return result

@@ -98,14 +98,27 @@ def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8, dn=True):
     return cfg
 
 
-def deformable_detr_cfg(plus=True, refine=False, two_stage=False):
-    """A tiny Deformable DETR; ``plus=False`` gives mmdet's."""
-    return dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',
-                with_box_refine=refine, as_two_stage=two_stage,
-                positional_encoding=dict(num_feats=128, normalize=True,
-                                         offset=-0.5),
-                bbox_head=_head('DeformableDETRHead', 256, 2.0),
-                **_common(256))
+def deformable_detr_cfg(plus=True, refine=False, two_stage=False,
+                        branches=(), mixed_selection=False,
+                        look_forward_twice=False):
+    """A tiny Deformable DETR; ``plus=False`` gives mmdet's.
+
+    ``branches``, ``mixed_selection``, ``look_forward_twice``: DETR+ only
+    (H-Deformable-DETR's options).
+    """
+    cfg = dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',
+               with_box_refine=refine, as_two_stage=two_stage,
+               positional_encoding=dict(num_feats=128, normalize=True,
+                                        offset=-0.5),
+               bbox_head=_head('DeformableDETRHead', 256, 2.0),
+               **_common(256))
+    if mixed_selection:
+        cfg['mixed_selection'] = True
+    if look_forward_twice:
+        cfg['decoder']['look_forward_twice'] = True
+    if branches:
+        cfg['branches'] = [dict(b) for b in branches]
+    return cfg
 
 
 def build(cfg):

@@ -67,13 +67,91 @@ BRANCH_CONFIGS = {
     'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
     (None, ['co_atss', 'co_rcnn', 'co_fcos']),
 }
+H_DEFORMABLE_DETR = \
+    'h_detr/h-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
 
 
 def test_every_config_is_covered():
     shipped = {osp.relpath(p, osp.join(REPO_ROOT, 'configs'))
                for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
     coco = {p for p in shipped if not p.startswith('shapes/')}
-    assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS)
+    assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
+        H_DEFORMABLE_DETR}
+
+
+# resolved config key -> the official value (HDETR/H-Deformable-DETR, the
+# r50 ... mqs_lft ... two_stage.sh script of 12 epochs and main.py)
+H_DETR_OFFICIAL = {
+    'model.num_queries': 300,  # --num_queries_one2one
+    'model.branches.0.num_queries': 1500,  # --num_queries_one2many
+    'model.branches.0.k_one_to_many': 6,  # --k_one2many
+    'model.branches.0.loss_weight': 1.0,  # --lambda_one2many
+    'model.mixed_selection': True,  # --mixed_selection
+    'model.decoder.look_forward_twice': True,  # --look_forward_twice
+    'model.with_box_refine': True,
+    'model.as_two_stage': True,
+    'model.num_feature_levels': 4,
+    'model.encoder.num_layers': 6,
+    'model.decoder.num_layers': 6,
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.encoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,  # --dropout 0
+    'model.decoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
+    'model.encoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.cross_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.self_attn_cfg.num_heads': 8,
+    'model.bbox_head.loss_cls.loss_weight': 2.0,  # cls_loss_coef
+    'model.bbox_head.loss_cls.alpha': 0.25,  # focal_alpha
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,  # bbox_loss_coef
+    'model.bbox_head.loss_iou.loss_weight': 2.0,  # giou_loss_coef
+    'model.train_cfg.assigner.match_costs.0.weight': 2.0,  # set_cost_class
+    'model.train_cfg.assigner.match_costs.1.weight': 5.0,  # set_cost_bbox
+    'model.train_cfg.assigner.match_costs.2.weight': 2.0,  # set_cost_giou
+    'model.test_cfg.max_per_img': 100,  # --topk 100
+    'optim_wrapper.optimizer.type': 'AdamW',
+    'optim_wrapper.optimizer.lr': 2e-4,  # --lr
+    'optim_wrapper.optimizer.weight_decay': 1e-4,  # --weight_decay
+    'optim_wrapper.clip_grad.max_norm': 0.1,  # --clip_max_norm
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.reference_points.lr_mult': 0.1,
+    'train_cfg.max_epochs': 12,  # --epochs 12
+    'param_scheduler.0.milestones': [11],  # --lr_drop 11
+    'train_dataloader.batch_size': 2,  # --batch_size 2 (x 8 GPUs)
+    'auto_scale_lr.base_batch_size': 16,
+}
+
+
+def _resolve(cfg, dotted):
+    node = cfg
+    for key in dotted.split('.'):
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def test_h_deformable_detr_config_has_official_values():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', H_DEFORMABLE_DETR))
+    wrong = {key: _resolve(cfg, key) for key, value in H_DETR_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    assert type(model).__name__ == 'DeformableDETRPlus'
+    assert [b.name for b in model.extra_branches] == ['hybrid']
+    assert model.decoder.look_forward_twice
+    # mmdet's refine + two-stage model, plus the content table of the mixed
+    # selection; FFN 2048 wide instead of 1024
+    mmdet_model = _build_model(Config.fromfile(_mmdet_config_path(
+        'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_'
+        'coco.py')))
+    ours, theirs = _shapes(model), _shapes(mmdet_model)
+    added = {k for k in ours if k not in theirs}
+    assert added == {'query_embedding.weight', 'extra_branches.0.content.'
+                     'weight'}
+    assert ours['extra_branches.0.content.weight'] == (1500, 256)
+    assert set(theirs) <= set(ours)
+    widened = {k for k in theirs if ours[k] != theirs[k]}
+    assert widened and all('ffn' in k for k in widened)
 
 
 @pytest.mark.parametrize('ours', sorted(BRANCH_CONFIGS))
@@ -110,7 +188,9 @@ def test_coco_config_matches_mmdet(ours, theirs):
 @pytest.mark.parametrize('name', [
     'dino-tiny_shapes.py', 'deformable-detr-tiny_shapes.py',
     'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
-    'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py'])
+    'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py',
+    'deformable-detr-refine-twostage-tiny_shapes.py',
+    'h-deformable-detr-tiny_shapes.py'])
 def test_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)

@@ -12,7 +12,8 @@ with K groups, folded into the batch for self-attention);
 ``group-k11-dense-mask`` (the same model with one (K*N)^2 masked
 self-attention, as the reference implementations do it);
 ``group-k3-shared-anchors`` (every group on the main group's anchors, no
-per-group encoder heads or denoising); ``h-dino``;
+per-group encoder heads or encoder loss; per-group denoising kept);
+``h-dino``;
 ``co-dino`` (ATSS + Faster R-CNN auxiliary heads); ``ddq-detr`` (distinct
 queries and the dense branch); ``deformable-detr-2stage`` (refine +
 two-stage, mixed selection, look forward twice) and ``h-deformable-detr``

@@ -138,3 +138,5 @@ def test_misconfigurations_are_named():
                                   branches=(HYBRID, )))
     with pytest.raises(ValueError, match='needs as_two_stage'):
         build(deformable_detr_cfg(refine=True, mixed_selection=True))
+    with pytest.raises(ValueError, match='needs with_box_refine'):
+        build(deformable_detr_cfg(look_forward_twice=True))

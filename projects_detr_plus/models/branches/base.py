@@ -18,10 +18,14 @@ A branch is a module with a ``name`` (unique in a detector) and two methods::
 ``encoder_outputs`` are ``memory`` (bs, num_keys, dim), ``memory_mask``,
 ``spatial_shapes``, ``enc_class`` (bs, num_keys, C) and ``enc_coord_unact``
 (bs, num_keys, 4): the encoder tokens and their two-stage proposals;
-``enc_memory`` (bs, num_keys, dim) and ``enc_anchors`` (bs, num_keys, 4): the
-transformed tokens and anchors the proposals were predicted from;
-``head``: the detection head; plus whatever the detector adds (DDQ:
-``token_content``).
+``enc_score`` (bs, num_keys): what the detector ranks proposals by (DINO:
+best class logit; Deformable DETR: class 0's); ``enc_memory``
+(bs, num_keys, dim) and ``enc_anchors`` (bs, num_keys, 4): the transformed
+tokens and anchors the proposals were predicted from; ``head``: the
+detection head; the detector's ``select_proposals(enc_class,
+enc_coord_unact)`` and ``encoder_loss(enc_cls, enc_coord, gts, metas)``
+(for a branch with proposals of its own); plus whatever the detector adds
+(DDQ: ``token_content``).
 ``cls_scores`` (num_layers, bs, n, num_classes) and ``bbox_preds``
 (num_layers, bs, n, 4) are the predictions on that branch's queries only:
 of the head's per-layer branches, or of the branch's own

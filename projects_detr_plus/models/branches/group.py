@@ -31,7 +31,11 @@ branch follows the authors' two-stage designs:
 The heads are initialised as the detection head's encoder heads (class
 bias at prior 0.01, last box layer zero: LW-DETR deep-copies them after that
 initialisation).  ``shared_anchors=True`` is the cheaper variant: every
-group reuses the main group's anchors, no per-group heads or encoder loss.
+group reuses the main group's anchors, no per-group heads or encoder loss
+(the per-group denoising does not depend on it).  Each group's encoder loss
+is its detector's: DINO's covers the group's top N; on Deformable DETR it
+covers every encoder token (as the main one), i.e. K - 1 more one-to-one
+matchings over all tokens per image.
 
 Groups are folded into the batch dimension for self-attention
 (``num_groups`` of :class:`BranchQueries`), which costs (K - 1) * N**2,
@@ -59,7 +63,8 @@ class GroupQueryBranch(nn.Module):
         num_groups (int): K, the number of groups *including* the main one
             (11 in the paper).  1 adds nothing.
         shared_anchors (bool): every group takes the main group's anchors
-            (no per-group encoder heads or encoder loss).
+            (no per-group encoder heads or encoder loss; denoising as
+            without it).
         average_groups (bool): weigh all K groups equally (the authors'
             loss); False: main group weight 1, mean of the extra groups
             weight ``loss_weight``.

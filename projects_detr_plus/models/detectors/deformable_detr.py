@@ -77,6 +77,10 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         super().__init__(*args, **kwargs)
         if mixed_selection and not self.as_two_stage:
             raise ValueError('mixed_selection needs as_two_stage=True')
+        if self.decoder.look_forward_twice and not self.with_box_refine:
+            raise ValueError('decoder.look_forward_twice needs '
+                             'with_box_refine=True (it returns the refined '
+                             'boxes undetached)')
         if branches and not (self.as_two_stage and mixed_selection):
             raise ValueError(
                 'query branches on Deformable DETR need as_two_stage=True '

@@ -10,14 +10,17 @@ and sums the branches' losses.  Inference runs the main queries alone.
 
 What a detector defines (DINO and Deformable DETR differ only there):
 
-* ``query_inputs(memory, memory_mask, spatial_shapes)``: the encoder
-  proposals every branch may draw from;
+* ``select_proposals(enc_class, enc_coord_unact)``: the main queries'
+  reference boxes among the encoder proposals, and the inputs of its
+  encoder loss (required);
+* ``proposal_score(enc_class)``: what proposals are ranked by (default: the
+  best class logit);
 * ``main_queries(**query_inputs)``: the main ``BranchQueries`` and the
   encoder predictions its encoder loss is computed on;
 * ``query_positions(reference)``: extra decoder inputs derived from the
   reference boxes of all queries (Deformable DETR's ``query_pos``);
 * ``encoder_loss(enc_cls, enc_coord, gts, metas)`` and
-  ``main_decoder_loss(...)``;
+  ``main_decoder_loss(...)`` (defaults: DINO's);
 * ``init_content(weight)``: initialises a branch's content table the way
   the main content queries are initialised.
 """
@@ -197,8 +200,10 @@ class QueryBranchDetector:
         Args:
             hidden_states (Tensor): (num_layers, bs, N, dim).
             references (list[Tensor]): num_layers + 1 of (bs, N, 4).
-            enc_outputs_class (Tensor): (bs, k, num_classes).
-            enc_outputs_coord (Tensor): (bs, k, 4).
+            enc_outputs_class (Tensor): (bs, k, num_classes), the encoder
+                predictions of the encoder loss (DINO: the top k;
+                Deformable DETR: every token, k = num_keys).
+            enc_outputs_coord (Tensor): (bs, k, 4) in [0, 1].
             branch_queries (list[BranchQueries]): main first.
             batch_data_samples (list[DetDataSample]): the batch.
             **main_inputs: more inputs of :meth:`main_loss` (returned by

@@ -69,6 +69,8 @@ BRANCH_CONFIGS = {
 }
 H_DEFORMABLE_DETR = \
     'h_detr/h-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
+FINETUNE_EXAMPLE = \
+    'finetune/dino-4scale_r50_8xb2-12e_my-coco-format-dataset.py'
 
 
 def test_every_config_is_covered():
@@ -76,7 +78,20 @@ def test_every_config_is_covered():
                for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
     coco = {p for p in shipped if not p.startswith('shapes/')}
     assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
-        H_DEFORMABLE_DETR}
+        H_DEFORMABLE_DETR, FINETUNE_EXAMPLE}
+
+
+def test_finetune_example_sets_classes_everywhere():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', FINETUNE_EXAMPLE))
+    classes = cfg.metainfo['classes']
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[loader].dataset.metainfo['classes'] == classes
+    assert cfg.model.test_cfg.score_thr == 0.0
+    assert 'NumClassCheckHook' in [h.type for h in cfg.custom_hooks]
+    model = _build_model(cfg)
+    assert model.bbox_head.num_classes == len(classes)
+    assert model.dn_query_generator.num_classes == len(classes)
+    assert model.bbox_head.cls_branches[0].out_features == len(classes)
 
 
 # resolved config key -> the official value (HDETR/H-Deformable-DETR, the

@@ -46,6 +46,24 @@ def encoder_pyramid(memory, spatial_shapes, extra_level):
     return tuple(levels + [extra_level(levels[-1])])
 
 
+def _check_num_classes(aux_head, num_classes, name):
+    """The auxiliary head takes the detector's ``num_classes``; a config
+    that sets another one somewhere gets an error naming every place."""
+    places = {f'{name}.aux_head.num_classes': aux_head.get('num_classes')}
+    box_head = (aux_head.get('roi_head') or {}).get('bbox_head') or {}
+    places[f'{name}.aux_head.roi_head.bbox_head.num_classes'] = \
+        box_head.get('num_classes')
+    wrong = {k: v for k, v in places.items()
+             if v is not None and v != num_classes}
+    if wrong:
+        raise ValueError(
+            f'num_classes is inconsistent: bbox_head.num_classes='
+            f'{num_classes}, but ' + ', '.join(
+                f'{k}={v}' for k, v in wrong.items()) +
+            '. Set it once, in bbox_head; the query branches and their '
+            'auxiliary heads take it from there.')
+
+
 @MODELS.register_module()
 class CollaborativeBranch(BaseModule):
     """An auxiliary one-to-many head and its customized positive queries.
@@ -67,6 +85,7 @@ class CollaborativeBranch(BaseModule):
         self.name = name
         self.max_queries = max_queries
         self.loss_weight = loss_weight
+        _check_num_classes(aux_head, num_classes, name)
         self.aux_head = MODELS.build(dict(aux_head, num_classes=num_classes))
         self.extra_level = nn.Sequential(
             nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),

@@ -29,6 +29,7 @@ from mmengine.model import ModuleList
 
 from ..branches import (branch_layers, branch_predictions, concat_branches,
                         matched_set_loss, split_branches)
+from ..finetune import drop_class_dependent_mismatches
 
 
 class QueryBranchDetector:
@@ -53,6 +54,8 @@ class QueryBranchDetector:
             MODELS.build(self._branch_args(cfg)) for cfg in branches)
         self._check_branch_names()
         self.dense_self_attn_mask = dense_self_attn_mask
+        self.register_load_state_dict_pre_hook(
+            drop_class_dependent_mismatches)
 
     def _check_branch_names(self):
         names = [b.name for b in self.training_branches]
@@ -184,6 +187,19 @@ class QueryBranchDetector:
             level_start_index=level_start_index, valid_ratios=valid_ratios,
             reg_branches=reg_branches, **kwargs)
         return dict(hidden_states=hidden_states, references=list(references))
+
+    def predict(self, batch_inputs, batch_data_samples, rescale=True):
+        """mmdet's predictions, without those scoring at most
+        ``test_cfg.score_thr`` (default 0: all ``max_per_img`` kept, as
+        mmdet; COCO mAP wants them all, deployment usually does not)."""
+        samples = super().predict(batch_inputs, batch_data_samples, rescale)
+        threshold = (self.test_cfg or {}).get('score_thr', 0.0)
+        if threshold > 0:
+            for sample in samples:
+                instances = sample.pred_instances
+                sample.pred_instances = instances[instances.scores >
+                                                  threshold]
+        return samples
 
     def loss(self, batch_inputs, batch_data_samples):
         """Losses of the main branch, the encoder proposals and each branch."""

@@ -24,6 +24,12 @@ COCO_PAIRS = {
     'dino/dino-4scale_r50_8xb2-36e_coco.py',
     'ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py':
     'ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py',
+    'dino/dino-5scale_swin-l_8xb2-12e_coco.py':
+    'dino/dino-5scale_swin-l_8xb2-12e_coco.py',
+    'dino/dino-5scale_swin-l_8xb2-36e_coco.py':
+    'dino/dino-5scale_swin-l_8xb2-36e_coco.py',
+    'ddq/ddq-detr-4scale_swinl_8xb2-30e_coco.py':
+    'ddq/ddq-detr-4scale_swinl_8xb2-30e_coco.py',
 }
 
 

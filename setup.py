@@ -109,7 +109,8 @@ def make_extensions():
 
 
 def mim_files():
-    """Ship configs/ and tools/ inside the package for `mim train`."""
+    """Ship configs/, tools/ and model-index.yml inside the package for
+    `mim train` and `mim search`."""
     mim_dir = osp.join(ROOT, 'projects_detr_plus', '.mim')
     if 'develop' in sys.argv or '--editable' in sys.argv:
         return []
@@ -121,6 +122,7 @@ def mim_files():
             shutil.rmtree(dst)
         shutil.copytree(osp.join(ROOT, name), dst,
                         ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+    shutil.copy(osp.join(ROOT, 'model-index.yml'), mim_dir)
     files = []
     for path in glob.glob(osp.join(mim_dir, '**', '*'), recursive=True):
         if osp.isfile(path):

@@ -56,8 +56,10 @@ fi
 
 # The package: rebuild only when its sources changed since the last install.
 STAMP="$ROOT/.install-stamp"
+# (configs/, tools/ and model-index.yml: copied into the package's .mim/)
 HASH=$(cd "$ROOT" && cat setup.py requirements.txt projects_detr_plus/version.py \
-    $(find ops -type f | sort) | sha256sum | cut -d' ' -f1)
+    model-index.yml $(find ops configs tools -type f -not -path '*/__pycache__/*' \
+    | sort) | sha256sum | cut -d' ' -f1)
 # checked from outside the repo (there the current folder would import it)
 # and against this checkout (an earlier editable install may point elsewhere)
 installed_here() {

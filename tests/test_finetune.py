@@ -113,3 +113,16 @@ def test_finetune_six_class_checkpoint_into_three_classes(tmp_path):
     fine_tuned = torch.load(tmp_path / 'three' / 'iter_2.pth',
                             weights_only=False)['state_dict']
     assert fine_tuned['bbox_head.cls_branches.0.weight'].shape == (3, 128)
+
+
+def test_denoising_or_branch_num_classes_is_an_error_naming_it():
+    cfg = dino_cfg(dims=128)
+    cfg['dn_cfg']['num_classes'] = 80
+    with pytest.raises(ValueError, match=r'dn_cfg: num_classes=80 is set by '
+                       r'the detector \(num_classes=5'):
+        build(cfg)
+    cfg = dino_cfg(dims=128, branches=(dict(type='HybridMatchingBranch',
+                                            num_queries=20,
+                                            num_classes=80), ))
+    with pytest.raises(ValueError, match='HybridMatchingBranch: num_classes'):
+        build(cfg)

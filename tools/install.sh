@@ -23,9 +23,13 @@ else
     $PIP install "torch==2.13.0"
 fi
 
+# torch 2.13 needs setuptools >= 77.0.3; mim, mmengine's `mmdet::` configs
+# and mmcv's build need pkg_resources, which setuptools 82 removed.
+SETUPTOOLS='setuptools>=77.0.3,<82'
 if ! have "import setuptools, wheel, pkg_resources, sys; \
-import setuptools as s; sys.exit(int(s.__version__.split('.')[0]) >= 82)"; then
-    $PIP install "setuptools<82" wheel
+from pip._vendor.packaging.version import Version as V; \
+sys.exit(not V('77.0.3') <= V(setuptools.__version__) < V('82'))"; then
+    $PIP install "$SETUPTOOLS" wheel
 fi
 
 MMCV_OK="import mmcv, mmcv.ops, sys; from mmengine.utils import digit_version as v; \
@@ -42,12 +46,20 @@ if ! have "$MMCV_OK"; then
     $PIP install --no-build-isolation "mmcv>=2.0.0rc4,<2.2.0"
 fi
 
+# openmim 0.3.7: the last release before mim pulled opendatalab -> openxlab,
+# which pins setuptools ~=60.2 (torch needs >= 77.0.3) and downgrades
+# requests, urllib3 and rich, so `pip check` fails.  0.3.7's train, test,
+# run and search work with mmdet 3.3 (tested); only `mim download --dataset`
+# (OpenDataLab) is missing.
+MIM='openmim==0.3.7'
 if ! have "import mmdet, mmengine, pycocotools, scipy, mim, matplotlib, psutil; \
-import sys; sys.exit(mmdet.__version__ != '3.3.0')"; then
+import sys; sys.exit(mmdet.__version__ != '3.3.0' or mim.__version__ != '0.3.7')"; then
     $PIP install "mmdet==3.3.0" "mmengine>=0.10.0,<0.11" pycocotools scipy \
-        openmim matplotlib psutil
-    # openmim may pull a setuptools without pkg_resources' needs; re-pin.
-    $PIP install "setuptools<82"
+        "$MIM" matplotlib psutil "$SETUPTOOLS"
+fi
+if have "import openxlab"; then
+    say "openxlab (pulled by a newer openmim) pins old setuptools/requests:"
+    say "  'pip uninstall opendatalab openxlab' makes 'pip check' clean again"
 fi
 
 if ! have "import pytest, hypothesis"; then

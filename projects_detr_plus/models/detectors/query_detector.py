@@ -64,13 +64,17 @@ class QueryBranchDetector:
 
     def _branch_args(self, cfg):
         cfg = dict(cfg)
-        for key in ('num_classes', 'embed_dims', 'num_matching_queries'):
+        given = dict(num_classes=self.bbox_head.num_classes,
+                     embed_dims=self.embed_dims,
+                     num_matching_queries=self.num_queries)
+        where = cfg.get('type', 'dn_cfg')
+        for key, value in given.items():
             if key in cfg:
-                raise ValueError(f'{key!r} is set by the detector; remove it '
-                                 'from the branch config')
-        cfg.update(num_classes=self.bbox_head.num_classes,
-                   embed_dims=self.embed_dims,
-                   num_matching_queries=self.num_queries)
+                raise ValueError(
+                    f'{where}: {key}={cfg[key]!r} is set by the detector '
+                    f'({key}={value}, from bbox_head / the detector); remove '
+                    'it from the branch config')
+        cfg.update(given)
         return cfg
 
     @property

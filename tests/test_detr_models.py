@@ -76,3 +76,34 @@ def test_mmdet_checkpoint_file_loads(pair, tmp_path):
     load_checkpoint(fresh, str(path), strict=True)
     for key, value in reference.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_encoder_activation_checkpointing_same_losses_and_gradients(
+        monkeypatch):
+    from projects_detr_plus.models.layers import transformer
+    calls = []
+    original = transformer.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(transformer, 'checkpoint', counting)
+    grads, losses = [], []
+    for num_cp in (0, 1):
+        cfg = dino_cfg(dims=128)
+        cfg['encoder']['num_cp'] = num_cp
+        torch.manual_seed(0)
+        model = build(cfg)
+        model.train()
+        loss = losses_with_seed(model, *make_batch())
+        sum(loss.values()).backward()
+        losses.append(loss)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
+    assert len(calls) == 1  # only the num_cp=1 model's encoder layer
+    for key, value in losses[0].items():
+        torch.testing.assert_close(losses[1][key], value)
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-4,
+                                   atol=1e-6, msg=key)

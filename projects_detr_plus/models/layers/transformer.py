@@ -12,6 +12,7 @@ width (e.g. 128 for the tiny shapes models).
 """
 import torch
 from mmcv.cnn import build_norm_layer
+from torch.utils.checkpoint import checkpoint
 from mmcv.cnn.bricks.transformer import FFN, MultiheadAttention
 from mmdet.models.layers import (DeformableDetrTransformerDecoder,
                                  DeformableDetrTransformerDecoderLayer,
@@ -42,13 +43,25 @@ def _norms(norm_cfg, embed_dims, count):
 
 
 class DeformableEncoderLayerPlus(DeformableDetrTransformerEncoderLayer):
-    """Encoder layer: deformable self-attention (from config) + FFN."""
+    """Encoder layer: deformable self-attention (from config) + FFN.
+
+    ``with_cp`` (set by the encoder's ``num_cp``): in training, keep only
+    the layer's input and recompute its activations in the backward pass
+    (``torch.utils.checkpoint``): less memory, one more forward.
+    """
+    with_cp = False
 
     def _init_layers(self):
         self.self_attn = build_deformable_attention(self.self_attn_cfg)
         self.embed_dims = self.self_attn.embed_dims
         self.ffn = FFN(**self.ffn_cfg)
         self.norms = _norms(self.norm_cfg, self.embed_dims, 2)
+
+    def forward(self, *args, **kwargs):
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, *args, use_reentrant=False,
+                              **kwargs)
+        return super().forward(*args, **kwargs)
 
 
 class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
@@ -79,15 +92,26 @@ class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
 
 
 def _stack(layer_type, layer_cfg, num_layers, num_cp=0):
-    if num_cp > 0:
-        raise ValueError('num_cp (fairscale activation checkpointing) is not '
-                         'supported by DETR+ layers; set num_cp=0')
-    return nn.ModuleList([layer_type(**layer_cfg) for _ in range(num_layers)])
+    """``num_layers`` layers; the first ``num_cp`` with activation
+    checkpointing (mmdet's ``num_cp``, through torch instead of fairscale;
+    same state-dict keys)."""
+    if not 0 <= num_cp <= num_layers:
+        raise ValueError(f'num_cp must be in [0, {num_layers}], got {num_cp}')
+    layers = nn.ModuleList([layer_type(**layer_cfg)
+                            for _ in range(num_layers)])
+    for layer in layers[:num_cp]:
+        layer.with_cp = True
+    return layers
 
 
 @MODELS.register_module()
 class DeformableEncoderPlus(DeformableDetrTransformerEncoder):
-    """Deformable-DETR encoder on :class:`DeformableEncoderLayerPlus`."""
+    """Deformable-DETR encoder on :class:`DeformableEncoderLayerPlus`.
+
+    ``num_cp`` (mmdet's argument): the first ``num_cp`` layers train with
+    activation checkpointing (torch's, no fairscale needed; same outputs,
+    gradients and state-dict keys, less memory).
+    """
 
     def _init_layers(self):
         self.layers = _stack(DeformableEncoderLayerPlus, self.layer_cfg,

@@ -6,10 +6,10 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.runner.checkpoint import load_state_dict
 
 from conftest import REPO_ROOT, run_tool
 from detr_testing import build, dino_cfg, make_batch, predict
+from projects_detr_plus.models.finetune import class_counts
 
 METHODS = ['dino', 'deformable-detr', 'deformable-detr-refine-twostage',
            'h-deformable-detr', 'group-dino', 'h-dino', 'co-dino',
@@ -26,10 +26,13 @@ def _shapes_model(method, num_classes):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_other_class_count_loads_all_but_class_weights(method):
+    """torch's non-strict load raises on any shape mismatch: it goes
+    through only because the detector drops the class-dependent ones."""
     source = _shapes_model(method, 6).state_dict()
     model = _shapes_model(method, 3)
     initial = copy.deepcopy(model.state_dict())
-    load_state_dict(model, source, strict=False)
+    missing, unexpected = model.load_state_dict(source, strict=False)
+    assert not unexpected
     kept_init = []
     for key, value in model.state_dict().items():
         if source[key].shape == value.shape:
@@ -38,9 +41,23 @@ def test_other_class_count_loads_all_but_class_weights(method):
             assert torch.equal(value, initial[key]), key
             assert {3, 4, 12} & set(value.shape), key
             kept_init.append(key)
+    assert sorted(missing) == sorted(kept_init)
     assert any('cls_branches' in key for key in kept_init)
     if method in ('dino', 'group-dino', 'h-dino', 'co-dino', 'ddq-detr'):
         assert 'dn_query_generator.label_embedding.weight' in kept_init
+
+
+def test_only_class_count_changes_are_dropped():
+    assert class_counts((3, 128), (80, 128), 3) == {80}
+    assert class_counts((4, 128), (81, 128), 3) == {80}  # softmax
+    assert class_counts((12, 128), (320, 128), 3) == {80}  # 4 x classes
+    # num_classes=32: 128 = 4 x 32, but a query count change is not a
+    # class count change
+    assert not class_counts((20, 128), (30, 128), 32)
+    model = build(dino_cfg(dims=128))
+    source = build(dict(dino_cfg(dims=128), num_queries=20)).state_dict()
+    with pytest.raises(RuntimeError, match='query_embedding.weight'):
+        model.load_state_dict(source, strict=False)
 
 
 def test_co_dino_inconsistent_num_classes_names_each_place():
@@ -105,8 +122,8 @@ def test_finetune_six_class_checkpoint_into_three_classes(tmp_path):
                      '--work-dir', str(tmp_path / 'three'), '--cfg-options',
                      *small], cwd=tmp_path)
     log = proc.stdout + proc.stderr
-    assert ('9 class-dependent weights keep their initialisation '
-            '(num_classes=3)') in log
+    assert ('Checkpoint for 6 classes: 9 class-dependent weights keep their '
+            'initialisation (num_classes=3)') in log
     assert 'dn_query_generator.label_embedding.weight (6, 128)->(3, 128)' \
         in log
     assert 'Iter(train) [2/2]' in log and 'coco/bbox_mAP' in log

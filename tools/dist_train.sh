@@ -11,6 +11,9 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+# the checkout on the path, as mmdet's scripts: custom_imports finds the
+# package on every node even where it is not installed
+PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
 python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" --nproc_per_node="$NPROCS" \
     --master_port="$PORT" "$(dirname "$0")/train.py" "$CONFIG" \

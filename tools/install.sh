@@ -53,7 +53,8 @@ fi
 # (OpenDataLab) is missing.
 MIM='openmim==0.3.7'
 if ! have "import mmdet, mmengine, pycocotools, scipy, mim, matplotlib, psutil; \
-import sys; sys.exit(mmdet.__version__ != '3.3.0' or mim.__version__ != '0.3.7')"; then
+import sys, importlib.metadata as m; \
+sys.exit(mmdet.__version__ != '3.3.0' or m.version('openmim') != '0.3.7')"; then
     $PIP install "mmdet==3.3.0" "mmengine>=0.10.0,<0.11" pycocotools scipy \
         "$MIM" matplotlib psutil "$SETUPTOOLS"
 fi

@@ -3,7 +3,7 @@
 #   python tools/train.py configs/finetune/dino-4scale_r50_8xb2-12e_my-coco-format-dataset.py
 # `load_from` may be a checkpoint trained with another number of classes (a
 # COCO one): the class-dependent weights (class branches, the denoising label
-# embedding, auxiliary classifiers) keep their initialisation, with one log
+# embedding, auxiliary classifiers) keep their initialisation, with a log
 # line naming them, and everything else loads.
 _base_ = '../dino/dino-4scale_r50_8xb2-12e_coco.py'
 

@@ -94,12 +94,13 @@ class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
 def _stack(layer_type, layer_cfg, num_layers, num_cp=0):
     """``num_layers`` layers; the first ``num_cp`` with activation
     checkpointing (mmdet's ``num_cp``, through torch instead of fairscale;
-    same state-dict keys)."""
-    if not 0 <= num_cp <= num_layers:
-        raise ValueError(f'num_cp must be in [0, {num_layers}], got {num_cp}')
+    same state-dict keys; <= 0, mmdet's default -1: none)."""
+    if num_cp > num_layers:
+        raise ValueError(f'num_cp ({num_cp}) is more than the {num_layers} '
+                         'layers')
     layers = nn.ModuleList([layer_type(**layer_cfg)
                             for _ in range(num_layers)])
-    for layer in layers[:num_cp]:
+    for layer in layers[:max(num_cp, 0)]:
         layer.with_cp = True
     return layers
 

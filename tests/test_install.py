@@ -1,5 +1,6 @@
 """`make install` in a fresh virtual environment leaves `pip check` clean
-and a working mim (slow: installs torch, mmcv, mmdet and builds the op)."""
+and a working mim, editable and after a regular install (slow: installs
+torch, mmcv, mmdet and builds the op twice)."""
 import os
 import os.path as osp
 import shutil
@@ -35,12 +36,21 @@ def test_make_install_in_fresh_venv_leaves_pip_check_clean(tmp_path):
     python = str(tmp_path / 'venv' / 'bin' / 'python')
     _run(['make', 'install', f'PYTHON={python}'], repo)
     _run([python, '-m', 'pip', 'check'], repo)
+    small = ['--cfg-options', 'train_cfg.max_iters=1',
+             'train_dataloader.dataset.num_images=4',
+             'val_dataloader.dataset.num_images=2',
+             'test_dataloader.dataset.num_images=2']
+    # the editable install: mmdet's tools through mim, our configs by path
+    _run([python, '-m', 'mim', 'train', 'mmdet',
+          str(repo / 'configs/shapes/dino-tiny_shapes.py'), '--work-dir',
+          str(tmp_path / 'editable'), *small], tmp_path)
+    # a regular install ships .mim/: mim finds our configs and model index
+    _run([python, '-m', 'pip', 'install', '--no-build-isolation',
+          '--no-deps', '.'], repo)
+    _run([python, '-m', 'pip', 'check'], repo)
     listed = _run([python, '-m', 'mim', 'search', 'projects_detr_plus',
                    '--valid-config'], tmp_path)
     assert 'h-deformable-detr-tiny_shapes' in listed
     _run([python, '-m', 'mim', 'train', 'projects_detr_plus',
-          'dino-tiny_shapes.py', '--work-dir', str(tmp_path / 'work'),
-          '--cfg-options', 'train_cfg.max_iters=1',
-          'train_dataloader.dataset.num_images=4',
-          'val_dataloader.dataset.num_images=2',
-          'test_dataloader.dataset.num_images=2'], tmp_path)
+          'dino-tiny_shapes.py', '--work-dir', str(tmp_path / 'regular'),
+          *small], tmp_path)

@@ -1,8 +1,6 @@
 """mim metadata: model-index.yml and the per-method metafile.yml files."""
 import glob
 import os.path as osp
-import subprocess
-import sys
 
 import yaml
 
@@ -58,17 +56,10 @@ def test_coco_entries_name_paper_code_and_whose_result():
                 assert 'no result' in source or 'no reported' in source
 
 
-def test_mim_search_lists_every_config(tmp_path):
+def test_mim_reads_the_model_index():
     from mim.commands.search import convert2df
     from modelindex.load_model_index import load
     frame = convert2df(load(osp.join(REPO_ROOT, 'model-index.yml')))
     listed = {m['Name'] for meta in _metafiles().values()
               for m in meta['Models']}
     assert set(frame.index) == listed
-    # the installed package (make install copies model-index.yml to .mim/)
-    proc = subprocess.run([sys.executable, '-m', 'mim', 'search',
-                           'projects_detr_plus'], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in listed:
-        assert f'config id: {name}\n' in proc.stdout, name

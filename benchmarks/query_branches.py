@@ -13,6 +13,7 @@ with K groups, folded into the batch for self-attention);
 self-attention, as the reference implementations do it);
 ``group-k3-shared-anchors`` (every group on the main group's anchors, no
 per-group encoder heads or encoder loss; per-group denoising kept);
+``group-k3-no-group-dn`` (denoising on the main group only);
 ``h-dino``;
 ``co-dino`` (ATSS + Faster R-CNN auxiliary heads); ``ddq-detr`` (distinct
 queries and the dense branch); ``deformable-detr-2stage`` (refine +
@@ -53,6 +54,8 @@ VARIANTS = {
                                      'dense_self_attn_mask': True}),
     'group-k3-shared-anchors': (GROUP, {'branches.0.num_groups': 3,
                                         'branches.0.shared_anchors': True}),
+    'group-k3-no-group-dn': (GROUP, {'branches.0.num_groups': 3,
+                                     'branches.0.dn_cfg': None}),
     'h-dino': (HYBRID, {}),
     'co-dino': (CO, {}),
     'ddq-detr': (DDQ, {}),

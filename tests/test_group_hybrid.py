@@ -217,6 +217,11 @@ def test_group_denoising_losses_are_averaged_over_groups():
     shared_losses = losses_with_seed(shared, *make_batch())
     assert not any('group_enc_' in key for key in shared_losses)
     assert not hasattr(shared.extra_branches[0], 'enc_cls')
+    main_only = group_dino(dn=True, branches=(dict(GROUP, dn_cfg=None), ))
+    assert len(main_only.extra_branches[0].denoisers) == 0
+    main_only_losses = losses_with_seed(main_only, *make_batch())
+    assert 'dn_loss_cls' in main_only_losses
+    assert not any('group_dn_' in key for key in main_only_losses)
 
 
 def test_group_content_initialised_like_main():

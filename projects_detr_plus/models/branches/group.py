@@ -70,7 +70,9 @@ class GroupQueryBranch(nn.Module):
             weight ``loss_weight``.
         loss_weight (float): multiplies this branch's losses.
         dn_cfg (dict, optional): per-group denoising as the detector's
-            (filled in by DINOPlus; None: no denoising in the groups).
+            (filled in by DINOPlus from its own ``dn_cfg``).  ``dn_cfg=None``
+            in the branch config keeps denoising on the main group only:
+            cheaper, but not the authors' design.
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector; ``num_matching_queries`` is the group size N.
     """

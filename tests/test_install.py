@@ -36,6 +36,9 @@ def test_make_install_in_fresh_venv_leaves_pip_check_clean(tmp_path):
     python = str(tmp_path / 'venv' / 'bin' / 'python')
     _run(['make', 'install', f'PYTHON={python}'], repo)
     _run([python, '-m', 'pip', 'check'], repo)
+    active = _run([python, '-c', 'from projects_detr_plus import ops; '
+                   "print(ops.active_implementation('cpu'))"], tmp_path)
+    assert active.strip() == 'compiled'
     small = ['--cfg-options', 'train_cfg.max_iters=1',
              'train_dataloader.dataset.num_images=4',
              'val_dataloader.dataset.num_images=2',

@@ -85,6 +85,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && installed_here; then
 else
     say "installing projects_detr_plus (editable, builds the op extension)"
     (cd "$ROOT" && $PIP install --no-build-isolation --no-deps -e .)
+    # setuptools >= 80 runs `setup.py develop` as a PEP 660 editable install,
+    # which leaves the compiled op under build/: put it beside the sources
+    (cd "$ROOT" && $PYTHON setup.py -q build_ext --inplace)
     echo "$HASH" > "$STAMP"
 fi
 $PYTHON - <<'PY'

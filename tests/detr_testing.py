@@ -179,6 +179,29 @@ def predict(model, inputs, samples):
         return model.predict(inputs, copy.deepcopy(samples))
 
 
+def train_steps(model, seeds=(0, 1), lr=1e-3):
+    """A few AdamW steps of ``model`` on ``make_batch(seed=...)`` batches."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for seed in seeds:
+        inputs, samples = make_batch(seed=seed)
+        data = model.data_preprocessor(
+            dict(inputs=inputs, data_samples=samples), training=True)
+        losses = model.loss(data['inputs'], data['data_samples'])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+
+def assert_same_predictions(model, other, seed=5):
+    """Both models predict bit-identical boxes, scores and labels."""
+    inputs, samples = make_batch(seed=seed)
+    for ours, theirs in zip(predict(model, inputs, samples),
+                            predict(other, inputs, samples)):
+        for key in ('bboxes', 'scores', 'labels'):
+            assert torch.equal(ours.pred_instances[key],
+                               theirs.pred_instances[key]), key
+
+
 def decode(model, inputs, samples, training=True):
     """``forward_transformer``'s outputs on a raw batch (preprocessed in
     ``training`` mode, no gradients, the denoising noise seeded)."""

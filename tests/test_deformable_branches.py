@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from detr_testing import (assert_empty_gt_losses, build, decode,
-                          deformable_detr_cfg, losses_with_seed, make_batch,
-                          noised_branch, parameters_without_grad, predict)
+from detr_testing import (assert_empty_gt_losses, assert_same_predictions,
+                          build, decode, deformable_detr_cfg,
+                          losses_with_seed, make_batch, noised_branch,
+                          parameters_without_grad, train_steps)
 
 HYBRID = dict(type='HybridMatchingBranch', num_queries=40, k_one_to_many=3)
 
@@ -37,26 +38,13 @@ def test_perturbing_hybrid_queries_leaves_main_bit_identical():
 
 def test_trained_model_predicts_like_plain_deformable_detr():
     model = h_deformable_detr()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for seed in range(2):
-        inputs, samples = make_batch(seed=seed)
-        data = model.data_preprocessor(
-            dict(inputs=inputs, data_samples=samples), training=True)
-        losses = model.loss(data['inputs'], data['data_samples'])
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+    train_steps(model)
     plain = h_deformable_detr(branches=())
     missing, unexpected = plain.load_state_dict(model.state_dict(),
                                                 strict=False)
     assert not missing
     assert unexpected == ['extra_branches.0.content.weight']
-    inputs, samples = make_batch(seed=5)
-    for ours, theirs in zip(predict(model, inputs, samples),
-                            predict(plain, inputs, samples)):
-        for key in ('bboxes', 'scores', 'labels'):
-            assert torch.equal(ours.pred_instances[key],
-                               theirs.pred_instances[key]), key
+    assert_same_predictions(model, plain)
 
 
 def test_hybrid_anchors_follow_the_class_agnostic_ranking():

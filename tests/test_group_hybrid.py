@@ -4,9 +4,10 @@ import pytest
 import torch
 from mmengine.structures import InstanceData
 
-from detr_testing import (assert_empty_gt_losses, build, decode, dino_cfg,
-                          losses_with_seed, make_batch, noised_branch,
-                          parameters_without_grad, predict)
+from detr_testing import (assert_empty_gt_losses, assert_same_predictions,
+                          build, decode, dino_cfg, losses_with_seed,
+                          make_batch, noised_branch, parameters_without_grad,
+                          train_steps)
 from projects_detr_plus.models.task_modules import (GroupOneToOneAssigner,
                                                     OneToOneAssigner,
                                                     with_query_groups)
@@ -280,28 +281,14 @@ def test_empty_ground_truth_with_branches():
 
 def test_trained_group_dino_predicts_like_plain_dino():
     model = group_dino(branches=(GROUP, HYBRID))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for seed in range(2):
-        inputs, samples = make_batch(seed=seed)
-        data = model.data_preprocessor(
-            dict(inputs=inputs, data_samples=samples), training=True)
-        losses = model.loss(data['inputs'], data['data_samples'])
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+    train_steps(model)
     plain = build(dino_cfg(dims=128))
     missing, unexpected = plain.load_state_dict(model.state_dict(),
                                                 strict=False)
     assert not missing
     assert unexpected and all(k.startswith('extra_branches.')
                               for k in unexpected)
-    inputs, samples = make_batch(seed=5)
-    ours, theirs = predict(model, inputs, samples), predict(plain, inputs,
-                                                            samples)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
-        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
-        assert torch.equal(a.pred_instances.labels, b.pred_instances.labels)
+    assert_same_predictions(model, plain)
 
 
 def test_group_of_one_adds_no_queries():

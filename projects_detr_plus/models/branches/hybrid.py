@@ -31,7 +31,8 @@ from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import BranchQueries, matched_set_loss, top_proposals
+from .base import (BranchQueries, learnable_content, matched_set_loss,
+                   top_proposals)
 
 
 @MODELS.register_module()
@@ -86,7 +87,7 @@ class HybridMatchingBranch(nn.Module):
         _, reference = top_proposals(enc_score, enc_class, enc_coord_unact,
                                      self.num_queries,
                                      start=self.num_main_queries)
-        query = self.content.weight[None].expand(enc_class.shape[0], -1, -1)
+        query = learnable_content(self.content, enc_class.shape[0])
         return BranchQueries(self.name, query, reference.detach())
 
     def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):

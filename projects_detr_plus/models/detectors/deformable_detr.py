@@ -25,8 +25,7 @@ from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 from torch import nn
 
-from ..branches import (MAIN, BranchQueries, branch_layers,
-                        learnable_content, top_proposals)
+from ..branches import branch_layers, learnable_content, top_proposals
 from ..layers.transformer import DeformableDecoderPlus, DeformableEncoderPlus
 from .query_detector import QueryBranchDetector
 
@@ -138,8 +137,9 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
     def query_positions(self, reference):
         return dict(query_pos=self.proposal_embedding(reference)[0])
 
-    def select_proposals(self, enc_class, enc_coord_unact):
-        """The top-N proposals by :meth:`proposal_score`.
+    def select_proposals(self, enc_class, enc_coord_unact, enc_score=None):
+        """The top-N proposals by ``enc_score`` (default
+        :meth:`proposal_score`).
 
         Returns:
             tuple: reference boxes (bs, N, 4) before the sigmoid
@@ -147,24 +147,19 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
             logits (bs, num_keys, C) and boxes (bs, num_keys, 4) in [0, 1]
             (Deformable DETR's encoder loss covers all of them).
         """
-        _, coords = top_proposals(self.proposal_score(enc_class), enc_class,
-                                  enc_coord_unact,
+        if enc_score is None:
+            enc_score = self.proposal_score(enc_class)
+        _, coords = top_proposals(enc_score, enc_class, enc_coord_unact,
                                   self.num_queries)
         return coords, (enc_class, enc_coord_unact.sigmoid())
 
-    def main_queries(self, enc_class, enc_coord_unact, enc_score,
-                     **query_inputs):
-        """Top-N proposals (detached); content from the learnable table
-        (``mixed_selection``) or from the proposals (mmdet)."""
-        coords, (cls_all, boxes_all) = self.select_proposals(
-            enc_class, enc_coord_unact)
-        reference = coords.detach()
+    def main_content(self, reference):
+        """From the learnable table (``mixed_selection``) or from the
+        proposals (mmdet), (bs, N, dim)."""
         if self.mixed_selection:
-            content = learnable_content(self.query_embedding,
-                                        reference.shape[0])
-        else:
-            content = self.proposal_embedding(reference)[1]
-        return BranchQueries(MAIN, content, reference), cls_all, boxes_all
+            return learnable_content(self.query_embedding,
+                                     reference.shape[0])
+        return self.proposal_embedding(reference)[1]
 
     def forward_decoder(self, query, query_pos, memory, memory_mask,
                         reference_points, spatial_shapes, level_start_index,

@@ -22,8 +22,7 @@ from mmdet.models.detectors import DINO, DeformableDETR
 from mmdet.registry import MODELS
 from torch import nn
 
-from ..branches import (MAIN, BranchQueries, DenoisingBranch,
-                        learnable_content, top_proposals)
+from ..branches import DenoisingBranch, learnable_content, top_proposals
 from ..layers.transformer import DeformableEncoderPlus, DinoDecoderPlus
 from .deformable_detr import init_transformer_modules
 from .query_detector import QueryBranchDetector
@@ -100,34 +99,26 @@ class DINOPlus(QueryBranchDetector, DINO):
             self.dn_query_generator]
         return dn + list(self.extra_branches)
 
-    def select_proposals(self, enc_class, enc_coord_unact):
+    def select_proposals(self, enc_class, enc_coord_unact, enc_score=None):
         """Mixed query selection: the top-N encoder proposals by
-        :meth:`proposal_score`.
+        ``enc_score`` (default :meth:`proposal_score`).
 
         Args:
             enc_class (Tensor): (bs, num_keys, C) logits.
             enc_coord_unact (Tensor): (bs, num_keys, 4) before the sigmoid.
+            enc_score (Tensor, optional): (bs, num_keys).
 
         Returns:
             tuple: reference boxes (bs, N, 4) before the sigmoid
             (undetached) and the encoder loss inputs: their logits
             (bs, N, C) and boxes (bs, N, 4) in [0, 1].
         """
-        scores, coords = top_proposals(self.proposal_score(enc_class),
-                                       enc_class, enc_coord_unact,
+        if enc_score is None:
+            enc_score = self.proposal_score(enc_class)
+        scores, coords = top_proposals(enc_score, enc_class, enc_coord_unact,
                                        self.num_queries)
         return coords, (scores, coords.sigmoid())
 
-    def main_queries(self, enc_class, enc_coord_unact, enc_score,
-                     **query_inputs):
-        """Top-k encoder anchors (detached) and learnable content.
-
-        Returns:
-            tuple: the main :class:`BranchQueries`, top-k class scores
-            (bs, k, num_classes) and top-k boxes (bs, k, 4) in [0, 1]
-            (undetached, for the encoder loss).
-        """
-        coords, (scores, boxes) = self.select_proposals(
-            enc_class, enc_coord_unact)
-        content = learnable_content(self.query_embedding, coords.shape[0])
-        return BranchQueries(MAIN, content, coords.detach()), scores, boxes
+    def main_content(self, reference):
+        """Learnable content queries (bs, N, dim)."""
+        return learnable_content(self.query_embedding, reference.shape[0])

@@ -10,13 +10,13 @@ and sums the branches' losses.  Inference runs the main queries alone.
 
 What a detector defines (DINO and Deformable DETR differ only there):
 
-* ``select_proposals(enc_class, enc_coord_unact)``: the main queries'
-  reference boxes among the encoder proposals, and the inputs of its
-  encoder loss (required);
+* ``select_proposals(enc_class, enc_coord_unact, enc_score=None)``: the
+  main queries' reference boxes among the encoder proposals, and the inputs
+  of its encoder loss (required);
 * ``proposal_score(enc_class)``: what proposals are ranked by (default: the
   best class logit);
-* ``main_queries(**query_inputs)``: the main ``BranchQueries`` and the
-  encoder predictions its encoder loss is computed on;
+* ``main_content(reference)``: the main queries' content (required by the
+  default ``main_queries``, which DDQ replaces);
 * ``query_positions(reference)``: extra decoder inputs derived from the
   reference boxes of all queries (Deformable DETR's ``query_pos``);
 * ``encoder_loss(enc_cls, enc_coord, gts, metas)`` and
@@ -27,8 +27,9 @@ What a detector defines (DINO and Deformable DETR differ only there):
 from mmdet.registry import MODELS
 from mmengine.model import ModuleList
 
-from ..branches import (branch_layers, branch_predictions, concat_branches,
-                        matched_set_loss, split_branches)
+from ..branches import (MAIN, BranchQueries, branch_layers,
+                        branch_predictions, concat_branches, matched_set_loss,
+                        split_branches)
 from ..finetune import drop_class_dependent_mismatches
 
 
@@ -172,6 +173,20 @@ class QueryBranchDetector:
         """(bs, num_keys) score the top-k ranks proposals by: the best
         class logit (DINO)."""
         return enc_class.max(-1)[0]
+
+    def main_queries(self, enc_class, enc_coord_unact, enc_score,
+                     **query_inputs):
+        """The top-N encoder proposals (detached) and their content.
+
+        Returns:
+            tuple: the main ``BranchQueries`` and the encoder predictions of
+            the encoder loss (see :meth:`select_proposals`).
+        """
+        coords, (enc_cls, enc_coord) = self.select_proposals(
+            enc_class, enc_coord_unact, enc_score)
+        reference = coords.detach()
+        main = BranchQueries(MAIN, self.main_content(reference), reference)
+        return main, enc_cls, enc_coord
 
     def forward_decoder(self, query, memory, memory_mask, reference_points,
                         spatial_shapes, level_start_index, valid_ratios,

@@ -13,6 +13,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import projects_detr_plus  # noqa: F401  (registers models; fixes loading)
+from projects_detr_plus.utils import leave_process_group
 
 
 def parse_args(argv=None):
@@ -65,6 +66,7 @@ def build_config(args):
 def main(argv=None):
     runner = Runner.from_cfg(build_config(parse_args(argv)))
     runner.test()
+    leave_process_group()
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import projects_detr_plus  # noqa: F401  (registers models; fixes resume)
+from projects_detr_plus.utils import leave_process_group
 
 
 def parse_args(argv=None):
@@ -73,6 +74,7 @@ def main(argv=None):
     else:
         runner = Runner.from_cfg(cfg)
     runner.train()
+    leave_process_group()
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """Runtime fixes that importing the plugin applies to mmengine."""
 from .amp import CPUBF16AutocastOptimWrapper
 from .checkpoint import install_local_checkpoint_loader, load_from_local_trusted
-from .distributed import install_cpu_distributed_fallback
+from .distributed import (install_cpu_distributed_fallback,
+                          leave_process_group)
 from .flops import install_flop_handle
 from .random_state import RandomStateHook, get_rng_state, set_rng_state
 
@@ -12,6 +13,7 @@ install_flop_handle()
 __all__ = [
     'CPUBF16AutocastOptimWrapper', 'install_local_checkpoint_loader',
     'install_cpu_distributed_fallback', 'install_flop_handle',
+    'leave_process_group',
     'load_from_local_trusted', 'RandomStateHook', 'get_rng_state',
     'set_rng_state'
 ]

@@ -59,3 +59,15 @@ def install_cpu_distributed_fallback():
     def init(self, module, *args, **kwargs):
         _ddp_init_cpu_aware(ddp_init, self, module, *args, **kwargs)
     MMDistributedDataParallel.__init__ = init
+
+
+def leave_process_group():
+    """Wait for every rank, then destroy the process group (no-op alone).
+
+    Without it each rank tears gloo down at interpreter exit in its own time;
+    a rank whose peer has already closed its sockets can abort (SIGABRT) and
+    fail the launch although training finished.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()

@@ -63,9 +63,12 @@ def pyramid(model):
         encoder_pyramid
     memory, shapes, samples = _encoder_outputs(model, *make_batch(
         num_gts=(3, 6), size=128))
-    feats = encoder_pyramid(memory, shapes, model.extra_branches[0]
-                            .extra_level)
+    feats = encoder_pyramid(memory, shapes, model.encoder_extra_level)
     return feats, samples
+
+
+def _positives(candidates, num_classes):
+    return [c[c.labels < num_classes] for c in candidates]
 
 
 def test_pyramid_is_the_encoder_memory_per_level(model, pyramid):
@@ -83,11 +86,15 @@ def test_atss_positives_equal_mmdet_assignment(model, pyramid):
     from mmengine.structures import InstanceData
     feats, samples = pyramid
     head = model.extra_branches[0].aux_head
-    _, positives = head.loss_and_positives(feats, samples)
+    _, candidates = head.loss_and_candidates(feats, samples)
     sizes = [f.shape[-2:] for f in feats]
     anchors = head.prior_generator.grid_priors(sizes, device='cpu')
     assigner = ATSSAssigner(topk=9)
-    for sample, pos in zip(samples, positives):
+    for sample, cand in zip(samples, candidates):
+        # every anchor is a candidate; the unmatched ones are background
+        torch.testing.assert_close(cand.priors, torch.cat(anchors))
+        pos = cand[cand.labels < head.num_classes]
+        assert (cand.labels <= head.num_classes).all()
         gt = sample.gt_instances
         result = assigner.assign(InstanceData(priors=torch.cat(anchors)),
                                  [len(a) for a in anchors], gt)
@@ -102,7 +109,10 @@ def test_atss_positives_equal_mmdet_assignment(model, pyramid):
 def test_fcos_positives_are_points_inside_their_boxes(model, pyramid):
     feats, samples = pyramid
     head = model.extra_branches[2].aux_head
-    losses, positives = head.loss_and_positives(feats, samples)
+    losses, candidates = head.loss_and_candidates(feats, samples)
+    positives = _positives(candidates, head.num_classes)
+    assert sum(len(c) for c in candidates) == 2 * sum(
+        f.shape[-2] * f.shape[-1] for f in feats)
     assert {'loss_cls', 'loss_bbox', 'loss_centerness'} <= set(losses)
     for sample, pos in zip(samples, positives):
         gt = sample.gt_instances
@@ -122,10 +132,17 @@ def test_rcnn_positives_overlap_their_targets(model, pyramid):
     from mmdet.structures.bbox import bbox_overlaps
     feats, samples = pyramid
     head = model.extra_branches[1].aux_head
-    losses, positives = head.loss_and_positives(feats, samples)
+    losses, candidates = head.loss_and_candidates(feats, samples)
     assert {'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls',
             'loss_bbox'} <= set(losses)
-    for sample, pos in zip(samples, positives):
+    for sample, cand in zip(samples, candidates):
+        # the sampled proposals: positives first, then background
+        assert len(cand) <= 512  # the rcnn sampler's num
+        is_pos = cand.labels < head.num_classes
+        assert is_pos.any() and (~is_pos).any()
+        assert not is_pos[is_pos.int().argmin():].any()
+        assert (cand.labels[~is_pos] == head.num_classes).all()
+        pos = cand[is_pos]
         assert len(pos) > 0
         ious = bbox_overlaps(pos.priors, pos.bboxes, is_aligned=True)
         assert (ious >= 0.5 - 1e-4).all()  # rcnn pos_iou_thr
@@ -135,48 +152,130 @@ def test_rcnn_positives_overlap_their_targets(model, pyramid):
         assert torch.equal(pos.labels, gt.labels[match.int().argmax(1)])
 
 
-def test_positive_queries_carry_their_targets(model):
-    inputs, samples = make_batch(num_gts=(3, 6), size=128)
+def _queries(model, branch_index, num_gts, seed=0):
+    """A branch's queries and, drawn with the same seed, its head's
+    candidates."""
+    from projects_detr_plus.models.branches.collaborative import \
+        encoder_pyramid
+    inputs, samples = make_batch(num_gts=num_gts, size=128)
     memory, shapes, data_samples = _encoder_outputs(model, inputs, samples)
-    branch_module = model.extra_branches[0]
-    torch.manual_seed(0)
-    queries = branch_module.make_queries(None, data_samples, memory=memory,
-                                         spatial_shapes=shapes)
-    torch.manual_seed(0)
-    _, positives = branch_module.aux_head.loss_and_positives(
-        __import__('projects_detr_plus.models.branches.collaborative',
-                   fromlist=['x']).encoder_pyramid(
-            memory, shapes, branch_module.extra_level), data_samples)
+    feats = encoder_pyramid(memory, shapes, model.encoder_extra_level)
+    branch_module = model.extra_branches[branch_index]
+    torch.manual_seed(seed)
+    queries = branch_module.make_queries(None, data_samples,
+                                         encoder_pyramid=feats)
+    torch.manual_seed(seed)
+    _, candidates = branch_module.aux_head.loss_and_candidates(
+        feats, data_samples)
+    return queries, candidates, data_samples
+
+
+def _as_xyxy(cxcywh, scale):
+    cxcywh = cxcywh * scale
+    return torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2,
+                      cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
+
+
+def test_positive_queries_carry_their_targets(model):
+    queries, candidates, samples = _queries(model, 0, (3, 6))
+    num_classes = model.bbox_head.num_classes
+    positives = _positives(candidates, num_classes)
     meta = queries.meta
-    assert queries.num_queries == max(len(p) for p in positives)
+    assert queries.num_queries == max(9, max(len(p) for p in positives))
     assert not queries.sees_main
-    for i, (pos, sample) in enumerate(zip(positives, data_samples)):
+    for i, (pos, sample) in enumerate(zip(positives, samples)):
         n = len(pos)
         h, w = sample.img_shape
         scale = torch.tensor([w, h, w, h], dtype=torch.float)
-        assert meta['weights'][i, :n].eq(1).all()
-        assert meta['weights'][i, n:].eq(0).all()
-        cxcywh = meta['bbox_targets'][i, :n] * scale
-        xyxy = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2,
-                          cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
-        torch.testing.assert_close(xyxy, pos.bboxes, atol=1e-3, rtol=1e-4)
+        assert meta['bbox_weights'][i, :n].eq(1).all()
+        assert meta['bbox_weights'][i, n:].eq(0).all()
+        torch.testing.assert_close(
+            _as_xyxy(meta['bbox_targets'][i, :n], scale), pos.bboxes,
+            atol=1e-3, rtol=1e-4)
         assert torch.equal(meta['labels'][i, :n], pos.labels)
         anchors = queries.reference[i, :n].sigmoid() * scale
         centres = (pos.priors[:, :2] + pos.priors[:, 2:]) / 2
         torch.testing.assert_close(anchors[:, :2],
-                                   centres.clamp(min=0.128, max=127.872),
+                                   centres.clamp(min=0, max=128),
                                    atol=1e-2, rtol=1e-3)
+
+
+def test_padding_with_random_negatives_of_the_same_head(model):
+    """Official ``get_aux_targets``: at least 9 queries per image, the
+    positives padded with the head's negatives, trained as background (box
+    weight 0) and visible to the branch's other queries."""
+    num_classes = model.bbox_head.num_classes
+    for num_gts in ((1, 0), (0, 0)):
+        queries, candidates, samples = _queries(model, 0, num_gts)
+        meta = queries.meta
+        assert queries.num_queries >= 9
+        assert not queries.padding.any()  # enough negatives: no padding
+        assert meta['label_weights'].eq(1).all()
+        for i, (cand, sample) in enumerate(zip(candidates, samples)):
+            n_pos = int((cand.labels < num_classes).sum())
+            negatives = cand[cand.labels == num_classes]
+            assert meta['bbox_weights'][i].sum() == n_pos
+            assert (meta['labels'][i, n_pos:] == num_classes).all()
+            h, w = sample.img_shape
+            scale = torch.tensor([w, h], dtype=torch.float)
+            boxes = queries.reference[i, n_pos:].sigmoid()
+            # each padding query sits on one of the head's negative anchors
+            centres = (negatives.priors[:, :2] + negatives.priors[:, 2:]) / 2
+            dist = torch.cdist(boxes[:, :2], (centres / scale).clamp(0, 1))
+            assert dist.min(1).values.max() < 1e-3
+        assert len(set(map(tuple, queries.reference[0].tolist()))) == \
+            queries.num_queries  # distinct anchors
+
+
+def test_zero_padding_option_masks_padding_queries():
+    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                     zero_padding=True), ))
+    queries, candidates, _ = _queries(model, 0, (1, 0))
+    meta = queries.meta
+    assert queries.num_queries == 9
+    n_pos = int((candidates[0].labels < model.bbox_head.num_classes).sum())
+    assert meta['label_weights'][0].sum() == n_pos
+    assert meta['label_weights'][1].sum() == 0
+    assert torch.equal(queries.padding, meta['label_weights'] == 0)
+
+
+def test_negatives_add_classification_terms_only(model):
+    """Padding negatives change the classification loss, not the box
+    losses, and every loss is normalised by the number of positives."""
+    from projects_detr_plus.models.branches import fixed_target_loss
+    head = model.bbox_head
+    bg = head.num_classes
+    torch.manual_seed(0)
+    cls = torch.randn(2, 1, 4, head.num_classes)
+    boxes = torch.rand(2, 1, 4, 4) * 0.3 + 0.3
+    targets = torch.rand(1, 4, 4) * 0.3 + 0.3
+    labels = torch.tensor([[1, 2, 0, 0]])
+    metas = [dict(img_shape=(100, 80))]
+    only_pos = fixed_target_loss(head, '', cls[:, :, :2], boxes[:, :, :2],
+                                 labels[:, :2], targets[:, :2],
+                                 torch.ones(1, 2), metas)
+    with_neg = fixed_target_loss(
+        head, '', cls, boxes, labels.new_tensor([[1, 2, bg, bg]]), targets,
+        torch.ones(1, 4), metas, bbox_weights=torch.tensor([[1., 1, 0, 0]]))
+    for key in ('loss_bbox', 'loss_iou'):
+        torch.testing.assert_close(with_neg[key], only_pos[key])
+    assert with_neg['loss_cls'] > only_pos['loss_cls']
+    # 2 positives: the classification sum over 4 queries divided by 2
+    per_query = fixed_target_loss(
+        head, '', cls, boxes, labels.new_tensor([[1, 2, bg, bg]]), targets,
+        torch.ones(1, 4), metas, bbox_weights=torch.ones(1, 4))
+    assert per_query['loss_iou'] != with_neg['loss_iou']
 
 
 def test_at_most_max_queries_per_image():
     model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                     max_queries=5), ))
-    inputs, samples = make_batch(num_gts=(8, 6), size=128)
-    memory, shapes, data_samples = _encoder_outputs(model, inputs, samples)
-    queries = model.extra_branches[0].make_queries(
-        None, data_samples, memory=memory, spatial_shapes=shapes)
+                                     max_queries=5, min_queries=5), ))
+    queries, candidates, _ = _queries(model, 0, (8, 6))
     assert queries.num_queries == 5
-    assert queries.meta['weights'].sum() == 10
+    assert queries.meta['bbox_weights'].sum() == 10
+    with pytest.raises(ValueError, match='min_queries <= max_queries'):
+        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                 max_queries=5, min_queries=9), ))
 
 
 def test_perturbing_positive_queries_leaves_main_bit_identical():
@@ -233,8 +332,9 @@ def test_predict_equals_plain_dino_with_the_same_weights():
     plain = build(dino_cfg(dims=128))
     missing, unexpected = plain.load_state_dict(model.state_dict(),
                                                 strict=False)
-    assert not missing and all(k.startswith('extra_branches.')
-                               for k in unexpected)
+    assert not missing and all(
+        k.startswith(('extra_branches.', 'encoder_extra_level.'))
+        for k in unexpected)
     inputs, samples = make_batch(seed=3, size=128)
     for a, b in zip(predict(model, inputs, samples),
                     predict(plain, inputs, samples)):
@@ -258,3 +358,45 @@ def test_every_kind_of_branch_combines_in_one_model():
     model.parse_losses(losses)[0].backward()
     assert all(p.grad is not None for p in model.parameters()
                if p.requires_grad)
+
+
+def _predictions(model, test_cfg):
+    model.test_cfg = model.bbox_head.test_cfg = test_cfg
+    inputs, samples = make_batch(seed=3, size=128)
+    return [s.pred_instances for s in predict(model, inputs, samples)]
+
+
+def test_test_time_nms_option():
+    """``test_cfg.nms`` (official Co-DINO: soft-NMS 0.8 on the top 300):
+    hard NMS leaves no pair above its threshold; soft-NMS keeps
+    boxes of the NMS-free output with decayed scores, best first."""
+    from mmdet.structures.bbox import bbox_overlaps
+    model = co_dino()
+    model.eval()
+    free = _predictions(model, dict(max_per_img=50))
+    hard = _predictions(model, dict(max_per_img=50, nms=dict(
+        type='nms', iou_threshold=0.5, class_agnostic=True)))
+    soft = _predictions(model, dict(max_per_img=20, nms=dict(
+        type='soft_nms', iou_threshold=0.8)))
+    for f, h, s in zip(free, hard, soft):
+        assert len(f) == 50 and 0 < len(h) < 50 and len(s) == 20
+        ious = bbox_overlaps(h.bboxes, h.bboxes)
+        ious.fill_diagonal_(0)
+        assert ious.max() <= 0.5
+        assert torch.equal(s.scores, s.scores.sort(descending=True).values)
+        in_free = (s.bboxes[:, None] == f.bboxes[None]).all(-1)
+        assert in_free.any(1).all()
+        original = f.scores[in_free.int().argmax(1)]
+        assert (s.scores <= original + 1e-6).all()
+
+
+def test_content_init_option():
+    def content(init):
+        torch.manual_seed(0)
+        model = build(dict(dino_cfg(dims=128), content_init=init))
+        model.init_weights()
+        return model.query_embedding.weight
+    assert abs(content('normal').std().item() - 1.0) < 0.05
+    assert content('xavier_uniform').abs().max() < 0.5
+    with pytest.raises(ValueError, match='content_init'):
+        content('uniform')

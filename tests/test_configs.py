@@ -69,9 +69,9 @@ BRANCH_CONFIGS = {
     'h_detr/h-dino-4scale_r50_8xb2-12e_coco.py':
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['hybrid']),
     'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py':
-    (None, ['co_atss', 'co_rcnn']),
+    (None, ['co_rcnn', 'co_atss']),
     'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
-    (None, ['co_atss', 'co_rcnn', 'co_fcos']),
+    (None, ['co_rcnn', 'co_atss', 'co_fcos']),
 }
 H_DEFORMABLE_DETR = \
     'h_detr/h-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
@@ -143,12 +143,103 @@ H_DETR_OFFICIAL = {
     'auto_scale_lr.base_batch_size': 16,
 }
 
+CO_DINO = 'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py'
+# resolved config key -> the official value (mmdet's projects/CO-DETR
+# configs/codino/co_dino_5scale_r50_lsj_8xb2_1x_coco.py, which the non-LSJ
+# co_dino_5scale_r50_8xb2_1x_coco.py inherits, and CoDINOHead's defaults)
+CO_DINO_OFFICIAL = {
+    'optim_wrapper.optimizer.type': 'AdamW',
+    'optim_wrapper.optimizer.lr': 2e-4,
+    'optim_wrapper.optimizer.weight_decay': 1e-4,
+    'optim_wrapper.clip_grad.max_norm': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
+    'train_cfg.max_epochs': 12,
+    'param_scheduler.0.milestones': [11],
+    'train_dataloader.batch_size': 2,
+    'auto_scale_lr.base_batch_size': 16,
+    'model.num_queries': 900,  # num_query
+    'model.num_feature_levels': 5,
+    'model.neck.num_outs': 5,
+    'model.neck.norm_cfg.num_groups': 32,
+    'model.encoder.num_layers': 6,
+    'model.encoder.num_cp': 4,  # encoder with_cp=4
+    'model.decoder.num_layers': 6,
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.positional_encoding.temperature': 20,
+    'model.content_init': 'normal',  # CoDinoTransformer.init_weights
+    'model.dn_cfg.label_noise_scale': 0.5,
+    'model.dn_cfg.box_noise_scale': 1.0,
+    'model.dn_cfg.group_cfg.num_dn_queries': 100,
+    'model.bbox_head.loss_cls.type': 'QualityFocalLoss',
+    'model.bbox_head.loss_cls.beta': 2.0,
+    'model.bbox_head.loss_cls.loss_weight': 1.0,
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,
+    'model.bbox_head.loss_iou.loss_weight': 2.0,
+    'model.bbox_head.sync_cls_avg_factor': False,
+    'model.train_cfg.assigner.match_costs.0.type': 'FocalLossCost',
+    'model.train_cfg.assigner.match_costs.0.weight': 2.0,
+    'model.train_cfg.assigner.match_costs.1.weight': 5.0,
+    'model.train_cfg.assigner.match_costs.2.weight': 2.0,
+    'model.test_cfg.max_per_img': 300,
+    'model.test_cfg.nms.type': 'soft_nms',
+    'model.test_cfg.nms.iou_threshold': 0.8,
+    # rpn_head, roi_head[0], train_cfg[1]
+    'model.branches.0.aux_head.rpn_head.anchor_generator.octave_base_scale':
+    4,
+    'model.branches.0.aux_head.rpn_head.anchor_generator.scales_per_octave':
+    3,
+    'model.branches.0.aux_head.rpn_head.anchor_generator.ratios':
+    [0.5, 1.0, 2.0],
+    'model.branches.0.aux_head.rpn_head.anchor_generator.strides':
+    [4, 8, 16, 32, 64, 128],
+    'model.branches.0.aux_head.rpn_head.loss_cls.loss_weight': 12.0,
+    'model.branches.0.aux_head.rpn_head.loss_bbox.loss_weight': 12.0,
+    'model.branches.0.aux_head.roi_head.bbox_roi_extractor.featmap_strides':
+    [4, 8, 16, 32, 64],
+    'model.branches.0.aux_head.roi_head.bbox_head.loss_cls.loss_weight': 12.0,
+    'model.branches.0.aux_head.roi_head.bbox_head.loss_bbox.loss_weight':
+    120.0,
+    'model.branches.0.aux_head.train_cfg.rpn_proposal.nms_pre': 4000,
+    'model.branches.0.aux_head.train_cfg.rpn_proposal.max_per_img': 1000,
+    'model.branches.0.aux_head.train_cfg.rcnn.sampler.num': 512,
+    # bbox_head[0] (ATSS), train_cfg[2]
+    'model.branches.1.aux_head.anchor_generator.octave_base_scale': 8,
+    'model.branches.1.aux_head.anchor_generator.strides':
+    [4, 8, 16, 32, 64, 128],
+    'model.branches.1.aux_head.loss_cls.loss_weight': 12.0,
+    'model.branches.1.aux_head.loss_bbox.loss_weight': 24.0,
+    'model.branches.1.aux_head.loss_centerness.loss_weight': 12.0,
+    'model.branches.1.aux_head.train_cfg.assigner.topk': 9,
+    # CoDINOHead: max_pos_coords=300, max(9, ...), use_zero_padding=False
+    'model.branches.0.max_queries': 300,
+    'model.branches.1.max_queries': 300,
+    'model.branches.0.min_queries': 9,
+    'model.branches.1.min_queries': 9,
+    'model.branches.0.zero_padding': False,
+    'model.branches.1.zero_padding': False,
+    'model.branches.0.loss_weight': 1.0,
+    'model.branches.1.loss_weight': 1.0,
+}
+
 
 def _resolve(cfg, dotted):
     node = cfg
     for key in dotted.split('.'):
         node = node[int(key)] if isinstance(node, list) else node[key]
     return node
+
+
+def test_co_dino_config_has_official_values():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DINO))
+    wrong = {key: _resolve(cfg, key) for key, value in CO_DINO_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    assert model.encoder_extra_level[0].stride == (2, 2)  # one, shared
+    assert not any(hasattr(b, 'extra_level') for b in model.extra_branches)
+    rpn = model.extra_branches[0].aux_head.rpn_head
+    assert rpn.prior_generator.num_base_priors == [9] * 6
 
 
 def test_h_deformable_detr_config_has_official_values():

@@ -78,8 +78,15 @@ def test_mmdet_checkpoint_file_loads(pair, tmp_path):
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
-def test_encoder_activation_checkpointing_same_losses_and_gradients(
-        monkeypatch):
+@pytest.mark.parametrize('where,model_cfg', [
+    ('encoder', lambda: dino_cfg(dims=128)),
+    ('decoder', lambda: dino_cfg(dims=128)),
+    ('decoder', lambda: deformable_detr_cfg(refine=True, two_stage=True)),
+])
+def test_activation_checkpointing_same_losses_and_gradients(
+        monkeypatch, where, model_cfg):
+    """``num_cp`` (official Co-DETR's ``with_cp``) in the encoder or the
+    decoder: same losses and gradients, the layers really checkpointed."""
     from projects_detr_plus.models.layers import transformer
     calls = []
     original = transformer.checkpoint
@@ -90,8 +97,8 @@ def test_encoder_activation_checkpointing_same_losses_and_gradients(
     monkeypatch.setattr(transformer, 'checkpoint', counting)
     grads, losses = [], []
     for num_cp in (0, 1):
-        cfg = dino_cfg(dims=128)
-        cfg['encoder']['num_cp'] = num_cp
+        cfg = model_cfg()
+        cfg[where]['num_cp'] = num_cp
         torch.manual_seed(0)
         model = build(cfg)
         model.train()
@@ -100,7 +107,7 @@ def test_encoder_activation_checkpointing_same_losses_and_gradients(
         losses.append(loss)
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()
                       if p.grad is not None})
-    assert len(calls) == 1  # only the num_cp=1 model's encoder layer
+    assert len(calls) == 1  # the num_cp=1 model's first layer
     for key, value in losses[0].items():
         torch.testing.assert_close(losses[1][key], value)
     assert grads[0].keys() == grads[1].keys()

@@ -1,6 +1,7 @@
-# Co-DINO-5scale R50 12e with the FCOS auxiliary head (the paper's third
-# one-to-many head) next to ATSS and Faster R-CNN.  A positive point becomes a
-# query on a square of 8 strides centred on it.
+# Co-DINO-5scale R50 12e with an FCOS auxiliary head (the paper's third
+# one-to-many head) next to Faster R-CNN and ATSS.  Not a reproduction: the
+# official code has no FCOS head for Co-DINO; ours is mmdet's FCOSHead whose
+# point becomes a query on a square of 8 strides centred on it.
 _base_ = './co-dino-5scale_r50_8xb2-12e_coco.py'
 
 fcos_head = dict(
@@ -25,10 +26,7 @@ fcos_head = dict(
         loss_weight=1.0 * _base_.aux_weight))
 
 model = dict(branches=[
-    dict(type='CollaborativeBranch', name='co_atss',
-         aux_head=_base_.atss_head, max_queries=300, loss_weight=1.0),
-    dict(type='CollaborativeBranch', name='co_rcnn',
-         aux_head=_base_.rcnn_head, max_queries=300, loss_weight=1.0),
-    dict(type='CollaborativeBranch', name='co_fcos', aux_head=fcos_head,
-         max_queries=300, loss_weight=1.0),
+    dict(_base_.co_query, name='co_rcnn', aux_head=_base_.rcnn_head),
+    dict(_base_.co_query, name='co_atss', aux_head=_base_.atss_head),
+    dict(_base_.co_query, name='co_fcos', aux_head=fcos_head),
 ])

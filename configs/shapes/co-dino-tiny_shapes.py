@@ -94,9 +94,21 @@ rcnn_head = dict(
                 neg_pos_ub=-1, add_gt_as_proposals=True),
             pos_weight=-1, debug=False)))
 
-model = dict(branches=[
-    dict(type='CollaborativeBranch', name='co_atss', aux_head=atss_head,
-         max_queries=300, loss_weight=1.0),
-    dict(type='CollaborativeBranch', name='co_rcnn', aux_head=rcnn_head,
-         max_queries=300, loss_weight=1.0),
-])
+# the official recipe where it is not about COCO's scale: customized
+# queries padded with negatives to at least 9 per image, QualityFocalLoss
+# (beta 2) for the DETR losses, content queries N(0, 1), soft-NMS 0.8 at
+# test (configs/co_detr/co-dino-5scale_r50_8xb2-12e_coco.py gives sources);
+# the learning rate stays the tiny DINO's, to compare at equal settings
+model = dict(
+    content_init='normal',
+    bbox_head=dict(
+        sync_cls_avg_factor=False,
+        loss_cls=dict(_delete_=True, type='QualityFocalLoss',
+                      use_sigmoid=True, beta=2.0, loss_weight=1.0)),
+    branches=[
+        dict(type='CollaborativeBranch', name='co_rcnn', aux_head=rcnn_head,
+             max_queries=300, min_queries=9),
+        dict(type='CollaborativeBranch', name='co_atss', aux_head=atss_head,
+             max_queries=300, min_queries=9),
+    ],
+    test_cfg=dict(nms=dict(type='soft_nms', iou_threshold=0.8)))

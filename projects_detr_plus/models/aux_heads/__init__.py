@@ -2,13 +2,15 @@
 
 Each head is an mmdet head, subclassed, with one more method::
 
-    loss_and_positives(feats, batch_data_samples) -> (losses, positives)
+    loss_and_candidates(feats, batch_data_samples) -> (losses, candidates)
 
 ``feats``: the encoder output as a pyramid (tuple of (bs, dim, h, w));
-``positives``: per image an ``InstanceData`` with ``priors`` (P, 4), the
-positive anchors / proposals / point boxes in absolute xyxy, and their
-targets ``bboxes`` (P, 4) absolute xyxy and ``labels`` (P, ).  The
-collaborative branch turns them into customized positive queries.
+``candidates``: per image an ``InstanceData`` of every anchor / sampled
+proposal / point the head trained on: ``priors`` (A, 4) in absolute xyxy,
+``labels`` (A, ), ``num_classes`` for a negative, and the targets
+``bboxes`` (A, 4) absolute xyxy (meaningful for positives only).  The
+collaborative branch turns the positives into customized positive queries
+and pads them with negatives, as the official Co-DETR does.
 """
 from .atss import CoATSSHead
 from .fcos import CoFCOSHead

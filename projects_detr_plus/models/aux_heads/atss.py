@@ -1,4 +1,4 @@
-"""ATSS as a Co-DETR auxiliary head: mmdet's head, plus its positives."""
+"""ATSS as a Co-DETR auxiliary head: mmdet's head, plus its candidates."""
 import torch
 from mmdet.models.dense_heads import ATSSHead
 from mmdet.registry import MODELS
@@ -8,26 +8,27 @@ from mmengine.structures import InstanceData
 @MODELS.register_module()
 class CoATSSHead(ATSSHead):
     """mmdet's ``ATSSHead`` (ATSS assignment: per level the top-k anchors
-    nearest each box, kept when their IoU exceeds mean + std) whose positive
-    anchors also become decoder queries."""
+    nearest each box, kept when their IoU exceeds mean + std) whose anchors
+    also become decoder queries."""
 
-    def loss_and_positives(self, feats, batch_data_samples):
-        """Losses of the head and, per image, its positive anchors.
+    def loss_and_candidates(self, feats, batch_data_samples):
+        """Losses of the head and, per image, every anchor with its target.
 
-        The targets are computed a second time for the positives (mmdet's
-        ``loss_by_feat`` does not return them); ATSS assignment is
-        deterministic, so these are the positives the losses used.  With
-        ``reg_decoded_bbox=False`` the gt boxes are decoded back from the
-        regression targets (exact up to the coder's ``wh_ratio_clip``).
+        The targets are computed a second time (mmdet's ``loss_by_feat``
+        does not return them); ATSS assignment is deterministic, so these
+        are the ones the losses used.  With ``reg_decoded_bbox=False`` the
+        gt boxes are decoded back from the regression targets (exact up to
+        the coder's ``wh_ratio_clip``).
         """
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
         outs = self(feats)
         losses = self.loss_by_feat(*outs, gts, metas)
-        return losses, self.positives(outs[1], gts, metas)
+        return losses, self.candidates(outs[1], gts, metas)
 
-    def positives(self, bbox_preds, batch_gt_instances, batch_img_metas):
-        """Per image: positive anchors, their gt boxes and labels."""
+    def candidates(self, bbox_preds, batch_gt_instances, batch_img_metas):
+        """Per image: all anchors, their labels (background =
+        ``num_classes``) and gt boxes."""
         sizes = [p.shape[-2:] for p in bbox_preds]
         anchors, valid = self.get_anchors(sizes, batch_img_metas,
                                           device=bbox_preds[0].device)
@@ -36,13 +37,7 @@ class CoATSSHead(ATSSHead):
                 anchors, valid, batch_gt_instances, batch_img_metas)
         anchors, labels, targets = (torch.cat(x, dim=1)
                                     for x in (anchors, labels, targets))
-        result = []
-        for img_anchors, img_labels, img_targets in zip(anchors, labels,
-                                                        targets):
-            pos = (img_labels >= 0) & (img_labels < self.num_classes)
-            boxes = img_targets[pos]
-            if not self.reg_decoded_bbox:
-                boxes = self.bbox_coder.decode(img_anchors[pos], boxes)
-            result.append(InstanceData(priors=img_anchors[pos], bboxes=boxes,
-                                       labels=img_labels[pos]))
-        return result
+        if not self.reg_decoded_bbox:
+            targets = self.bbox_coder.decode(anchors, targets)
+        return [InstanceData(priors=a, bboxes=t, labels=lab)
+                for a, t, lab in zip(anchors, targets, labels)]

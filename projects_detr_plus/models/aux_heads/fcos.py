@@ -9,7 +9,7 @@ from mmengine.structures import InstanceData
 class CoFCOSHead(FCOSHead):
     """mmdet's ``FCOSHead`` (points inside a box, or its centre region with
     ``center_sampling``, within the level's size range are positive) whose
-    positive points also become decoder queries.
+    points also become decoder queries.
 
     A point has no box, so its query starts from a square centred on it of
     side ``prior_scale * stride`` (like an ATSS anchor at octave scale 8).
@@ -23,16 +23,18 @@ class CoFCOSHead(FCOSHead):
         super().__init__(*args, **kwargs)
         self.prior_scale = prior_scale
 
-    def loss_and_positives(self, feats, batch_data_samples):
-        """Losses of the head and, per image, its positive points."""
+    def loss_and_candidates(self, feats, batch_data_samples):
+        """Losses of the head and, per image, every point with its
+        target."""
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
         outs = self(feats)
         losses = self.loss_by_feat(*outs, gts, metas)
-        return losses, self.positives(outs[0], gts)
+        return losses, self.candidates(outs[0], gts)
 
-    def positives(self, cls_scores, batch_gt_instances):
-        """Per image: point boxes, their gt boxes (xyxy) and labels."""
+    def candidates(self, cls_scores, batch_gt_instances):
+        """Per image: point boxes, their gt boxes (xyxy) and labels
+        (background = ``num_classes``)."""
         sizes = [c.shape[-2:] for c in cls_scores]
         if len(sizes) != len(self.strides):
             raise ValueError(f'CoFCOSHead has {len(self.strides)} strides for '
@@ -56,10 +58,5 @@ class CoFCOSHead(FCOSHead):
                 torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], -1),
                 labels[level].reshape(num_imgs, -1)))
         priors, boxes, labels = (torch.cat(x, 1) for x in zip(*per_level))
-        result = []
-        for img_priors, img_boxes, img_labels in zip(priors, boxes, labels):
-            pos = (img_labels >= 0) & (img_labels < self.num_classes)
-            result.append(InstanceData(priors=img_priors[pos],
-                                       bboxes=img_boxes[pos],
-                                       labels=img_labels[pos]))
-        return result
+        return [InstanceData(priors=p, bboxes=b, labels=lab)
+                for p, b, lab in zip(priors, boxes, labels)]

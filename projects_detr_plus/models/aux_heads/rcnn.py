@@ -12,7 +12,7 @@ from mmengine.structures import InstanceData
 @MODELS.register_module()
 class CoStandardRoIHead(StandardRoIHead):
     """mmdet's ``StandardRoIHead`` whose loss also returns the sampled
-    proposals (their positives become decoder queries)."""
+    proposals (they become decoder queries)."""
 
     def loss_and_samples(self, x, rpn_results_list, batch_data_samples):
         """As ``StandardRoIHead.loss`` (boxes only), plus the samples.
@@ -58,18 +58,19 @@ class CoRCNNHead(BaseModule):
         self.proposal_cfg = train_cfg['rpn_proposal']
         self.num_classes = self.roi_head.bbox_head.num_classes
 
-    def loss_and_positives(self, feats, batch_data_samples):
-        """RPN and RoI losses and, per image, the positive proposals.
+    def loss_and_candidates(self, feats, batch_data_samples):
+        """RPN and RoI losses and, per image, the sampled proposals (the
+        official Co-DETR's candidates: positives first, then negatives).
 
         Runs in fp32 under autocast: mmcv's NMS and RoIAlign take fp32 only
         on the CPU.
         """
         device_type = feats[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._loss_and_positives(
+            return self._loss_and_candidates(
                 tuple(f.float() for f in feats), batch_data_samples)
 
-    def _loss_and_positives(self, feats, batch_data_samples):
+    def _loss_and_candidates(self, feats, batch_data_samples):
         rpn_samples = copy.deepcopy(batch_data_samples)
         for sample in rpn_samples:  # the RPN is class-agnostic
             sample.gt_instances.labels = \
@@ -82,7 +83,15 @@ class CoRCNNHead(BaseModule):
             proposal.bboxes = proposal.bboxes.detach()
         roi_losses, samples = self.roi_head.loss_and_samples(
             roi_feats, proposals, batch_data_samples)
-        positives = [InstanceData(priors=s.pos_priors.detach(),
-                                  bboxes=s.pos_gt_bboxes,
-                                  labels=s.pos_gt_labels) for s in samples]
-        return dict(**rpn_losses, **roi_losses), positives
+        return dict(**rpn_losses, **roi_losses), [
+            self._sampled(s) for s in samples]
+
+    def _sampled(self, sample):
+        """A ``SamplingResult`` as candidates; negatives get label
+        ``num_classes`` and their own box as target."""
+        negatives = sample.pos_gt_labels.new_full(
+            (len(sample.neg_priors), ), self.num_classes)
+        labels = torch.cat([sample.pos_gt_labels, negatives])
+        bboxes = torch.cat([sample.pos_gt_bboxes, sample.neg_priors])
+        return InstanceData(priors=sample.priors.detach(),
+                            bboxes=bboxes.detach(), labels=labels)

@@ -385,52 +385,65 @@ def matched_set_loss(head, prefix: str, cls_scores: Tensor,
 def fixed_target_loss(head, prefix: str, cls_scores: Tensor,
                       bbox_preds: Tensor, labels: Tensor, bbox_targets: Tensor,
                       weights: Tensor, batch_img_metas,
-                      loss_weight: float = 1.0) -> dict:
+                      loss_weight: float = 1.0,
+                      bbox_weights: Optional[Tensor] = None) -> dict:
     """The head's DETR losses of every decoder layer for queries whose
     targets are fixed in advance (no matching), named.
 
     Args:
-        head (DETRHead): gives ``loss_cls``, ``loss_bbox``, ``loss_iou``.
+        head (DETRHead): gives ``loss_cls``, ``loss_bbox``, ``loss_iou``
+            and ``sync_cls_avg_factor``.
         prefix (str): loss-key prefix.
         cls_scores (Tensor): (num_layers, bs, n, num_classes).
         bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
-        labels (Tensor): (bs, n) class of each query's target.
+        labels (Tensor): (bs, n) class of each query's target
+            (``num_classes``: background).
         bbox_targets (Tensor): (bs, n, 4) normalised cxcywh.
-        weights (Tensor): (bs, n), 1 for a real query, 0 for padding.
+        weights (Tensor): (bs, n) classification weight, 0 for padding.
         batch_img_metas (list[dict]): per image, with ``img_shape``.
         loss_weight (float): multiplies every loss.
+        bbox_weights (Tensor, optional): (bs, n), 1 for the positives that
+            have a box loss; default ``weights`` (every query a positive).
 
-    Losses are normalised by the number of real queries (averaged over
-    ranks), as the matched losses are by the number of positives.
+    As ``DETRHead.loss_by_feat_single``: every loss is normalised by the
+    number of positives (box losses: averaged over ranks; classification:
+    too with ``head.sync_cls_avg_factor``); with ``QualityFocalLoss`` the
+    classification target of a positive is its predicted box's IoU.
     """
     num_classes = cls_scores.shape[-1]
-    valid = weights > 0
-    labels = torch.where(valid, labels, labels.new_full((), num_classes))
-    avg = torch.clamp(reduce_mean(weights.sum()), min=1).item()
+    if bbox_weights is None:
+        bbox_weights = weights
+    labels = torch.where(weights > 0, labels,
+                         labels.new_full((), num_classes))
+    num_pos = bbox_weights.sum()
+    cls_avg = reduce_mean(num_pos) if head.sync_cls_avg_factor else num_pos
+    cls_avg = max(cls_avg.item(), 1.0)
+    box_avg = torch.clamp(reduce_mean(num_pos), min=1).item()
     factors = torch.stack([
         bbox_preds.new_tensor([w, h, w, h])
         for h, w in (meta['img_shape'][:2] for meta in batch_img_metas)
     ])[:, None]  # (bs, 1, 4)
     target_xyxy = (bbox_cxcywh_to_xyxy(bbox_targets) * factors).reshape(-1, 4)
     flat_weights = weights.reshape(-1)
-    box_weights = flat_weights[:, None].expand(-1, 4)
+    flat_box_weights = bbox_weights.reshape(-1)
     per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
     for layer_cls, layer_bbox in zip(cls_scores, bbox_preds):
         pred_xyxy = (bbox_cxcywh_to_xyxy(layer_bbox) * factors).reshape(-1, 4)
         cls_target = labels.reshape(-1)
         if isinstance(head.loss_cls, QualityFocalLoss):  # as mmdet's heads
             quality = bbox_overlaps(pred_xyxy.detach(), target_xyxy,
-                                    is_aligned=True) * flat_weights
+                                    is_aligned=True) * flat_box_weights
             cls_target = (cls_target, quality)
         per_layer['loss_cls'].append(head.loss_cls(
             layer_cls.reshape(-1, num_classes), cls_target, flat_weights,
-            avg_factor=avg) * loss_weight)
+            avg_factor=cls_avg) * loss_weight)
         per_layer['loss_iou'].append(head.loss_iou(
-            pred_xyxy, target_xyxy, flat_weights, avg_factor=avg)
+            pred_xyxy, target_xyxy, flat_box_weights, avg_factor=box_avg)
             * loss_weight)
         per_layer['loss_bbox'].append(head.loss_bbox(
             layer_bbox.reshape(-1, 4), bbox_targets.reshape(-1, 4),
-            box_weights, avg_factor=avg) * loss_weight)
+            flat_box_weights[:, None].expand(-1, 4), avg_factor=box_avg)
+            * loss_weight)
     return layer_loss_dict(prefix, per_layer)
 
 

@@ -7,32 +7,46 @@ anchors / proposals into *customized positive queries*: decoded by the
 shared decoder, each with the target its head assigned (no matching).  At
 inference the heads and queries are gone: a plain DINO, no NMS.
 
-This branch holds one auxiliary head (:mod:`..aux_heads`).  In training:
+This branch holds one auxiliary head (:mod:`..aux_heads`).  In training, as
+the official code (``CoDINOHead.get_aux_targets`` / ``forward_aux`` of
+Sense-X/Co-DETR and mmdet's ``projects/CO-DETR``):
 
-1. the encoder memory is cut back into per-level maps and one more level is
-   added by a stride-2 conv + GroupNorm (as the official model), the
-   pyramid the head trains on;
-2. the head's losses (their weights, lambda_2 times the number of decoder
-   layers in the official configs, are in the head's config) and its
-   positives are computed;
-3. up to ``max_queries`` positives per image (a random subset beyond that)
-   become queries: reference = the positive's box, detached; content = a
-   linear map + LayerNorm of its sine embedding; images are padded to the
-   batch's largest count with zero-weight queries that no query attends
-   to;
+1. the head trains on the encoder pyramid (the memory cut back into
+   per-level maps plus one stride-2 level that the detector shares between
+   all its auxiliary heads, :func:`encoder_pyramid`) and returns every
+   anchor / sampled proposal with its target;
+2. per image, the positives (a random ``max_queries`` of them when there
+   are more) are padded with random negatives of the same head up to the
+   batch's count, at least ``min_queries``: the negatives are trained as
+   background and seen by the other queries of the branch;
+3. reference = the anchor's box (cx, cy, w, h, normalised), detached;
+   content = a linear map + LayerNorm of its sine embedding
+   (``get_proposal_pos_embed``, 2 * dim features);
 4. the queries see only each other (masked from the main queries both
    ways) and are trained with the head's targets, weight ``loss_weight``
-   (lambda_1 = 1).
+   (lambda_1 = 1): classification of every query, normalised by the number
+   of positives, box losses of the positives.
+
+``zero_padding=True`` is the official ``use_zero_padding`` option: pad with
+masked, zero-weight queries instead of negatives.
 """
 import torch
-from mmdet.models.layers.transformer.utils import (coordinate_to_encoding,
-                                                   inverse_sigmoid)
+from mmdet.models.detectors import DeformableDETR
+from mmdet.models.layers.transformer.utils import inverse_sigmoid
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_xyxy_to_cxcywh
 from mmengine.model import BaseModule
 from torch import nn
 
 from .base import BranchQueries, fixed_target_loss
+
+
+def extra_pyramid_level(embed_dims):
+    """The stride-2 conv + GroupNorm that adds one level on top of the
+    encoder's (official ``CoDINOHead.downsample``)."""
+    return nn.Sequential(
+        nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),
+        nn.GroupNorm(32, embed_dims))
 
 
 def encoder_pyramid(memory, spatial_shapes, extra_level):
@@ -64,6 +78,14 @@ def _check_num_classes(aux_head, num_classes, name):
             'auxiliary heads take it from there.')
 
 
+def _random_subset(indices, count):
+    """``count`` of ``indices`` (1-D) at random, in their order."""
+    if len(indices) <= count:
+        return indices
+    keep = torch.randperm(len(indices), device=indices.device)[:count]
+    return indices[keep.sort().values]
+
+
 @MODELS.register_module()
 class CollaborativeBranch(BaseModule):
     """An auxiliary one-to-many head and its customized positive queries.
@@ -72,90 +94,116 @@ class CollaborativeBranch(BaseModule):
         aux_head (dict): a head from :mod:`..aux_heads` (``num_classes``
             is filled in).
         name (str): branch name and loss-key prefix, e.g. ``'co_atss'``.
-        max_queries (int): most positive queries per image (300).
-        loss_weight (float): weight of the positive queries' losses.
+        max_queries (int): most positive queries per image (official
+            ``max_pos_coords`` = 300).
+        min_queries (int): fewest queries per image (official: 9).
+        zero_padding (bool): pad with masked zero-weight queries instead of
+            negatives (official ``use_zero_padding``, off by default).
+        loss_weight (float): weight of the queries' losses (lambda_1).
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector.
     """
+    uses_encoder_pyramid = True  # the detector passes ``encoder_pyramid``
 
     def __init__(self, aux_head, num_classes, embed_dims,
                  num_matching_queries, name='co', max_queries=300,
-                 loss_weight=1.0):
+                 min_queries=9, zero_padding=False, loss_weight=1.0):
         super().__init__()
+        if not 0 < min_queries <= max_queries:
+            raise ValueError(f'{name}: need 0 < min_queries <= max_queries, '
+                             f'got {min_queries} and {max_queries}')
         self.name = name
         self.max_queries = max_queries
+        self.min_queries = min_queries
+        self.zero_padding = zero_padding
         self.loss_weight = loss_weight
+        self.num_classes = num_classes
         _check_num_classes(aux_head, num_classes, name)
         self.aux_head = MODELS.build(dict(aux_head, num_classes=num_classes))
-        self.extra_level = nn.Sequential(
-            nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),
-            nn.GroupNorm(32, embed_dims))
         self.content = nn.Sequential(nn.Linear(embed_dims * 2, embed_dims),
                                      nn.LayerNorm(embed_dims))
         self.embed_dims = embed_dims
 
-    def make_queries(self, main, batch_data_samples, memory=None,
-                     spatial_shapes=None, **encoder_outputs):
-        """Train the auxiliary head; its positives as queries.
+    def make_queries(self, main, batch_data_samples, encoder_pyramid=None,
+                     **encoder_outputs):
+        """Train the auxiliary head; its positives (and negatives) as
+        queries.
+
+        Args:
+            encoder_pyramid (tuple[Tensor]): (bs, dim, h, w) per level, from
+                the detector (:func:`encoder_pyramid`).
 
         Returns:
-            BranchQueries: (bs, P, dim) queries on the positives' boxes,
-            P = the most positives of an image (at most ``max_queries``);
-            ``meta`` holds the targets and the head's losses.
+            BranchQueries: (bs, P, dim) queries on the candidates' boxes,
+            P = max(min_queries, the most positives of an image, at most
+            ``max_queries``); ``meta`` holds the targets and the head's
+            losses.
         """
-        feats = encoder_pyramid(memory, spatial_shapes, self.extra_level)
-        aux_losses, positives = self.aux_head.loss_and_positives(
-            feats, batch_data_samples)
-        positives = [self._bounded(p) for p in positives]
-        metas = [s.metainfo for s in batch_data_samples]
-        priors, targets, labels, weights = self._padded(positives, metas,
-                                                        memory)
-        sine = coordinate_to_encoding(priors, num_feats=self.embed_dims // 2)
+        if encoder_pyramid is None:
+            raise ValueError(f'{self.name}: the detector passed no '
+                             'encoder_pyramid (is this a QueryBranchDetector?)')
+        aux_losses, candidates = self.aux_head.loss_and_candidates(
+            encoder_pyramid, batch_data_samples)
+        targets = self._queries_targets(
+            candidates, [s.metainfo for s in batch_data_samples],
+            like=encoder_pyramid[0])
+        reference = inverse_sigmoid(targets.pop('priors'))
+        sine = DeformableDETR.get_proposal_pos_embed(
+            reference, num_pos_feats=self.embed_dims // 2)
         return BranchQueries(
-            self.name, self.content(sine), inverse_sigmoid(priors, eps=1e-3),
-            padding=weights == 0,
-            meta=dict(labels=labels, bbox_targets=targets, weights=weights,
-                      aux_losses=aux_losses))
+            self.name, self.content(sine), reference,
+            padding=targets['label_weights'] == 0,
+            meta=dict(targets, aux_losses=aux_losses))
 
-    def _bounded(self, positives):
-        if len(positives) <= self.max_queries:
-            return positives
-        keep = torch.randperm(len(positives), device=positives.labels.device)
-        return positives[keep[:self.max_queries].sort().values]
+    def _choose(self, labels, count):
+        """Indices of an image's positives (at most ``count``) and of the
+        negatives that pad them to ``count`` (fewer if there are not
+        enough)."""
+        positive = labels < self.num_classes
+        pos = _random_subset(positive.nonzero()[:, 0], count)
+        if self.zero_padding:
+            return pos, pos[:0]
+        neg = _random_subset((~positive).nonzero()[:, 0], count - len(pos))
+        return pos, neg
 
-    @staticmethod
-    def _padded(positives, metas, like):
-        """Normalised cxcywh priors and targets, labels and weights, (bs, P,
-        ...), padded with zero-weight entries."""
-        count = max(len(p) for p in positives)
-        bs = len(positives)
+    def _queries_targets(self, candidates, metas, like):
+        """(bs, P, ...) priors and targets (normalised cxcywh, detached),
+        labels (background = ``num_classes``), classification weights (0 at
+        padding) and box weights (1 at positives)."""
+        most = max(int((c.labels < self.num_classes).sum())
+                   for c in candidates)
+        count = max(self.min_queries, min(self.max_queries, most))
+        bs = len(candidates)
         priors = like.new_full((bs, count, 4), 0.5)
-        targets = like.new_full((bs, count, 4), 0.5)
-        labels = torch.zeros(bs, count, dtype=torch.long, device=like.device)
-        weights = like.new_zeros(bs, count)
-        for i, (pos, meta) in enumerate(zip(positives, metas)):
+        boxes = like.new_full((bs, count, 4), 0.5)
+        labels = torch.full((bs, count), self.num_classes, dtype=torch.long,
+                            device=like.device)
+        label_weights = like.new_zeros(bs, count)
+        bbox_weights = like.new_zeros(bs, count)
+        for i, (cand, meta) in enumerate(zip(candidates, metas)):
+            pos, neg = self._choose(cand.labels, count)
+            chosen = torch.cat([pos, neg])
+            n = len(chosen)
             h, w = meta['img_shape'][:2]
             scale = like.new_tensor([w, h, w, h])
-            n = len(pos)
-            priors[i, :n] = (bbox_xyxy_to_cxcywh(pos.priors) / scale).clamp(
-                1e-3, 1 - 1e-3)
-            targets[i, :n] = bbox_xyxy_to_cxcywh(pos.bboxes) / scale
-            labels[i, :n] = pos.labels
-            weights[i, :n] = 1.0
-        return priors.detach(), targets.detach(), labels, weights
+            priors[i, :n] = bbox_xyxy_to_cxcywh(cand.priors[chosen]) / scale
+            boxes[i, :n] = bbox_xyxy_to_cxcywh(cand.bboxes[chosen]) / scale
+            labels[i, :n] = cand.labels[chosen]
+            label_weights[i, :n] = 1.0
+            bbox_weights[i, :len(pos)] = 1.0
+        return dict(priors=priors.detach(), bbox_targets=boxes.detach(),
+                    labels=labels, label_weights=label_weights,
+                    bbox_weights=bbox_weights)
 
     def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
-        """The head's losses plus the positive queries' fixed-target loss."""
+        """The head's losses plus the queries' fixed-target loss."""
         meta = queries.meta
         losses = {f'{self.name}.{key}': value
                   for key, value in meta['aux_losses'].items()}
         # computed even without queries: its normaliser is a collective
         losses.update(fixed_target_loss(
             head, f'{self.name}_', cls_scores, bbox_preds, meta['labels'],
-            meta['bbox_targets'], meta['weights'],
-            [s.metainfo for s in batch_data_samples], self.loss_weight))
-        if queries.num_queries == 0:  # keep the content map in the graph
-            key = f'{self.name}_loss_cls'
-            losses[key] = losses[key] + sum(
-                p.sum() for p in self.content.parameters()) * 0.0
+            meta['bbox_targets'], meta['label_weights'],
+            [s.metainfo for s in batch_data_samples], self.loss_weight,
+            bbox_weights=meta['bbox_weights']))
         return losses

@@ -52,12 +52,17 @@ class DINOPlus(QueryBranchDetector, DINO):
     decoder_type = DinoDecoderPlus
 
     def __init__(self, *args, dn_cfg=None, branches=(),
-                 dense_self_attn_mask=False, **kwargs):
+                 dense_self_attn_mask=False, content_init='xavier_uniform',
+                 **kwargs):
+        if content_init not in ('xavier_uniform', 'normal'):
+            raise ValueError("content_init must be 'xavier_uniform' or "
+                             f"'normal', got {content_init!r}")
         # mmdet's DINO.__init__ requires dn_cfg; build the rest like it does.
         DeformableDETR.__init__(self, *args, **kwargs)
         if not (self.as_two_stage and self.with_box_refine):
             raise ValueError('DINO needs as_two_stage=True and '
                              'with_box_refine=True')
+        self.content_init = content_init
         self.dn_cfg = None if dn_cfg is None else dict(dn_cfg)
         self.dn_query_generator = None
         if dn_cfg is not None:
@@ -81,14 +86,19 @@ class DINOPlus(QueryBranchDetector, DINO):
         self.memory_trans_norm = nn.LayerNorm(self.embed_dims)
 
     def init_weights(self):
-        """mmdet's, then the branches' content like the main content."""
+        """mmdet's, then the content queries per ``content_init`` and the
+        branches' content like the main content."""
         super().init_weights()
+        if self.content_init == 'normal':
+            nn.init.normal_(self.query_embedding.weight)
         self.init_branch_contents()
 
     def init_content(self, weight):
-        """mmdet's DINO initialises the (N, dim) content table with
-        xavier-uniform; a branch's table gets that same distribution,
-        whatever its number of rows."""
+        """A branch's table gets the main content's distribution, whatever
+        its number of rows (xavier-uniform: that of the (N, dim) table)."""
+        if self.content_init == 'normal':
+            nn.init.normal_(weight)
+            return
         bound = (6.0 / (self.num_queries + self.embed_dims)) ** 0.5
         nn.init.uniform_(weight, -bound, bound)
 

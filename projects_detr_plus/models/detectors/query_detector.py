@@ -23,13 +23,21 @@ What a detector defines (DINO and Deformable DETR differ only there):
   ``main_decoder_loss(...)`` (defaults: DINO's);
 * ``init_content(weight)``: initialises a branch's content table the way
   the main content queries are initialised.
+
+Branches that train heads on the encoder output as a feature pyramid
+(Co-DETR's, ``uses_encoder_pyramid``) share one extra stride-2 level,
+``encoder_extra_level``, and get ``encoder_pyramid`` among their inputs.
+At test time ``test_cfg.nms`` (e.g. official Co-DINO's soft-NMS) and
+``test_cfg.score_thr`` filter the predictions.
 """
+from mmcv.ops import batched_nms
 from mmdet.registry import MODELS
 from mmengine.model import ModuleList
 
 from ..branches import (MAIN, BranchQueries, branch_layers,
                         branch_predictions, concat_branches, matched_set_loss,
                         split_branches)
+from ..branches.collaborative import encoder_pyramid, extra_pyramid_level
 from ..finetune import drop_class_dependent_mismatches
 
 
@@ -54,6 +62,9 @@ class QueryBranchDetector:
         self.extra_branches = ModuleList(
             MODELS.build(self._branch_args(cfg)) for cfg in branches)
         self._check_branch_names()
+        if any(getattr(b, 'uses_encoder_pyramid', False)
+               for b in self.extra_branches):
+            self.encoder_extra_level = extra_pyramid_level(self.embed_dims)
         self.dense_self_attn_mask = dense_self_attn_mask
         self.register_load_state_dict_pre_hook(
             drop_class_dependent_mismatches)
@@ -161,7 +172,11 @@ class QueryBranchDetector:
             memory, memory_mask, spatial_shapes)
         enc_class = head.cls_branches[num_layers](enc_memory)
         enc_coord = head.reg_branches[num_layers](enc_memory) + enc_anchors
-        return dict(memory=memory, memory_mask=memory_mask,
+        more = {}
+        if self.training and hasattr(self, 'encoder_extra_level'):
+            more['encoder_pyramid'] = encoder_pyramid(
+                memory, spatial_shapes, self.encoder_extra_level)
+        return dict(memory=memory, memory_mask=memory_mask, **more,
                     spatial_shapes=spatial_shapes, enc_class=enc_class,
                     enc_coord_unact=enc_coord,
                     enc_score=self.proposal_score(enc_class),
@@ -208,17 +223,37 @@ class QueryBranchDetector:
         return dict(hidden_states=hidden_states, references=list(references))
 
     def predict(self, batch_inputs, batch_data_samples, rescale=True):
-        """mmdet's predictions, without those scoring at most
-        ``test_cfg.score_thr`` (default 0: all ``max_per_img`` kept, as
-        mmdet; COCO mAP wants them all, deployment usually does not)."""
+        """mmdet's predictions (the top ``max_per_img`` (query, class)
+        pairs), then, as the official Co-DINO:
+
+        * without those scoring at most ``test_cfg.score_thr`` (default 0:
+          all kept, as mmdet; COCO mAP wants them all, deployment usually
+          does not);
+        * ``test_cfg.nms`` (default none, NMS-free): an mmcv
+          ``batched_nms`` config (per class), e.g. ``dict(type='soft_nms',
+          iou_threshold=0.8)``; scores become the NMS's (soft-NMS decays
+          them), at most ``max_per_img`` kept.
+        """
         samples = super().predict(batch_inputs, batch_data_samples, rescale)
-        threshold = (self.test_cfg or {}).get('score_thr', 0.0)
-        if threshold > 0:
-            for sample in samples:
-                instances = sample.pred_instances
-                sample.pred_instances = instances[instances.scores >
-                                                  threshold]
+        test_cfg = self.test_cfg or {}
+        threshold = test_cfg.get('score_thr', 0.0)
+        for sample in samples:
+            instances = sample.pred_instances
+            if threshold > 0:
+                instances = instances[instances.scores > threshold]
+            if test_cfg.get('nms') and len(instances):
+                instances = self._nms(instances, test_cfg)
+            sample.pred_instances = instances
         return samples
+
+    @staticmethod
+    def _nms(instances, test_cfg):
+        """``test_cfg.nms`` on (n, ) predictions, best first."""
+        dets, keep = batched_nms(instances.bboxes, instances.scores,
+                                 instances.labels, dict(test_cfg['nms']))
+        instances = instances[keep]
+        instances.scores = dets[:, -1]
+        return instances[:test_cfg.get('max_per_img', len(instances))]
 
     def loss(self, batch_inputs, batch_data_samples):
         """Losses of the main branch, the encoder proposals and each branch."""

@@ -42,14 +42,23 @@ def _norms(norm_cfg, embed_dims, count):
         [build_norm_layer(norm_cfg, embed_dims)[1] for _ in range(count)])
 
 
-class DeformableEncoderLayerPlus(DeformableDetrTransformerEncoderLayer):
-    """Encoder layer: deformable self-attention (from config) + FFN.
-
-    ``with_cp`` (set by the encoder's ``num_cp``): in training, keep only
-    the layer's input and recompute its activations in the backward pass
-    (``torch.utils.checkpoint``): less memory, one more forward.
-    """
+class CheckpointedLayer:
+    """Mixin: with ``with_cp`` (set by the encoder's / decoder's
+    ``num_cp``), in training, keep only the layer's inputs and recompute
+    its activations in the backward pass (``torch.utils.checkpoint``): less
+    memory, one more forward, same values and gradients."""
     with_cp = False
+
+    def __call__(self, *args, **kwargs):
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False,
+                              **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class DeformableEncoderLayerPlus(CheckpointedLayer,
+                                 DeformableDetrTransformerEncoderLayer):
+    """Encoder layer: deformable self-attention (from config) + FFN."""
 
     def _init_layers(self):
         self.self_attn = build_deformable_attention(self.self_attn_cfg)
@@ -57,14 +66,9 @@ class DeformableEncoderLayerPlus(DeformableDetrTransformerEncoderLayer):
         self.ffn = FFN(**self.ffn_cfg)
         self.norms = _norms(self.norm_cfg, self.embed_dims, 2)
 
-    def forward(self, *args, **kwargs):
-        if self.with_cp and self.training and torch.is_grad_enabled():
-            return checkpoint(super().forward, *args, use_reentrant=False,
-                              **kwargs)
-        return super().forward(*args, **kwargs)
 
-
-class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
+class DeformableDecoderLayerPlus(CheckpointedLayer,
+                                 DeformableDetrTransformerDecoderLayer):
     """Decoder layer: self-attention, deformable cross-attention, FFN."""
 
     def _init_layers(self):
@@ -91,10 +95,11 @@ class DeformableDecoderLayerPlus(DeformableDetrTransformerDecoderLayer):
         return self.norms[2](self.ffn(query))
 
 
-def _stack(layer_type, layer_cfg, num_layers, num_cp=0):
+def _stack(layer_type, layer_cfg, num_layers, num_cp=-1):
     """``num_layers`` layers; the first ``num_cp`` with activation
-    checkpointing (mmdet's ``num_cp``, through torch instead of fairscale;
-    same state-dict keys; <= 0, mmdet's default -1: none)."""
+    checkpointing (mmdet's encoder ``num_cp``, official Co-DETR's
+    ``with_cp``, through torch instead of fairscale; same state-dict keys;
+    <= 0, mmdet's default -1: none)."""
     if num_cp > num_layers:
         raise ValueError(f'num_cp ({num_cp}) is more than the {num_layers} '
                          'layers')
@@ -130,16 +135,20 @@ class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
             refinement of layer i - 1 (DINO; H-Deformable-DETR's
             ``--look_forward_twice``).  The boxes fed to the next layer are
             detached either way.  False: mmdet's Deformable DETR.
+        num_cp (int): the first ``num_cp`` layers train with activation
+            checkpointing (as the encoder's; <= 0: none).
         **kwargs: as mmdet's ``DeformableDetrTransformerDecoder``.
     """
 
-    def __init__(self, *args, look_forward_twice=False, **kwargs):
+    def __init__(self, *args, look_forward_twice=False, num_cp=-1,
+                 **kwargs):
         self.look_forward_twice = look_forward_twice
+        self.num_cp = num_cp
         super().__init__(*args, **kwargs)
 
     def _init_layers(self):
         self.layers = _stack(DeformableDecoderLayerPlus, self.layer_cfg,
-                             self.num_layers)
+                             self.num_layers, self.num_cp)
         self.embed_dims = self.layers[0].embed_dims
         if self.post_norm_cfg is not None:
             raise ValueError('There is no post_norm in '
@@ -202,12 +211,18 @@ def _refine(delta, reference_points):
 class DinoDecoderPlus(DinoTransformerDecoder):
     """DINO decoder: look-forward-twice box refinement at any ``embed_dims``.
 
-    Same parameters and outputs as mmdet's ``DinoTransformerDecoder``.
+    Same parameters and outputs as mmdet's ``DinoTransformerDecoder``;
+    ``num_cp``: the first ``num_cp`` layers train with activation
+    checkpointing (<= 0: none).
     """
+
+    def __init__(self, *args, num_cp=-1, **kwargs):
+        self.num_cp = num_cp
+        super().__init__(*args, **kwargs)
 
     def _init_layers(self):
         self.layers = _stack(DeformableDecoderLayerPlus, self.layer_cfg,
-                             self.num_layers)
+                             self.num_layers, self.num_cp)
         self.embed_dims = self.layers[0].embed_dims
         self.ref_point_head = MLP(self.embed_dims * 2, self.embed_dims,
                                   self.embed_dims, 2)

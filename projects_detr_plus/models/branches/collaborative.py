@@ -141,7 +141,7 @@ class CollaborativeBranch(BaseModule):
         """
         if encoder_pyramid is None:
             raise ValueError(f'{self.name}: the detector passed no '
-                             'encoder_pyramid (is this a QueryBranchDetector?)')
+                             'encoder_pyramid (not a QueryBranchDetector?)')
         aux_losses, candidates = self.aux_head.loss_and_candidates(
             encoder_pyramid, batch_data_samples)
         targets = self._queries_targets(

@@ -7,8 +7,9 @@ import torch
 from mmengine.config import Config
 
 from conftest import REPO_ROOT
-from detr_testing import (build, decode, dino_cfg, losses_with_seed,
-                          make_batch, parameters_without_grad, predict)
+from detr_testing import (build, decode, deformable_detr_cfg, dino_cfg,
+                          losses_with_seed, make_batch,
+                          parameters_without_grad, predict)
 
 SHAPES = Config.fromfile(osp.join(REPO_ROOT,
                                   'configs/shapes/co-dino-tiny_shapes.py'))
@@ -400,3 +401,92 @@ def test_content_init_option():
     assert content('xavier_uniform').abs().max() < 0.5
     with pytest.raises(ValueError, match='content_init'):
         content('uniform')
+
+
+# Co-Deformable-DETR: the same heads at the tiny Deformable DETR's width
+def _at_width(cfg, dims):
+    if isinstance(cfg, dict):
+        return {k: dims if k in ('in_channels', 'feat_channels',
+                                 'out_channels') else _at_width(v, dims)
+                for k, v in cfg.items()}
+    return cfg
+
+
+CO_DEFORMABLE = dict(type='CollaborativeBranch', own_query_pos=True,
+                     coord_feat=True, head_embedding='scalar')
+
+
+def co_deformable_detr(branches=('rcnn', 'atss'), seed=0):
+    heads = dict(rcnn=SHAPES.rcnn_head.to_dict(),
+                 atss=SHAPES.atss_head.to_dict())
+    torch.manual_seed(seed)
+    model = build(deformable_detr_cfg(
+        refine=True, two_stage=True, mixed_selection=True,
+        look_forward_twice=True, branches=[
+            dict(CO_DEFORMABLE, name=f'co_{b}',
+                 aux_head=_at_width(heads[b], 256)) for b in branches]))
+    model.train()
+    return model
+
+
+def _states(model, inputs, samples):
+    out = decode(model, inputs, samples)
+    sizes = [p.num_queries for p in out['branch_queries']]
+    return out['hidden_states'], sizes
+
+
+@pytest.mark.parametrize('perturbed', [
+    'content.0.weight', 'feat_proj.0.weight', 'head_embedding'])
+def test_co_deformable_queries_use_position_feature_and_head_embedding(
+        perturbed):
+    """Each part of the official query construction reaches the decoder
+    (the head embedding only through the queries' own ``query_pos``), and
+    never the main queries."""
+    model = co_deformable_detr(branches=('atss', ))
+    inputs, samples = make_batch(num_gts=(3, 6), size=128)
+    clean, sizes = _states(model, inputs, samples)
+    with torch.no_grad():
+        param = dict(model.extra_branches[0].named_parameters())[perturbed]
+        param.add_(torch.randn_like(param))
+    noisy, _ = _states(model, inputs, samples)
+    main = sizes[0]
+    assert torch.equal(clean[:, :, :main], noisy[:, :, :main])
+    assert not torch.allclose(clean[:, :, main:], noisy[:, :, main:])
+
+
+def test_co_deformable_detr_trains_every_part_and_predicts_like_its_base():
+    model = co_deformable_detr()
+    model.zero_grad(set_to_none=True)
+    losses = losses_with_seed(model, *make_batch(num_gts=(3, 0), size=128))
+    for name in ('co_rcnn', 'co_atss'):
+        for key in ('loss_cls', 'loss_bbox', 'loss_iou'):
+            assert torch.isfinite(losses[f'{name}_{key}'])
+            assert losses[f'{name}_{key}'] > 0
+    model.parse_losses(losses)[0].backward()
+    assert not parameters_without_grad(model)
+    plain = build(deformable_detr_cfg(refine=True, two_stage=True,
+                                      mixed_selection=True,
+                                      look_forward_twice=True))
+    missing, unexpected = plain.load_state_dict(model.state_dict(),
+                                                strict=False)
+    assert not missing and unexpected and all(
+        k.startswith(('extra_branches.', 'encoder_extra_level.'))
+        for k in unexpected)
+    inputs, samples = make_batch(seed=3, size=128)
+    for a, b in zip(predict(model, inputs, samples),
+                    predict(plain, inputs, samples)):
+        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
+        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
+
+
+def test_co_deformable_options_are_checked():
+    with pytest.raises(ValueError, match='set own_query_pos'):
+        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                 head_embedding='scalar'), ))
+    with pytest.raises(ValueError, match="head_embedding must be"):
+        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                 own_query_pos=True, head_embedding='x'), ))
+    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
+                                     own_query_pos=True), ))
+    with pytest.raises(ValueError, match='bring query_pos'):
+        losses_with_seed(model, *make_batch(size=128))

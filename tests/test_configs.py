@@ -84,7 +84,8 @@ def test_every_config_is_covered():
                for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
     coco = {p for p in shipped if not p.startswith('shapes/')}
     assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
-        H_DEFORMABLE_DETR, FINETUNE_EXAMPLE}
+        H_DEFORMABLE_DETR, FINETUNE_EXAMPLE, CO_DEFORMABLE_DETR,
+        CO_DINO_SWIN_L}
 
 
 def test_finetune_example_sets_classes_everywhere():
@@ -222,6 +223,65 @@ CO_DINO_OFFICIAL = {
     'model.branches.1.loss_weight': 1.0,
 }
 
+CO_DINO_SWIN_L = 'co_detr/co-dino-5scale_swin-l_16xb1-12e_coco.py'
+CO_DEFORMABLE_DETR = \
+    'co_detr/co-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
+# resolved config key -> the official value (Sense-X/Co-DETR
+# projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py and
+# CoDeformDETRHead / CoDeformableDetrTransformer defaults)
+CO_DEFORMABLE_DETR_OFFICIAL = {
+    'model.num_queries': 300,
+    'model.num_feature_levels': 4,
+    'model.with_box_refine': True,
+    'model.as_two_stage': True,
+    'model.mixed_selection': True,
+    'model.decoder.look_forward_twice': True,
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.encoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
+    'model.decoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
+    'model.encoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.cross_attn_cfg.dropout': 0.0,
+    'model.positional_encoding.offset': -0.5,
+    'model.bbox_head.sync_cls_avg_factor': True,
+    'model.bbox_head.loss_cls.type': 'FocalLoss',
+    'model.bbox_head.loss_cls.loss_weight': 2.0,
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,
+    'model.bbox_head.loss_iou.loss_weight': 2.0,
+    'model.test_cfg.max_per_img': 100,
+    'model.branches.0.name': 'co_rcnn',
+    'model.branches.1.name': 'co_atss',
+    'model.branches.0.aux_head.rpn_head.anchor_generator.strides':
+    [8, 16, 32, 64, 128],
+    'model.branches.0.aux_head.rpn_head.anchor_generator.scales_per_octave':
+    3,
+    'model.branches.0.aux_head.roi_head.bbox_roi_extractor.featmap_strides':
+    [8, 16, 32, 64],
+    'model.branches.0.aux_head.roi_head.bbox_roi_extractor.finest_scale': 112,
+    'model.branches.0.aux_head.roi_head.bbox_head.loss_bbox.loss_weight':
+    120.0,
+    'model.branches.1.aux_head.anchor_generator.strides':
+    [8, 16, 32, 64, 128],
+    'model.branches.1.aux_head.loss_bbox.loss_weight': 24.0,
+    'model.branches.0.own_query_pos': True,
+    'model.branches.0.coord_feat': True,
+    'model.branches.0.head_embedding': 'scalar',
+    'model.branches.1.head_embedding_init': 0.0,
+    'model.branches.0.min_queries': 9,
+    'model.branches.0.max_queries': 300,
+    'model.branches.0.loss_weight': 1.0,
+    'optim_wrapper.optimizer.lr': 2e-4,
+    'optim_wrapper.optimizer.weight_decay': 1e-4,
+    'optim_wrapper.clip_grad.max_norm': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.reference_points.lr_mult': 0.1,
+    'train_cfg.max_epochs': 12,
+    'param_scheduler.0.milestones': [11],
+    'train_dataloader.batch_size': 2,
+}
+
 
 def _resolve(cfg, dotted):
     node = cfg
@@ -240,6 +300,41 @@ def test_co_dino_config_has_official_values():
     assert not any(hasattr(b, 'extra_level') for b in model.extra_branches)
     rpn = model.extra_branches[0].aux_head.rpn_head
     assert rpn.prior_generator.num_base_priors == [9] * 6
+
+
+def test_co_dino_swin_l_is_the_r50_recipe_on_mmdet_dino_swin_l_backbone():
+    """Official co_dino_5scale_swin_l_16xb1_1x_coco.py: the R50 Co-DINO
+    with mmdet's Swin-L (as in mmdet's DINO Swin-L), encoder with_cp=6,
+    1 image per GPU."""
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DINO_SWIN_L))
+    r50 = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DINO))
+    assert cfg.model.encoder.num_cp == 6
+    assert cfg.train_dataloader.batch_size == 1
+    for key in CO_DINO_OFFICIAL:
+        if not key.startswith(('model.encoder.num_cp',
+                               'train_dataloader.batch_size')):
+            assert _resolve(cfg, key) == _resolve(r50, key), key
+    model = _build_model(cfg)
+    dino = _build_model(Config.fromfile(osp.join(
+        REPO_ROOT, 'configs/dino/dino-5scale_swin-l_8xb2-12e_coco.py')))
+    ours = {k: v for k, v in _shapes(model).items()
+            if k.startswith(('backbone.', 'neck.'))}
+    assert ours == {k: v for k, v in _shapes(dino).items()
+                    if k.startswith(('backbone.', 'neck.'))}
+
+
+def test_co_deformable_detr_config_has_official_values():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DEFORMABLE_DETR))
+    wrong = {key: _resolve(cfg, key)
+             for key, value in CO_DEFORMABLE_DETR_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    assert type(model).__name__ == 'DeformableDETRPlus'
+    rcnn, atss = model.extra_branches
+    assert rcnn.content[0].out_features == 512  # aux_pos_trans: 2 x 256
+    assert atss.head_embedding.item() == 0.0
+    assert rcnn.feat_proj[0].in_features == 256
 
 
 def test_h_deformable_detr_config_has_official_values():

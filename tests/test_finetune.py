@@ -63,19 +63,19 @@ def test_only_class_count_changes_are_dropped():
 def test_co_dino_inconsistent_num_classes_names_each_place():
     cfg = Config.fromfile(osp.join(REPO_ROOT,
                                    'configs/shapes/co-dino-tiny_shapes.py'))
-    cfg.model.branches[0].aux_head.num_classes = 80
-    cfg.model.branches[1].aux_head.roi_head.bbox_head.num_classes = 80
+    rcnn, atss = cfg.model.branches  # the official order
+    atss.aux_head.num_classes = 80
+    rcnn.aux_head.roi_head.bbox_head.num_classes = 80
     with pytest.raises(ValueError) as error:
         build(cfg.model)
     message = str(error.value)
     assert 'bbox_head.num_classes=6' in message
-    assert 'co_atss.aux_head.num_classes=80' in message
-    build_rcnn = copy.deepcopy(cfg.model)
-    build_rcnn.branches[0].aux_head.pop('num_classes')
+    assert 'co_rcnn.aux_head.roi_head.bbox_head.num_classes=80' in message
+    build_atss = copy.deepcopy(cfg.model)
+    build_atss.branches[0].aux_head.roi_head.bbox_head.pop('num_classes')
     with pytest.raises(ValueError,
-                       match='co_rcnn.aux_head.roi_head.bbox_head.num_'
-                       'classes=80'):
-        build(build_rcnn)
+                       match='co_atss.aux_head.num_classes=80'):
+        build(build_atss)
 
 
 def test_score_threshold_at_test():

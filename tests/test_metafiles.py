@@ -7,7 +7,8 @@ import yaml
 from conftest import REPO_ROOT
 
 # partial configs that other configs inherit, not models
-BASES = {'configs/shapes/shapes_runtime.py', 'configs/shapes/tiny_backbone.py'}
+BASES = {'configs/shapes/shapes_runtime.py', 'configs/shapes/tiny_backbone.py',
+         'configs/shapes/co_detr_aux_heads.py'}
 
 
 def _metafiles():

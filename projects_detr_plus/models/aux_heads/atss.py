@@ -11,7 +11,8 @@ class CoATSSHead(ATSSHead):
     nearest each box, kept when their IoU exceeds mean + std) whose anchors
     also become decoder queries."""
 
-    def loss_and_candidates(self, feats, batch_data_samples):
+    def loss_and_candidates(self, feats, batch_data_samples,
+                            with_feats=False):
         """Losses of the head and, per image, every anchor with its target.
 
         The targets are computed a second time (mmdet's ``loss_by_feat``
@@ -24,11 +25,14 @@ class CoATSSHead(ATSSHead):
         metas = [s.metainfo for s in batch_data_samples]
         outs = self(feats)
         losses = self.loss_by_feat(*outs, gts, metas)
-        return losses, self.candidates(outs[1], gts, metas)
+        return losses, self.candidates(outs[1], gts, metas,
+                                       feats if with_feats else None)
 
-    def candidates(self, bbox_preds, batch_gt_instances, batch_img_metas):
+    def candidates(self, bbox_preds, batch_gt_instances, batch_img_metas,
+                   feats=None):
         """Per image: all anchors, their labels (background =
-        ``num_classes``) and gt boxes."""
+        ``num_classes``), gt boxes and, given the pyramid ``feats``, the
+        features at their locations."""
         sizes = [p.shape[-2:] for p in bbox_preds]
         anchors, valid = self.get_anchors(sizes, batch_img_metas,
                                           device=bbox_preds[0].device)
@@ -39,5 +43,25 @@ class CoATSSHead(ATSSHead):
                                     for x in (anchors, labels, targets))
         if not self.reg_decoded_bbox:
             targets = self.bbox_coder.decode(anchors, targets)
-        return [InstanceData(priors=a, bboxes=t, labels=lab)
-                for a, t, lab in zip(anchors, targets, labels)]
+        result = [InstanceData(priors=a, bboxes=t, labels=lab)
+                  for a, t, lab in zip(anchors, targets, labels)]
+        if feats is not None:
+            located = features_at_priors(
+                feats, self.prior_generator.num_base_priors)
+            for candidates, img_feats in zip(result, located):
+                candidates.feats = img_feats
+        return result
+
+
+def features_at_priors(feats, priors_per_location):
+    """(bs, A, dim): each prior's feature, for the priors of mmdet's
+    generators (level by level, row-major, the priors of one location
+    consecutive).
+
+    Args:
+        feats (tuple[Tensor]): (bs, dim, h, w) per level.
+        priors_per_location (list[int]): per level.
+    """
+    return torch.cat([
+        level.flatten(2).transpose(1, 2).repeat_interleave(count, dim=1)
+        for level, count in zip(feats, priors_per_location)], dim=1)

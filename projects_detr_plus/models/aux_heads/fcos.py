@@ -4,6 +4,8 @@ from mmdet.models.dense_heads import FCOSHead
 from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 
+from .atss import features_at_priors
+
 
 @MODELS.register_module()
 class CoFCOSHead(FCOSHead):
@@ -23,18 +25,21 @@ class CoFCOSHead(FCOSHead):
         super().__init__(*args, **kwargs)
         self.prior_scale = prior_scale
 
-    def loss_and_candidates(self, feats, batch_data_samples):
+    def loss_and_candidates(self, feats, batch_data_samples,
+                            with_feats=False):
         """Losses of the head and, per image, every point with its
         target."""
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
         outs = self(feats)
         losses = self.loss_by_feat(*outs, gts, metas)
-        return losses, self.candidates(outs[0], gts)
+        return losses, self.candidates(outs[0], gts,
+                                       feats if with_feats else None)
 
-    def candidates(self, cls_scores, batch_gt_instances):
-        """Per image: point boxes, their gt boxes (xyxy) and labels
-        (background = ``num_classes``)."""
+    def candidates(self, cls_scores, batch_gt_instances, feats=None):
+        """Per image: point boxes, their gt boxes (xyxy), labels
+        (background = ``num_classes``) and, given the pyramid ``feats``,
+        the features at the points."""
         sizes = [c.shape[-2:] for c in cls_scores]
         if len(sizes) != len(self.strides):
             raise ValueError(f'CoFCOSHead has {len(self.strides)} strides for '
@@ -58,5 +63,10 @@ class CoFCOSHead(FCOSHead):
                 torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], -1),
                 labels[level].reshape(num_imgs, -1)))
         priors, boxes, labels = (torch.cat(x, 1) for x in zip(*per_level))
-        return [InstanceData(priors=p, bboxes=b, labels=lab)
-                for p, b, lab in zip(priors, boxes, labels)]
+        result = [InstanceData(priors=p, bboxes=b, labels=lab)
+                  for p, b, lab in zip(priors, boxes, labels)]
+        if feats is not None:
+            located = features_at_priors(feats, [1] * len(feats))
+            for candidates, img_feats in zip(result, located):
+                candidates.feats = img_feats
+        return result

@@ -18,8 +18,9 @@ class CoStandardRoIHead(StandardRoIHead):
         """As ``StandardRoIHead.loss`` (boxes only), plus the samples.
 
         Returns:
-            tuple[dict, list[SamplingResult]]: losses and, per image, the
-            sampled proposals with their assigned targets.
+            tuple: losses, per image the sampled proposals with their
+            assigned targets (``SamplingResult``) and their RoI features
+            averaged over the bins, (num_sampled, dim).
         """
         samples = []
         for feats_index, (proposals, data_sample) in enumerate(
@@ -30,7 +31,10 @@ class CoStandardRoIHead(StandardRoIHead):
             samples.append(self.bbox_sampler.sample(
                 assign, proposals, data_sample.gt_instances,
                 feats=[lvl[feats_index][None] for lvl in x]))
-        return self.bbox_loss(x, samples)['loss_bbox'], samples
+        results = self.bbox_loss(x, samples)
+        mean_feats = results['bbox_feats'].mean((-2, -1))
+        return results['loss_bbox'], samples, mean_feats.split(
+            [len(s.priors) for s in samples])
 
 
 @MODELS.register_module()
@@ -58,7 +62,8 @@ class CoRCNNHead(BaseModule):
         self.proposal_cfg = train_cfg['rpn_proposal']
         self.num_classes = self.roi_head.bbox_head.num_classes
 
-    def loss_and_candidates(self, feats, batch_data_samples):
+    def loss_and_candidates(self, feats, batch_data_samples,
+                            with_feats=False):
         """RPN and RoI losses and, per image, the sampled proposals (the
         official Co-DETR's candidates: positives first, then negatives).
 
@@ -67,8 +72,12 @@ class CoRCNNHead(BaseModule):
         """
         device_type = feats[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._loss_and_candidates(
+            losses, candidates = self._loss_and_candidates(
                 tuple(f.float() for f in feats), batch_data_samples)
+        if not with_feats:
+            for c in candidates:
+                del c.feats
+        return losses, candidates
 
     def _loss_and_candidates(self, feats, batch_data_samples):
         rpn_samples = copy.deepcopy(batch_data_samples)
@@ -81,17 +90,19 @@ class CoRCNNHead(BaseModule):
         roi_feats = feats[:self.roi_head.bbox_roi_extractor.num_inputs]
         for proposal in proposals:
             proposal.bboxes = proposal.bboxes.detach()
-        roi_losses, samples = self.roi_head.loss_and_samples(
+        roi_losses, samples, feats = self.roi_head.loss_and_samples(
             roi_feats, proposals, batch_data_samples)
         return dict(**rpn_losses, **roi_losses), [
-            self._sampled(s) for s in samples]
+            self._sampled(s, f) for s, f in zip(samples, feats)]
 
-    def _sampled(self, sample):
-        """A ``SamplingResult`` as candidates; negatives get label
-        ``num_classes`` and their own box as target."""
+    def _sampled(self, sample, feats):
+        """A ``SamplingResult`` and its (n, dim) RoI features as
+        candidates; negatives get label ``num_classes`` and their own box
+        as target."""
         negatives = sample.pos_gt_labels.new_full(
             (len(sample.neg_priors), ), self.num_classes)
         labels = torch.cat([sample.pos_gt_labels, negatives])
         bboxes = torch.cat([sample.pos_gt_bboxes, sample.neg_priors])
         return InstanceData(priors=sample.priors.detach(),
-                            bboxes=bboxes.detach(), labels=labels)
+                            bboxes=bboxes.detach(), labels=labels,
+                            feats=feats)

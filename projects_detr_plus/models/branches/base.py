@@ -71,6 +71,10 @@ class BranchQueries:
             class and one box-refinement module per decoder layer that
             predict for this branch (DDQ's dense queries have their own);
             None: the detection head's.
+        query_pos (Tensor | None): (bs, n, embed_dims) positional queries
+            of their own, for detectors whose decoder takes ``query_pos``
+            (Co-Deformable-DETR's customized queries); None: the
+            detector's, derived from ``reference``.
     """
     name: str
     query: Tensor
@@ -81,6 +85,7 @@ class BranchQueries:
     padding: Optional[Tensor] = None
     meta: dict = field(default_factory=dict)
     predictors: Optional[tuple] = None
+    query_pos: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.num_queries % self.num_groups:

@@ -29,6 +29,14 @@ Sense-X/Co-DETR and mmdet's ``projects/CO-DETR``):
 
 ``zero_padding=True`` is the official ``use_zero_padding`` option: pad with
 masked, zero-weight queries instead of negatives.
+
+Co-Deformable-DETR builds its queries differently (official
+``CoDeformableDetrTransformer.forward_aux``): the linear map gives
+``2 * dim`` features split into positional and content query
+(``own_query_pos``, as Deformable DETR's two-stage ``pos_trans``), the
+content adds a linear map + LayerNorm of the candidate's feature
+(``coord_feat``) and the positional query a learnable per-head embedding
+(``head_embedding``).
 """
 import torch
 from mmdet.models.detectors import DeformableDETR
@@ -100,6 +108,18 @@ class CollaborativeBranch(BaseModule):
         zero_padding (bool): pad with masked zero-weight queries instead of
             negatives (official ``use_zero_padding``, off by default).
         loss_weight (float): weight of the queries' losses (lambda_1).
+        own_query_pos (bool): the queries bring their positional query
+            (Co-Deformable-DETR; the detector must take ``query_pos``).
+        coord_feat (bool): add the candidate's feature to the content
+            (official ``with_coord_feat``: Co-Deformable-DETR).
+        head_embedding (str, optional): ``'scalar'``: one learnable number
+            added to the positional queries (Co-Deformable-DETR's R50
+            ``head_pos_embed``, a ``(num_heads, 1)`` table the authors
+            keep "for reproducing our results"); ``'vector'``: one
+            ``dim``-vector (the fix they suggest); None.
+        head_embedding_init (float, optional): its initial value; None:
+            N(0, 1) (official: N(0, 1) for the first head, 0 for the second,
+            the table's ``padding_idx``).
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector.
     """
@@ -107,11 +127,19 @@ class CollaborativeBranch(BaseModule):
 
     def __init__(self, aux_head, num_classes, embed_dims,
                  num_matching_queries, name='co', max_queries=300,
-                 min_queries=9, zero_padding=False, loss_weight=1.0):
+                 min_queries=9, zero_padding=False, loss_weight=1.0,
+                 own_query_pos=False, coord_feat=False, head_embedding=None,
+                 head_embedding_init=None):
         super().__init__()
         if not 0 < min_queries <= max_queries:
             raise ValueError(f'{name}: need 0 < min_queries <= max_queries, '
                              f'got {min_queries} and {max_queries}')
+        if head_embedding not in (None, 'scalar', 'vector'):
+            raise ValueError(f"{name}: head_embedding must be None, 'scalar' "
+                             f"or 'vector', got {head_embedding!r}")
+        if head_embedding and not own_query_pos:
+            raise ValueError(f'{name}: head_embedding is added to the '
+                             'queries\' own query_pos: set own_query_pos')
         self.name = name
         self.max_queries = max_queries
         self.min_queries = min_queries
@@ -120,9 +148,30 @@ class CollaborativeBranch(BaseModule):
         self.num_classes = num_classes
         _check_num_classes(aux_head, num_classes, name)
         self.aux_head = MODELS.build(dict(aux_head, num_classes=num_classes))
-        self.content = nn.Sequential(nn.Linear(embed_dims * 2, embed_dims),
-                                     nn.LayerNorm(embed_dims))
         self.embed_dims = embed_dims
+        self.own_query_pos = own_query_pos
+        out_dims = embed_dims * 2 if own_query_pos else embed_dims
+        self.content = nn.Sequential(nn.Linear(embed_dims * 2, out_dims),
+                                     nn.LayerNorm(out_dims))
+        self.feat_proj = None
+        if coord_feat:
+            self.feat_proj = nn.Sequential(nn.Linear(embed_dims, embed_dims),
+                                           nn.LayerNorm(embed_dims))
+        self.head_embedding = None
+        if head_embedding:
+            size = 1 if head_embedding == 'scalar' else embed_dims
+            self.head_embedding = nn.Parameter(torch.randn(size))
+            if head_embedding_init is not None:
+                nn.init.constant_(self.head_embedding, head_embedding_init)
+
+    def init_weights(self):
+        """The head's initialisation; xavier-uniform for the query maps
+        (the official ones live in the transformer, whose ``init_weights``
+        does that to every matrix)."""
+        super().init_weights()
+        for proj in (self.content, self.feat_proj):
+            if proj is not None:
+                nn.init.xavier_uniform_(proj[0].weight)
 
     def make_queries(self, main, batch_data_samples, encoder_pyramid=None,
                      **encoder_outputs):
@@ -143,17 +192,33 @@ class CollaborativeBranch(BaseModule):
             raise ValueError(f'{self.name}: the detector passed no '
                              'encoder_pyramid (not a QueryBranchDetector?)')
         aux_losses, candidates = self.aux_head.loss_and_candidates(
-            encoder_pyramid, batch_data_samples)
+            encoder_pyramid, batch_data_samples,
+            with_feats=self.feat_proj is not None)
         targets = self._queries_targets(
             candidates, [s.metainfo for s in batch_data_samples],
             like=encoder_pyramid[0])
         reference = inverse_sigmoid(targets.pop('priors'))
+        content, query_pos = self._embed(reference, targets.pop('feats',
+                                                                None))
+        return BranchQueries(
+            self.name, content, reference,
+            padding=targets['label_weights'] == 0, query_pos=query_pos,
+            meta=dict(targets, aux_losses=aux_losses))
+
+    def _embed(self, reference, feats):
+        """Content (bs, P, dim) and positional query (bs, P, dim, or None)
+        of anchors ``reference`` (bs, P, 4, before the sigmoid) with
+        features ``feats`` (bs, P, dim)."""
         sine = DeformableDETR.get_proposal_pos_embed(
             reference, num_pos_feats=self.embed_dims // 2)
-        return BranchQueries(
-            self.name, self.content(sine), reference,
-            padding=targets['label_weights'] == 0,
-            meta=dict(targets, aux_losses=aux_losses))
+        content, query_pos = self.content(sine), None
+        if self.own_query_pos:
+            query_pos, content = content.split(self.embed_dims, dim=-1)
+        if self.feat_proj is not None:
+            content = content + self.feat_proj(feats)
+        if self.head_embedding is not None:
+            query_pos = query_pos + self.head_embedding
+        return content, query_pos
 
     def _choose(self, labels, count):
         """Indices of an image's positives (at most ``count``) and of the
@@ -169,7 +234,8 @@ class CollaborativeBranch(BaseModule):
     def _queries_targets(self, candidates, metas, like):
         """(bs, P, ...) priors and targets (normalised cxcywh, detached),
         labels (background = ``num_classes``), classification weights (0 at
-        padding) and box weights (1 at positives)."""
+        padding), box weights (1 at positives) and, when the candidates
+        have them, features (0 at padding)."""
         most = max(int((c.labels < self.num_classes).sum())
                    for c in candidates)
         count = max(self.min_queries, min(self.max_queries, most))
@@ -180,6 +246,9 @@ class CollaborativeBranch(BaseModule):
                             device=like.device)
         label_weights = like.new_zeros(bs, count)
         bbox_weights = like.new_zeros(bs, count)
+        feats = None
+        if 'feats' in candidates[0]:
+            feats = like.new_zeros(bs, count, candidates[0].feats.shape[-1])
         for i, (cand, meta) in enumerate(zip(candidates, metas)):
             pos, neg = self._choose(cand.labels, count)
             chosen = torch.cat([pos, neg])
@@ -189,11 +258,16 @@ class CollaborativeBranch(BaseModule):
             priors[i, :n] = bbox_xyxy_to_cxcywh(cand.priors[chosen]) / scale
             boxes[i, :n] = bbox_xyxy_to_cxcywh(cand.bboxes[chosen]) / scale
             labels[i, :n] = cand.labels[chosen]
+            if feats is not None:
+                feats[i, :n] = cand.feats[chosen]
             label_weights[i, :n] = 1.0
             bbox_weights[i, :len(pos)] = 1.0
-        return dict(priors=priors.detach(), bbox_targets=boxes.detach(),
-                    labels=labels, label_weights=label_weights,
-                    bbox_weights=bbox_weights)
+        targets = dict(priors=priors.detach(), bbox_targets=boxes.detach(),
+                       labels=labels, label_weights=label_weights,
+                       bbox_weights=bbox_weights)
+        if feats is not None:
+            targets['feats'] = feats
+        return targets
 
     def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
         """The head's losses plus the queries' fixed-target loss."""

@@ -30,6 +30,7 @@ Branches that train heads on the encoder output as a feature pyramid
 At test time ``test_cfg.nms`` (e.g. official Co-DINO's soft-NMS) and
 ``test_cfg.score_thr`` filter the predictions.
 """
+import torch
 from mmcv.ops import batched_nms
 from mmdet.registry import MODELS
 from mmengine.model import ModuleList
@@ -144,7 +145,7 @@ class QueryBranchDetector:
         decoder_inputs = dict(query=query, memory=memory,
                               reference_points=reference.sigmoid(),
                               dn_mask=attn_mask, branch_queries=parts,
-                              **self.query_positions(reference))
+                              **self._positions(reference, parts))
         head_inputs = dict(enc_outputs_class=enc_cls,
                            enc_outputs_coord=enc_coord,
                            branch_queries=parts) if self.training else {}
@@ -154,6 +155,21 @@ class QueryBranchDetector:
         """Decoder inputs derived from every query's reference box
         (bs, N, 4, before the sigmoid); none by default."""
         return {}
+
+    def _positions(self, reference, parts):
+        """:meth:`query_positions`, with the ``query_pos`` of the branches
+        that bring their own."""
+        positions = self.query_positions(reference)
+        own = [p.name for p in parts if p.query_pos is not None]
+        if own and 'query_pos' not in positions:
+            raise ValueError(f'branches {own} bring query_pos, which '
+                             f'{type(self).__name__} does not use')
+        if own:
+            positions['query_pos'] = torch.cat([
+                given if p.query_pos is None else p.query_pos
+                for p, given in zip(parts, split_branches(
+                    positions['query_pos'], parts, dim=1))], dim=1)
+        return positions
 
     def query_inputs(self, memory, memory_mask, spatial_shapes):
         """What the main queries and the branches are made from.

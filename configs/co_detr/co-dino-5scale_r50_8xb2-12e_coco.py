@@ -124,6 +124,10 @@ model = dict(
     num_feature_levels=num_levels,
     content_init='normal',  # official: CoDinoTransformer.init_weights N(0,1)
     bbox_head=dict(
+        # official CoDINOHead.forward decodes boxes with inverse_sigmoid
+        # eps 1e-3 (mmdet's DINOHead: 1e-5)
+        type='DINOHeadPlus',
+        reference_eps=1e-3,
         sync_cls_avg_factor=False,  # official: DETRHead's default
         # official: QualityFocalLoss beta 2 for the decoder, denoising,
         # encoder and customized-query losses (matching cost stays focal)

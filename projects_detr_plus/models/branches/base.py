@@ -335,11 +335,13 @@ def branch_predictions(head, hidden_states: Tensor, references,
         return head(hidden_states, references)
     cls_layers = branch_layers(parts, head.cls_branches, 0)
     reg_layers = branch_layers(parts, head.reg_branches, 1)
+    eps = getattr(head, 'reference_eps', 1e-5)  # DINOHeadPlus's
     scores, boxes = [], []
     for layer_id, state in enumerate(hidden_states):
         scores.append(cls_layers[layer_id](state))
         delta = reg_layers[layer_id](state)
-        boxes.append((delta + inverse_sigmoid(references[layer_id])).sigmoid())
+        boxes.append((delta + inverse_sigmoid(references[layer_id],
+                                              eps=eps)).sigmoid())
     return torch.stack(scores), torch.stack(boxes)
 
 

@@ -40,6 +40,7 @@ from ..branches import (MAIN, BranchQueries, branch_layers,
                         split_branches)
 from ..branches.collaborative import encoder_pyramid, extra_pyramid_level
 from ..finetune import drop_class_dependent_mismatches
+from ..official_checkpoints import convert_official_co_detr
 
 
 class QueryBranchDetector:
@@ -67,6 +68,9 @@ class QueryBranchDetector:
                for b in self.extra_branches):
             self.encoder_extra_level = extra_pyramid_level(self.embed_dims)
         self.dense_self_attn_mask = dense_self_attn_mask
+        # official Co-DETR checkpoints are renamed first, then fine-tuning
+        # drops the class-dependent weights that do not fit
+        self.register_load_state_dict_pre_hook(convert_official_co_detr)
         self.register_load_state_dict_pre_hook(
             drop_class_dependent_mismatches)
 

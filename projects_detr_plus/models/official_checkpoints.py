@@ -1,0 +1,251 @@
+"""Official Co-DETR checkpoints in the DETR+ layout.
+
+Co-DINO checkpoints of mmdet's ``projects/CO-DETR`` and of the original
+Sense-X/Co-DETR (mmdet 2.x) name their weights after the old mmcv
+transformer (``query_head.transformer.encoder.layers.N.attentions.0``,
+``ffns.0``, ...) and keep the auxiliary heads at the top level
+(``rpn_head``, ``roi_head.0``, ``bbox_head.0``).  DETR+'s Co-DINO is mmdet's
+``DINO`` plus one :class:`~.branches.CollaborativeBranch` per auxiliary
+head.  :func:`convert_official_co_detr`, a ``load_state_dict`` pre-hook of
+the detector, renames such a checkpoint's keys into ours, so that
+``load_from`` / ``load_checkpoint`` take official checkpoints directly;
+:func:`official_key_map` is the renaming itself (also used by
+``tools/convert_co_detr_checkpoint.py``).
+
+Where the two official layouts differ:
+
+* denoising label embedding: ``query_head.dn_generator.label_embedding``
+  (mmdet) or ``query_head.label_embedding`` (Sense-X; the reason
+  mmdet's port does not load Sense-X checkpoints strictly, mmdet #11482);
+  both become ``dn_query_generator.label_embedding``.
+
+The auxiliary heads map by kind, not by our branch order: the official
+model numbers them RoI heads first (``rpn_head`` + ``roi_head.0`` = aux
+index 0, the index of ``transformer.aux_pos_trans.0``), then the one-stage
+heads (``bbox_head.0``, ATSS = aux index 1); our branches are matched in
+their order among those with an R-CNN head (:class:`~.aux_heads.CoRCNNHead`)
+and among the others.  A branch's ``content`` (Linear, LayerNorm) is the
+official ``aux_pos_trans`` / ``aux_pos_trans_norm`` of its head, and the
+extra stride-2 pyramid level shared by the heads (official
+``query_head.downsample``) is the detector's ``encoder_extra_level``.
+"""
+import re
+
+from mmengine.logging import print_log
+
+from .aux_heads import CoRCNNHead
+
+QUERY_HEAD = 'query_head.'
+RCNN = 'rcnn'
+ONE_STAGE = 'one-stage'
+
+#: official ``query_head.`` names -> ours: (regex matched at the start of
+#: the name after ``query_head.``, replacement of the matched part)
+QUERY_HEAD_RULES = (
+    (r'transformer\.level_embeds$', 'level_embed'),
+    (r'transformer\.enc_output\.', 'memory_trans_fc.'),
+    (r'transformer\.enc_output_norm\.', 'memory_trans_norm.'),
+    (r'transformer\.query_embed\.', 'query_embedding.'),
+    (r'transformer\.encoder\.layers\.(\d+)\.attentions\.0\.',
+     r'encoder.layers.\1.self_attn.'),
+    (r'transformer\.encoder\.layers\.(\d+)\.ffns\.0\.',
+     r'encoder.layers.\1.ffn.'),
+    (r'transformer\.encoder\.layers\.(\d+)\.norms\.([01])\.',
+     r'encoder.layers.\1.norms.\2.'),
+    (r'transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\.',
+     r'decoder.layers.\1.self_attn.attn.'),
+    (r'transformer\.decoder\.layers\.(\d+)\.attentions\.1\.',
+     r'decoder.layers.\1.cross_attn.'),
+    (r'transformer\.decoder\.layers\.(\d+)\.ffns\.0\.',
+     r'decoder.layers.\1.ffn.'),
+    (r'transformer\.decoder\.layers\.(\d+)\.norms\.([012])\.',
+     r'decoder.layers.\1.norms.\2.'),
+    (r'transformer\.decoder\.ref_point_head\.0\.',
+     'decoder.ref_point_head.layers.0.'),
+    (r'transformer\.decoder\.ref_point_head\.2\.',
+     'decoder.ref_point_head.layers.1.'),
+    (r'transformer\.decoder\.norm\.', 'decoder.norm.'),
+    (r'(cls|reg)_branches\.', r'bbox_head.\1_branches.'),
+    (r'downsample\.', 'encoder_extra_level.'),
+    (r'(dn_generator\.)?label_embedding\.',
+     'dn_query_generator.label_embedding.'),
+)
+#: official top-level modules whose keys are ours unchanged
+SAME_NAMES = ('backbone.', 'neck.')
+
+
+def is_official_layout(names):
+    """Whether state-dict keys ``names`` (without the module's prefix) are
+    an official Co-DETR checkpoint's (they have a ``query_head``)."""
+    return any(name.startswith(QUERY_HEAD) for name in names)
+
+
+def branch_kinds(detector):
+    """Per ``detector.extra_branches`` entry: :data:`RCNN`,
+    :data:`ONE_STAGE` or None (a branch without auxiliary head)."""
+    kinds = []
+    for branch in getattr(detector, 'extra_branches', ()):
+        head = getattr(branch, 'aux_head', None)
+        kinds.append(None if head is None else
+                     RCNN if isinstance(head, CoRCNNHead) else ONE_STAGE)
+    return kinds
+
+
+def branch_kinds_from_config(branches):
+    """:func:`branch_kinds` of a detector config's ``branches`` list,
+    without building it (``aux_head.type`` decides)."""
+    from mmdet.registry import MODELS
+    kinds = []
+    for cfg in branches:
+        head = cfg.get('aux_head')
+        if head is None:
+            kinds.append(None)
+            continue
+        head_type = head['type']
+        if isinstance(head_type, str):
+            head_type = MODELS.get(head_type)
+        kinds.append(RCNN if issubclass(head_type, CoRCNNHead)
+                     else ONE_STAGE)
+    return kinds
+
+
+class _AuxLayout:
+    """Where each official auxiliary module goes among our branches."""
+
+    def __init__(self, names, kinds):
+        self.rcnn = [i for i, k in enumerate(kinds) if k == RCNN]
+        self.one_stage = [i for i, k in enumerate(kinds) if k == ONE_STAGE]
+        # official aux index j: RoI heads first, then one-stage heads
+        self.num_roi = len({int(m.group(1)) for m in (
+            re.match(r'roi_head\.(\d+)\.', n) for n in names) if m})
+
+    def roi(self, index):
+        """Our branch of official ``roi_head.{index}`` (None: none)."""
+        return _at(self.rcnn, index)
+
+    def one_stage_head(self, index):
+        """Our branch of official ``bbox_head.{index}``."""
+        return _at(self.one_stage, index)
+
+    def rpn(self):
+        """Our branch of the official ``rpn_head`` (one R-CNN branch)."""
+        return self.rcnn[0] if len(self.rcnn) == 1 else None
+
+    def aux(self, index):
+        """Our branch of official aux index ``index``
+        (``transformer.aux_pos_trans.{index}``)."""
+        if index < self.num_roi:
+            return self.roi(index)
+        return self.one_stage_head(index - self.num_roi)
+
+
+def _at(items, index):
+    return items[index] if index < len(items) else None
+
+
+def _branch(index, rest):
+    return None if index is None else f'extra_branches.{index}.{rest}'
+
+
+def _aux_name(name, layout):
+    """Our name of an official auxiliary-head key (None: none)."""
+    match = re.match(r'query_head\.transformer\.aux_pos_trans(_norm)?\.'
+                     r'(\d+)\.(.*)$', name)
+    if match:
+        norm, index, rest = match.groups()
+        return _branch(layout.aux(int(index)),
+                       f'content.{1 if norm else 0}.{rest}')
+    match = re.match(r'(roi_head|bbox_head)\.(\d+)\.(.*)$', name)
+    if match:
+        module, index, rest = match.groups()
+        if module == 'roi_head':
+            return _branch(layout.roi(int(index)), f'aux_head.roi_head.{rest}')
+        return _branch(layout.one_stage_head(int(index)), f'aux_head.{rest}')
+    if name.startswith('rpn_head.'):
+        return _branch(layout.rpn(), f'aux_head.{name}')
+    return None
+
+
+def official_name(name, layout):
+    """Our name of official key ``name`` (None: it has none)."""
+    if name.startswith(SAME_NAMES):
+        return name
+    if name.startswith(QUERY_HEAD):
+        rest = name[len(QUERY_HEAD):]
+        for pattern, replacement in QUERY_HEAD_RULES:
+            match = re.match(pattern, rest)
+            if match:
+                return match.expand(replacement) + rest[match.end():]
+    return _aux_name(name, layout)
+
+
+def official_key_map(names, kinds):
+    """Rename official Co-DETR keys into ours.
+
+    Args:
+        names (list[str]): the checkpoint's keys.
+        kinds (list): :func:`branch_kinds` of the detector they load into.
+
+    Returns:
+        tuple[dict, list]: ``{official: ours}`` for every key that has a
+        name of ours, and the keys that have none (sorted).
+
+    Raises:
+        ValueError: two official keys that would get the same name.
+    """
+    layout = _AuxLayout(names, kinds)
+    mapping, unmapped = {}, []
+    for name in names:
+        ours = official_name(name, layout)
+        if ours is None:
+            unmapped.append(name)
+        else:
+            mapping[name] = ours
+    _check_unique(mapping)
+    return mapping, sorted(unmapped)
+
+
+def _check_unique(mapping):
+    seen = {}
+    for old, new in mapping.items():
+        if new in seen:
+            raise ValueError(f'official keys {seen[new]!r} and {old!r} both '
+                             f'map to {new!r}')
+        seen[new] = old
+
+
+def unmapped_error(unmapped, kinds):
+    """The error for official keys that have no name of ours."""
+    return ValueError(
+        f'official Co-DETR checkpoint: {len(unmapped)} keys have no '
+        f'counterpart in this detector (auxiliary branches by kind: '
+        f'{kinds}): ' + ', '.join(unmapped) + '. The detector must have '
+        'the checkpoint\'s heads (one R-CNN branch per roi_head, one '
+        'other branch per bbox_head, denoising on); or convert it with '
+        'tools/convert_co_detr_checkpoint.py --drop-unmapped.')
+
+
+def convert_official_co_detr(module, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook of a DETR+ detector: an official
+    Co-DETR state dict (keys ``{prefix}query_head.*``) is renamed in place
+    into ours (see the module doc); any other is left alone.
+
+    Raises:
+        ValueError: naming every official key that has no name of ours.
+    """
+    names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+    if not is_official_layout(names):
+        return
+    kinds = branch_kinds(module)
+    mapping, unmapped = official_key_map(names, kinds)
+    if unmapped:
+        raise unmapped_error(unmapped, kinds)
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        if key.startswith(prefix):
+            key = prefix + mapping[key[len(prefix):]]
+        state_dict[key] = value
+    renamed = sum(old != new for old, new in mapping.items())
+    print_log(f'Official Co-DETR checkpoint: {renamed} of {len(mapping)} '
+              'keys renamed into the DETR+ layout', logger='current')

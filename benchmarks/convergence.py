@@ -35,6 +35,7 @@ METHODS = {
     'deformable-detr-2stage':
     'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py',
     'h-deformable-detr': 'configs/shapes/h-deformable-detr-tiny_shapes.py',
+    'co-deformable-detr': 'configs/shapes/co-deformable-detr-tiny_shapes.py',
 }
 
 

@@ -44,6 +44,7 @@ CO = 'configs/shapes/co-dino-tiny_shapes.py'
 DDQ = 'configs/shapes/ddq-detr-tiny_shapes.py'
 DEFORMABLE = 'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py'
 H_DEFORMABLE = 'configs/shapes/h-deformable-detr-tiny_shapes.py'
+CO_DEFORMABLE = 'configs/shapes/co-deformable-detr-tiny_shapes.py'
 # name -> (config, model overrides)
 VARIANTS = {
     'dino': (DINO, {}),
@@ -61,11 +62,13 @@ VARIANTS = {
     'ddq-detr': (DDQ, {}),
     'deformable-detr-2stage': (DEFORMABLE, {}),
     'h-deformable-detr': (H_DEFORMABLE, {}),
+    'co-deformable-detr': (CO_DEFORMABLE, {}),
 }
 # the model each variant adds its branches to
 BASE = dict({name: 'dino' for name in VARIANTS},
             **{'deformable-detr-2stage': 'deformable-detr-2stage',
-               'h-deformable-detr': 'deformable-detr-2stage'})
+               'h-deformable-detr': 'deformable-detr-2stage',
+               'co-deformable-detr': 'deformable-detr-2stage'})
 
 
 def load_config(name):

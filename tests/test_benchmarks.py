@@ -138,3 +138,16 @@ def test_error_analysis_quick(repo_root, tmp_path):
     for score in result['scores'].values():
         assert all(0.0 <= v <= 1.0 for v in score.values())
     assert 'agnostic_nms' in proc.stdout
+
+
+def test_activation_checkpointing_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'cp.json'
+    proc = run_tool([osp.join(repo_root,
+                              'benchmarks/activation_checkpointing.py'),
+                     '--quick', '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    settings = result['settings']
+    assert settings['none']['memory_ratio'] == 1.0
+    for r in settings.values():
+        assert r['peak_mb'] > 0 and r['seconds'] > 0
+    assert '| encoder-4 (official) |' in proc.stdout

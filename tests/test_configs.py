@@ -177,7 +177,7 @@ CO_DINO_OFFICIAL = {
     'model.bbox_head.loss_cls.loss_weight': 1.0,
     'model.bbox_head.loss_bbox.loss_weight': 5.0,
     'model.bbox_head.loss_iou.loss_weight': 2.0,
-    'model.bbox_head.sync_cls_avg_factor': False,
+    'model.bbox_head.sync_cls_avg_factor': True,  # Sense-X's config
     'model.train_cfg.assigner.match_costs.0.type': 'FocalLossCost',
     'model.train_cfg.assigner.match_costs.0.weight': 2.0,
     'model.train_cfg.assigner.match_costs.1.weight': 5.0,
@@ -267,7 +267,7 @@ CO_DEFORMABLE_DETR_OFFICIAL = {
     'model.branches.0.own_query_pos': True,
     'model.branches.0.coord_feat': True,
     'model.branches.0.head_embedding': 'scalar',
-    'model.branches.1.head_embedding_init': 0.0,
+    'model.branches.1.head_embedding': 'scalar',
     'model.branches.0.min_queries': 9,
     'model.branches.0.max_queries': 300,
     'model.branches.0.loss_weight': 1.0,
@@ -333,7 +333,8 @@ def test_co_deformable_detr_config_has_official_values():
     assert type(model).__name__ == 'DeformableDETRPlus'
     rcnn, atss = model.extra_branches
     assert rcnn.content[0].out_features == 512  # aux_pos_trans: 2 x 256
-    assert atss.head_embedding.item() == 0.0
+    assert atss.head_embedding.shape == (1, )
+    assert abs(atss.head_embedding.item()) <= 2 ** 0.5  # xavier of (2, 1)
     assert rcnn.feat_proj[0].in_features == 256
 
 

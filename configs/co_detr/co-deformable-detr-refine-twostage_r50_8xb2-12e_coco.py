@@ -120,8 +120,8 @@ atss_head = dict(
 # [head] CoDeformDETRHead: max_pos_coords=300, lambda_1=1, at least 9
 # queries per image padded with negatives; CoDeformableDetrTransformer:
 # positional + content query from aux_pos_trans (2 x 256), with_coord_feat
-# (default True), head_pos_embed (a (2, 1) table: the first head's scalar
-# N(0, 1), the second's 0, its padding_idx)
+# (default True), head_pos_embed (a (2, 1) table, xavier-initialised by
+# the transformer's init_weights: a learnable scalar per head)
 co_query = dict(type='CollaborativeBranch', max_queries=300, min_queries=9,
                 zero_padding=False, loss_weight=1.0, own_query_pos=True,
                 coord_feat=True, head_embedding='scalar')
@@ -141,8 +141,7 @@ model = dict(
     # [cfg] head order: RoI heads (index 0), then one-stage heads (1)
     branches=[
         dict(co_query, name='co_rcnn', aux_head=rcnn_head),
-        dict(co_query, name='co_atss', aux_head=atss_head,
-             head_embedding_init=0.0),
+        dict(co_query, name='co_atss', aux_head=atss_head),
     ])
 
 optim_wrapper = dict(

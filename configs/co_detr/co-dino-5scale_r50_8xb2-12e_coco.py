@@ -128,7 +128,10 @@ model = dict(
         # eps 1e-3 (mmdet's DINOHead: 1e-5)
         type='DINOHeadPlus',
         reference_eps=1e-3,
-        sync_cls_avg_factor=False,  # official: DETRHead's default
+        # Sense-X/Co-DETR co_dino_5scale_r50_1x_coco.py: sync_cls_avg_factor
+        # =True (mmdet's port leaves DETRHead's False; it only matters
+        # with several GPUs)
+        sync_cls_avg_factor=True,
         # official: QualityFocalLoss beta 2 for the decoder, denoising,
         # encoder and customized-query losses (matching cost stays focal)
         loss_cls=dict(_delete_=True, type='QualityFocalLoss',
@@ -143,6 +146,8 @@ model = dict(
     test_cfg=dict(max_per_img=300,
                   nms=dict(type='soft_nms', iou_threshold=0.8)))
 
+# not official: at most 100 ground truths per image are denoised (DINO base,
+# dn_cfg.max_targets; mmdet #11021); the official code has no bound.
 # official: AdamW lr 2e-4 (DINO's is 1e-4), weight decay 1e-4, clip 0.1,
 # backbone lr x 0.1; 12 epochs, lr x 0.1 at epoch 11 (from the DINO base)
 optim_wrapper = dict(optimizer=dict(lr=2e-4))

@@ -12,6 +12,5 @@ co_query = dict(type='CollaborativeBranch', max_queries=300, min_queries=9,
                 own_query_pos=True, coord_feat=True, head_embedding='scalar')
 model = dict(branches=[
     dict(co_query, name='co_rcnn', aux_head=_base_.rcnn_head),
-    dict(co_query, name='co_atss', aux_head=_base_.atss_head,
-         head_embedding_init=0.0),
+    dict(co_query, name='co_atss', aux_head=_base_.atss_head),
 ])

@@ -13,7 +13,6 @@ model = dict(
     bbox_head=dict(
         type='DINOHeadPlus',
         reference_eps=1e-3,
-        sync_cls_avg_factor=False,
         loss_cls=dict(_delete_=True, type='QualityFocalLoss',
                       use_sigmoid=True, beta=2.0, loss_weight=1.0)),
     branches=[

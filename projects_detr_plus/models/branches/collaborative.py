@@ -28,7 +28,12 @@ Sense-X/Co-DETR and mmdet's ``projects/CO-DETR``):
    of positives, box losses of the positives.
 
 ``zero_padding=True`` is the official ``use_zero_padding`` option: pad with
-masked, zero-weight queries instead of negatives.
+masked, zero-weight queries instead of negatives (the official Co-DINO
+builds that mask but does not pass it to its decoder; we mask).
+
+Where we differ from the official code: a query's first reference box is
+its anchor clamped to the image ([0, 1]); the official one is the raw
+anchor, which is larger than the image for the largest ATSS anchors.
 
 Co-Deformable-DETR builds its queries differently (official
 ``CoDeformableDetrTransformer.forward_aux``): the linear map gives
@@ -52,6 +57,10 @@ from .base import BranchQueries, fixed_target_loss
 def extra_pyramid_level(embed_dims):
     """The stride-2 conv + GroupNorm that adds one level on top of the
     encoder's (official ``CoDINOHead.downsample``)."""
+    if embed_dims % 32:
+        raise ValueError('the auxiliary heads\' extra pyramid level has a '
+                         'GroupNorm of 32 groups: embed_dims must be a '
+                         f'multiple of 32, got {embed_dims}')
     return nn.Sequential(
         nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),
         nn.GroupNorm(32, embed_dims))
@@ -116,10 +125,10 @@ class CollaborativeBranch(BaseModule):
             added to the positional queries (Co-Deformable-DETR's R50
             ``head_pos_embed``, a ``(num_heads, 1)`` table the authors
             keep "for reproducing our results"); ``'vector'``: one
-            ``dim``-vector (the fix they suggest); None.
-        head_embedding_init (float, optional): its initial value; None:
-            N(0, 1) (official: N(0, 1) for the first head, 0 for the second,
-            the table's ``padding_idx``).
+            ``dim``-vector (the fix they suggest); None.  Initialised as
+            the official 2-head table: the transformer's xavier-uniform
+            (U(-sqrt(2), sqrt(2)) for the scalar), which also overrides the
+            table's ``padding_idx``.
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector.
     """
@@ -128,8 +137,7 @@ class CollaborativeBranch(BaseModule):
     def __init__(self, aux_head, num_classes, embed_dims,
                  num_matching_queries, name='co', max_queries=300,
                  min_queries=9, zero_padding=False, loss_weight=1.0,
-                 own_query_pos=False, coord_feat=False, head_embedding=None,
-                 head_embedding_init=None):
+                 own_query_pos=False, coord_feat=False, head_embedding=None):
         super().__init__()
         if not 0 < min_queries <= max_queries:
             raise ValueError(f'{name}: need 0 < min_queries <= max_queries, '
@@ -160,9 +168,7 @@ class CollaborativeBranch(BaseModule):
         self.head_embedding = None
         if head_embedding:
             size = 1 if head_embedding == 'scalar' else embed_dims
-            self.head_embedding = nn.Parameter(torch.randn(size))
-            if head_embedding_init is not None:
-                nn.init.constant_(self.head_embedding, head_embedding_init)
+            self.head_embedding = nn.Parameter(torch.empty(size))
 
     def init_weights(self):
         """The head's initialisation; xavier-uniform for the query maps
@@ -172,6 +178,9 @@ class CollaborativeBranch(BaseModule):
         for proj in (self.content, self.feat_proj):
             if proj is not None:
                 nn.init.xavier_uniform_(proj[0].weight)
+        if self.head_embedding is not None:  # a row of a (2, size) table
+            bound = (6.0 / (2 + len(self.head_embedding))) ** 0.5
+            nn.init.uniform_(self.head_embedding, -bound, bound)
 
     def make_queries(self, main, batch_data_samples, encoder_pyramid=None,
                      **encoder_outputs):

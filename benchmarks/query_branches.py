@@ -1,5 +1,6 @@
 """Training cost of the query branches: Group-, H-, Co-DINO and DDQ-DETR
-against DINO, H-Deformable-DETR against its two-stage Deformable DETR.
+against DINO, H- and Co-Deformable-DETR against their two-stage Deformable
+DETR.
 
 All variants are tiny shapes models (``configs/shapes/``) with the same
 weights where they share them, trained on identical synthetic batches;
@@ -17,8 +18,9 @@ per-group encoder heads or encoder loss; per-group denoising kept);
 ``h-dino``;
 ``co-dino`` (ATSS + Faster R-CNN auxiliary heads); ``ddq-detr`` (distinct
 queries and the dense branch); ``deformable-detr-2stage`` (refine +
-two-stage, mixed selection, look forward twice) and ``h-deformable-detr``
-(that plus the hybrid branch).  Each variant's ratio is also reported
+two-stage, mixed selection, look forward twice), ``h-deformable-detr``
+(that plus the hybrid branch) and ``co-deformable-detr`` (that plus the
+Faster R-CNN and ATSS auxiliary heads).  Each variant's ratio is also reported
 against its own base (``BASE``).
 
     python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json

@@ -34,8 +34,8 @@ def read_version():
     return namespace['__version__']
 
 
-def read_requirements():
-    with open(osp.join(ROOT, 'requirements.txt')) as f:
+def read_requirements(name='requirements.txt'):
+    with open(osp.join(ROOT, name)) as f:
         lines = [line.split('#')[0].strip() for line in f]
     return [line for line in lines if line]
 
@@ -148,6 +148,8 @@ if __name__ == '__main__':
         package_data={'projects_detr_plus': mim_files()},
         include_package_data=False,
         install_requires=read_requirements(),
+        # ONNX export / ONNX Runtime: pip install "projects_detr_plus[deploy]"
+        extras_require={'deploy': read_requirements('requirements-deploy.txt')},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

@@ -7,6 +7,7 @@
 #     from ../shared/wheelhouse when that folder exists (else from source,
 #     ~20 minutes on 2 cores);
 #   - mmdet==3.3.0, mmengine 0.10.x, pycocotools, scipy, openmim;
+#   - the optional deploy extra (onnx, onnxruntime, onnxscript);
 #   - this package (editable, with its compiled MSDeformAttn extension).
 set -euo pipefail
 PYTHON=${PYTHON:-python}
@@ -63,6 +64,13 @@ if have "import openxlab"; then
     say "  'pip uninstall opendatalab openxlab' makes 'pip check' clean again"
 fi
 
+# the optional deploy extra (ONNX export, ONNX Runtime): installed here so
+# that `make test` runs tests/test_onnx_export.py
+if ! have "import onnx, onnxruntime, onnxscript"; then
+    say "installing the deploy extra (onnx, onnxruntime, onnxscript)"
+    $PIP install -r "$ROOT/requirements-deploy.txt"
+fi
+
 if ! have "import pytest, hypothesis"; then
     $PIP install pytest hypothesis
 fi
@@ -70,7 +78,8 @@ fi
 # The package: rebuild only when its sources changed since the last install.
 STAMP="$ROOT/.install-stamp"
 # (configs/, tools/ and model-index.yml: copied into the package's .mim/)
-HASH=$(cd "$ROOT" && cat setup.py requirements.txt projects_detr_plus/version.py \
+HASH=$(cd "$ROOT" && cat setup.py requirements.txt requirements-deploy.txt \
+    projects_detr_plus/version.py \
     model-index.yml $(find ops configs tools -type f -not -path '*/__pycache__/*' \
     | sort) | sha256sum | cut -d' ' -f1)
 # checked from outside the repo (there the current folder would import it)

@@ -1,0 +1,166 @@
+"""ONNX Runtime (CPU) against PyTorch: inference latency of exported DETRs.
+
+For each model the config's detector (random weights, seed 0) is exported
+with ``projects_detr_plus.deployment.export_onnx`` (dynamic batch and size,
+MSDeformAttn as standard ONNX operators) and, in the same process, on the
+same preprocessed batches, the calls are interleaved: PyTorch
+``model.predict(rescale=False)`` (backbone, transformer, post-processing;
+``torch.no_grad``) and ONNX Runtime ``session.run`` of the file (same work,
+same outputs: checked on the first batch).  Median latency per batch after
+warm-up, with as many ONNX Runtime intra-op threads as torch threads (not
+spinning when idle, which would slow the interleaved PyTorch calls).
+
+    python benchmarks/onnx_runtime.py \
+        --json benchmarks/results/onnx_runtime_cpu.json
+    python benchmarks/onnx_runtime.py --models dino-tiny --batch-sizes 1 8
+    python benchmarks/onnx_runtime.py --quick
+"""
+import argparse
+import importlib.metadata as metadata
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {
+    'dino-tiny': ('configs/shapes/dino-tiny_shapes.py', 128),
+    'dino-r50': ('configs/dino/dino-4scale_r50_8xb2-12e_coco.py', 512),
+}
+PACKAGES = ('torch', 'onnx', 'onnxruntime', 'onnxscript', 'mmdet', 'mmcv',
+            'mmengine', 'numpy')
+
+
+def machine():
+    """CPU model, cores, threads and package versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f
+                     if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return dict(cpu=cpu, cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
+                platform=platform.platform(),
+                python=platform.python_version(), versions=versions)
+
+
+def time_calls(calls, iters, warmup):
+    """Median seconds of each zero-argument call, calls interleaved."""
+    times = {name: [] for name in calls}
+    for step in range(warmup + iters):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_model(name, args, folder):
+    """Export one model and time both runtimes at every batch size."""
+    from projects_detr_plus.deployment import OnnxDetector, export_onnx
+    from projects_detr_plus.deployment.utils import (build_detector,
+                                                     reference_predictions,
+                                                     verify_export)
+    config, size = MODELS[name]
+    size = args.image_size or size
+    model = build_detector(osp.join(ROOT, config))
+    onnx_file = args.onnx or osp.join(folder, f'{name}.onnx')
+    export_s = None
+    if not args.onnx:
+        start = time.perf_counter()
+        export_onnx(model, onnx_file, input_shape=(2, 3, size, size))
+        export_s = time.perf_counter() - start
+    # random weights: near-equal proposal scores may be ranked differently
+    # by the two runtimes, which changes a few detections (reported)
+    check = verify_export(model, onnx_file, (1, 3, size, size))
+    print(check['summary'], flush=True)
+    # no spinning: idle ONNX Runtime threads would spin on the cores the
+    # interleaved PyTorch calls need
+    session = OnnxDetector(onnx_file, threads=torch.get_num_threads(),
+                           spinning=False)
+    rows = []
+    for batch_size in args.batch_sizes:
+        inputs = torch.randn(batch_size, 3, size, size,
+                             generator=torch.Generator().manual_seed(1))
+        array = inputs.numpy()
+        seconds = time_calls(
+            dict(pytorch=lambda: reference_predictions(model, inputs),
+                 onnxruntime=lambda: session(array)), args.iters,
+            args.warmup)
+        rows.append(dict(
+            batch_size=batch_size, latency_ms={
+                k: v * 1000 for k, v in seconds.items()},
+            images_per_s={k: batch_size / v for k, v in seconds.items()},
+            speedup_vs_pytorch=seconds['pytorch'] / seconds['onnxruntime']))
+        print(f'{name} {size}x{size} batch {batch_size}: PyTorch '
+              f'{seconds["pytorch"] * 1000:.0f} ms, ONNX Runtime '
+              f'{seconds["onnxruntime"] * 1000:.0f} ms '
+              f'({rows[-1]["speedup_vs_pytorch"]:.2f}x)', flush=True)
+    return dict(model=name, config=config, image_size=size,
+                export_s=export_s, onnx_mb=osp.getsize(onnx_file) / 2**20,
+                check_ok=check['ok'], check=check['summary'], results=rows)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--models', nargs='+', choices=sorted(MODELS),
+                        default=['dino-tiny', 'dino-r50'])
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
+    parser.add_argument('--image-size', type=int, default=None,
+                        help='default: 128 for dino-tiny, 512 for dino-r50')
+    parser.add_argument('--iters', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed rounds (PyTorch needs a few)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch and ONNX Runtime threads (default: '
+                        "torch's); 1 is the least disturbed by other load")
+    parser.add_argument('--onnx', help='time this exported file (of the '
+                        'first model, same config and seed-0 weights) '
+                        'instead of exporting')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: dino-tiny, batch 1, 1 call')
+    parser.add_argument('--json', help='write the result here')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes = ['dino-tiny'], [1]
+        args.iters, args.warmup = 1, 0
+    if args.onnx and len(args.models) != 1:
+        parser.error('--onnx takes one model')
+    return args
+
+
+def main(argv=None):
+    import json
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [bench_model(name, args, folder) for name in args.models]
+    result = dict(machine=machine(), iters=args.iters, warmup=args.warmup,
+                  date=time.strftime('%Y-%m-%d'), models=rows)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == '__main__':
+    with torch.no_grad():
+        main()

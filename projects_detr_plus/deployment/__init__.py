@@ -1,0 +1,21 @@
+"""ONNX deployment of DETR+ detectors (optional ``deploy`` extra).
+
+* :class:`ExportableDetector`: a detector's inference graph, preprocessed
+  images in, ``dets`` (B, K, 5) and ``labels`` (B, K) out;
+* :func:`export_onnx`: that graph to an ONNX file through
+  ``torch.onnx.export(..., dynamo=True)``, MSDeformAttn lowered to standard
+  ONNX (:mod:`projects_detr_plus.ops.onnx_lowering`) and DDQ's NMS to
+  ``NonMaxSuppression``;
+* :class:`OnnxDetector`: an ONNX Runtime session with the same outputs.
+
+onnx, onnxruntime and onnxscript are needed only when exporting or running
+(``pip install "projects_detr_plus[deploy]"``); a clear ImportError names
+the extra when they are missing.
+"""
+from .export import export_onnx, translation_table
+from .requirements import require
+from .runtime import OnnxDetector
+from .wrapper import ExportableDetector
+
+__all__ = ['ExportableDetector', 'export_onnx', 'translation_table',
+           'OnnxDetector', 'require']

@@ -1,0 +1,402 @@
+"""ONNX export (``projects_detr_plus.deployment``, ``tools/deployment``).
+
+Every detector is exported with ``torch.onnx.export(dynamo=True)``, run in
+ONNX Runtime and compared with PyTorch's ``predict(rescale=False)``: same
+labels, scores within 1e-4, boxes within 1e-4 of the image size, matched as
+sets (:func:`match_detections`: random-init models have near-equal scores
+that rounding may swap).  The MSDeformAttn decomposition and the NMS op are
+compared with the ops they replace.
+
+Needs the deploy extra (onnx, onnxruntime, onnxscript; ``make install``
+installs it).  Without it these tests skip, or fail in CI
+(``DETR_PLUS_REQUIRE_EXT=1``, set by ``make test``); the missing-package
+error is tested either way.
+"""
+import glob
+import importlib.util
+import os
+import os.path as osp
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import REPO_ROOT, run_tool
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_msda_op import SHAPE_CASES, make_inputs  # noqa: E402
+
+import projects_detr_plus.ops as ops  # noqa: E402
+
+SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
+SHAPES_CONFIGS = sorted(
+    osp.basename(p) for p in glob.glob(osp.join(SHAPES_DIR, '*.py'))
+    if osp.basename(p) not in ('shapes_runtime.py', 'tiny_backbone.py'))
+# exported as they are in the fast tests
+FAST_CONFIGS = ('dino-tiny_shapes.py', )
+
+
+def _coco_configs():
+    found = []
+    for path in sorted(glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))):
+        if '/shapes/' in path:
+            continue
+        dataset = Config.fromfile(path).test_dataloader.dataset
+        if dataset.type == 'CocoDataset':
+            found.append(osp.relpath(path, osp.join(REPO_ROOT, 'configs')))
+    return found
+
+
+def _deploy_available():
+    return all(importlib.util.find_spec(name) is not None
+               for name in ('onnx', 'onnxruntime', 'onnxscript'))
+
+
+@pytest.fixture(scope='module')
+def deploy():
+    """The deployment package; skips (fails in CI) without the extra."""
+    if not _deploy_available():
+        reason = ('the deploy extra (onnx, onnxruntime, onnxscript) is not '
+                  'installed: pip install -e ".[deploy]"')
+        if os.environ.get('DETR_PLUS_REQUIRE_EXT') == '1':
+            pytest.fail(reason)
+        pytest.skip(reason)
+    import projects_detr_plus.deployment as deployment
+    return deployment
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def build(config, cfg_options=None):
+    from projects_detr_plus.deployment.utils import build_detector
+    path = config if osp.isabs(config) else osp.join(SHAPES_DIR, config)
+    return build_detector(path, None, 'cpu', cfg_options)
+
+
+def random_batch(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_detections(model, session, shape, seed=0):
+    """ONNX Runtime and PyTorch predict on one random batch of ``shape``;
+    returns the number of valid detections per image."""
+    from projects_detr_plus.deployment.utils import reference_predictions
+    from projects_detr_plus.deployment.verify import match_detections
+    inputs = random_batch(shape, seed)
+    dets, labels = session(inputs)
+    refs = reference_predictions(model, inputs)
+    k = session.metadata['detr_plus.max_per_img']
+    assert dets.shape == (shape[0], int(k), 5)
+    assert labels.shape == dets.shape[:2]
+    counts = []
+    for image, (d, l, ref) in enumerate(zip(dets, labels, refs)):
+        report = match_detections(d, l, ref.bboxes.numpy(),
+                                  ref.scores.numpy(), ref.labels.numpy(),
+                                  score_atol=1e-4,
+                                  box_atol=1e-4 * max(shape[-2:]))
+        assert report['ok'], f'image {image}: {report["problems"][:5]}'
+        assert report['matched'] >= len(ref.scores) - 2
+        counts.append(int((l >= 0).sum()))
+    return counts
+
+
+def export_and_compare(deploy, model, tmp_path, sizes, export_shape=(2, 3,
+                                                                     128,
+                                                                     128)):
+    out = str(tmp_path / 'model.onnx')
+    deploy.export_onnx(model, out, input_shape=export_shape)
+    session = deploy.OnnxDetector(out)
+    return [assert_same_detections(model, session, shape, seed)
+            for seed, shape in enumerate(sizes)]
+
+
+# --------------------------------------------------------------------------
+# the MSDeformAttn op
+# --------------------------------------------------------------------------
+class Attend(torch.nn.Module):
+
+    def forward(self, value, shapes, starts, loc, attn):
+        return ops.multi_scale_deformable_attn(value, shapes, starts, loc,
+                                               attn)
+
+
+def export_op(args, mode='decompose', opset=18, dynamic_shapes=None):
+    from projects_detr_plus.ops.onnx_lowering import msda_translation_table
+    return torch.onnx.export(Attend(), args, dynamo=True,
+                             opset_version=opset,
+                             dynamic_shapes=dynamic_shapes,
+                             custom_translation_table=msda_translation_table(
+                                 mode), verbose=False)
+
+
+def run_onnx(program, args):
+    import onnxruntime as ort
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+
+
+@pytest.mark.parametrize('shapes,nh,dims,npts', SHAPE_CASES)
+def test_msda_decomposition_matches_op(deploy, shapes, nh, dims, npts):
+    args = make_inputs(shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts,
+                       dtype=torch.float32)
+    program = export_op(args)
+    ops_used = {node.op_type for node in program.model_proto.graph.node}
+    assert 'GridSample' in ops_used
+    assert not any(n.domain not in ('', 'ai.onnx')
+                   for n in program.model_proto.graph.node)
+    np.testing.assert_allclose(run_onnx(program, args),
+                               Attend()(*args).numpy(), rtol=0, atol=1e-5)
+
+
+def test_msda_decomposition_dynamic_sizes_and_opset20(deploy):
+    """Exported at one set of level sizes, run at others (same number of
+    levels), at opset 20 (GridSample's mode renamed 'linear')."""
+    dim = torch.export.Dim
+    args = make_inputs([(6, 5), (3, 3)], bs=2, nq=7, nh=2, dims=8, npts=3,
+                       dtype=torch.float32, seed=1)
+    dynamic = ({0: dim('bs'), 1: dim('keys')}, None, None,
+               {0: dim('bs'), 1: dim('queries')}, {0: dim('bs'),
+                                                    1: dim('queries')})
+    program = export_op(args, opset=20, dynamic_shapes=dynamic)
+    assert program.model_proto.opset_import[0].version == 20
+    other = make_inputs([(9, 4), (2, 7)], bs=3, nq=11, nh=2, dims=8, npts=3,
+                        dtype=torch.float32, seed=2)
+    np.testing.assert_allclose(run_onnx(program, other),
+                               Attend()(*other).numpy(), rtol=0, atol=1e-5)
+
+
+def test_msda_custom_node(deploy):
+    import onnx
+    from projects_detr_plus.ops.onnx_lowering import CUSTOM_DOMAIN, CUSTOM_OP
+    args = make_inputs([(4, 4), (2, 2)], nh=2, dims=8, dtype=torch.float32)
+    model = export_op(args, mode='custom').model_proto
+    nodes = [(n.domain, n.op_type) for n in model.graph.node]
+    assert nodes.count((CUSTOM_DOMAIN, CUSTOM_OP)) == 1
+    assert ('', 'GridSample') not in nodes
+    custom = next(n for n in model.graph.node if n.op_type == CUSTOM_OP)
+    assert len(custom.input) == 5 and len(custom.output) == 1
+    onnx.checker.check_model(model)
+
+
+def test_msda_bad_mode(deploy):
+    from projects_detr_plus.ops.onnx_lowering import msda_translation_table
+    with pytest.raises(ValueError, match='decompose'):
+        msda_translation_table('plugin')
+
+
+# --------------------------------------------------------------------------
+# the NMS op
+# --------------------------------------------------------------------------
+def random_boxes(bs, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(bs, n, 2, generator=gen) * 0.7
+    wh = torch.rand(bs, n, 2, generator=gen) * 0.3 + 0.05
+    scores = torch.rand(bs, n, generator=gen)
+    candidates = torch.rand(bs, n, generator=gen) > 0.2
+    return torch.cat([xy, xy + wh], -1), scores, candidates
+
+
+def test_nms_keep_is_the_models_nms(deploy):
+    from projects_detr_plus.deployment.nms import nms_keep
+    from projects_detr_plus.models.layers.distinct_queries import \
+        distinct_indices
+    boxes, scores, candidates = random_boxes(3, 60, seed=0)
+    keep = nms_keep(boxes, scores, 0.5, candidates)
+    kept = distinct_indices(boxes, scores, dict(type='nms',
+                                                iou_threshold=0.5),
+                            candidates)
+    for image, indices in enumerate(kept):
+        assert keep[image].nonzero().flatten().tolist() == \
+            sorted(indices.tolist())
+    assert (keep <= candidates).all() and keep.sum() < candidates.sum()
+    with pytest.raises(ValueError, match='candidates'):
+        nms_keep(boxes, scores, 0.5, candidates.float())
+    with pytest.raises(ValueError, match='boxes'):
+        nms_keep(boxes[..., :3], scores, 0.5)
+
+
+def test_nms_keep_onnx_matches(deploy):
+    from projects_detr_plus.deployment.nms import nms_keep
+
+    class Keep(torch.nn.Module):
+
+        def forward(self, boxes, scores, candidates):
+            return nms_keep(boxes, scores, 0.6, candidates)
+
+    args = random_boxes(2, 40, seed=1)
+    dim = torch.export.Dim
+    axes = {0: dim('bs'), 1: dim('n')}
+    program = torch.onnx.export(
+        Keep(), args, dynamo=True, dynamic_shapes=(axes, axes, axes),
+        custom_translation_table=deploy.translation_table(), verbose=False)
+    assert 'NonMaxSuppression' in {n.op_type
+                                   for n in program.model_proto.graph.node}
+    for seed, (bs, n) in enumerate([(2, 40), (3, 75), (1, 5)]):
+        other = random_boxes(bs, n, seed=seed + 10)
+        np.testing.assert_array_equal(run_onnx(program, other),
+                                      Keep()(*other).numpy())
+
+
+# --------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------
+def test_wrapper_equals_predict(deploy):
+    """The traced module computes exactly predict's detections."""
+    model = build('dino-tiny_shapes.py')
+    inputs = random_batch((2, 3, 96, 128), seed=3)
+    from projects_detr_plus.deployment.utils import reference_predictions
+    refs = reference_predictions(model, inputs)
+    with torch.no_grad():
+        dets, labels = deploy.ExportableDetector(model)(inputs)
+    for d, l, ref in zip(dets, labels, refs):
+        torch.testing.assert_close(d[:, :4], ref.bboxes, rtol=0, atol=0)
+        torch.testing.assert_close(d[:, 4], ref.scores, rtol=0, atol=0)
+        assert torch.equal(l, ref.labels)
+    with pytest.raises(ValueError, match='B, C, H, W'):
+        deploy.ExportableDetector(model)(inputs[0])
+    with pytest.raises(TypeError, match='DETR'):
+        deploy.ExportableDetector(torch.nn.Linear(2, 2))
+
+
+def test_swin_window_reverse_twin(deploy):
+    """The export-time twin of mmdet's ShiftWindowMSA.window_reverse gives
+    its result (the batch size inferred instead of computed in floats)."""
+    from mmdet.models.backbones.swin import ShiftWindowMSA
+    from projects_detr_plus.deployment.wrapper import _window_reverse
+    module = ShiftWindowMSA(embed_dims=8, num_heads=2, window_size=3)
+    windows = torch.randn(3 * 4 * 2, 3, 3, 8)  # batch 3, 12 x 6 map
+    torch.testing.assert_close(_window_reverse(module)(windows, 12, 6),
+                               module.window_reverse(windows, 12, 6),
+                               rtol=0, atol=0)
+
+
+@pytest.fixture(scope='module')
+def dino_export(deploy, tmp_path_factory):
+    """The tiny DINO exported by tools/deployment/export_onnx.py from a
+    checkpoint (dynamic batch and size, traced at 2 x 128 x 128)."""
+    from mmengine.runner import save_checkpoint
+    folder = tmp_path_factory.mktemp('dino_onnx')
+    model = build('dino-tiny_shapes.py')
+    checkpoint = str(folder / 'dino.pth')
+    save_checkpoint(dict(state_dict=model.state_dict()), checkpoint)
+    out = str(folder / 'dino.onnx')
+    proc = run_tool(['tools/deployment/export_onnx.py',
+                     osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), checkpoint,
+                     '--out', out, '--shape', '128', '128', '--verify'],
+                    cwd=REPO_ROOT)
+    assert 'same detections' in proc.stdout, proc.stdout
+    return model, out
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 128, 128), (1, 3, 160, 112),
+                                   (3, 3, 96, 160)])
+def test_dino_onnx_runtime_matches_predict(deploy, dino_export, shape):
+    """Export size, batch 1 at another size, batch 3 at a third one."""
+    model, out = dino_export
+    session = deploy.OnnxDetector(out)
+    assert session.metadata['detr_plus.config'] == 'dino-tiny_shapes.py'
+    counts = assert_same_detections(model, session, shape, seed=sum(shape))
+    assert counts == [100] * shape[0]
+
+
+def test_ddq_onnx_runtime_matches_predict(deploy, tmp_path):
+    """DDQ's NMS in the graph.  At 64 x 64 fewer proposals (85) than
+    queries (100) exist, so zero queries pad the decoder.  With
+    ``max_per_img`` = all 600 (query, class) pairs (the config keeps 100),
+    the queries NMS suppresses between decoder layers leave empty rows,
+    as predict returns fewer boxes."""
+    model = build('ddq-detr-tiny_shapes.py',
+                  {'model.test_cfg.max_per_img': 600})
+    counts = export_and_compare(deploy, model, tmp_path,
+                                [(2, 3, 128, 128), (1, 3, 64, 64),
+                                 (3, 3, 96, 128)])
+    # 64 x 64: the zero queries are duplicates, NMS suppresses them
+    assert counts[1][0] < 600
+
+
+def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):
+    import mmcv
+    model, out = dino_export
+    gen = np.random.default_rng(0)
+    image = str(tmp_path / 'shapes.png')
+    mmcv.imwrite(gen.integers(0, 255, (150, 200, 3), dtype=np.uint8), image)
+    proc = run_tool(['tools/deployment/onnx_demo.py', out,
+                     osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), image,
+                     '--out-dir', str(tmp_path / 'vis'), '--score-thr',
+                     '0'], cwd=REPO_ROOT)
+    drawn = mmcv.imread(str(tmp_path / 'vis' / 'shapes.png'))
+    assert drawn.shape == (150, 200, 3)
+    assert 'input (96, 128)' in proc.stdout and '100 detections' in \
+        proc.stdout, proc.stdout
+
+
+def test_onnx_runtime_benchmark_quick(deploy, dino_export, tmp_path):
+    """benchmarks/onnx_runtime.py --quick on the exported tiny DINO (same
+    config and seed-0 weights), so that it cannot rot."""
+    import json
+    _, out = dino_export
+    result_file = tmp_path / 'onnx_runtime.json'
+    proc = run_tool(['benchmarks/onnx_runtime.py', '--quick', '--onnx', out,
+                     '--json', str(result_file)], cwd=REPO_ROOT)
+    result = json.loads(result_file.read_text())
+    assert result['machine']['cores'] >= 1
+    assert result['machine']['versions']['onnxruntime']
+    (model, ) = result['models']
+    assert 'same detections' in model['check']
+    (row, ) = model['results']
+    latency = row['latency_ms']
+    assert latency['pytorch'] > 0 and latency['onnxruntime'] > 0
+    assert row['speedup_vs_pytorch'] == pytest.approx(
+        latency['pytorch'] / latency['onnxruntime'])
+    assert 'ONNX Runtime' in proc.stdout
+
+
+def test_export_options_are_checked(deploy, tmp_path):
+    model = build('dino-tiny_shapes.py')
+    with pytest.raises(ValueError, match='opset'):
+        deploy.export_onnx(model, str(tmp_path / 'm.onnx'), opset=16)
+    with pytest.raises(ValueError, match='msda'):
+        deploy.export_onnx(model, str(tmp_path / 'm.onnx'), msda='plugin')
+    with pytest.raises(ValueError, match='input_shape'):
+        deploy.export_onnx(model, str(tmp_path / 'm.onnx'),
+                           input_shape=(3, 128, 128))
+
+
+@pytest.mark.parametrize('module', ['onnxruntime', 'onnxscript'])
+def test_missing_package_names_the_extra(monkeypatch, tmp_path, module):
+    from projects_detr_plus.deployment import export_onnx
+    from projects_detr_plus.deployment.runtime import OnnxDetector
+    monkeypatch.setitem(sys.modules, module, None)  # import raises
+    with pytest.raises(ImportError, match=rf'{module}.*"deploy" extra'):
+        if module == 'onnxruntime':
+            OnnxDetector(str(tmp_path / 'model.onnx'))
+        else:
+            export_onnx(torch.nn.Linear(2, 2), str(tmp_path / 'm.onnx'))
+
+
+# --------------------------------------------------------------------------
+# every config (slow)
+# --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize('config', [c for c in SHAPES_CONFIGS
+                                    if c not in FAST_CONFIGS])
+def test_shapes_config_onnx_matches_predict(deploy, config, tmp_path):
+    model = build(config)
+    export_and_compare(deploy, model, tmp_path,
+                       [(2, 3, 128, 128), (1, 3, 160, 112), (3, 3, 96,
+                                                             160)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', _coco_configs())
+def test_coco_config_onnx_matches_predict(deploy, config, tmp_path):
+    """The config's model (random weights) at 256 px, where the 4-level
+    encoder has 1360 tokens (>= 900 queries); then 224 x 288, batch 2."""
+    model = build(osp.join(REPO_ROOT, 'configs', config))
+    export_and_compare(deploy, model, tmp_path,
+                       [(1, 3, 256, 256), (2, 3, 224, 288)],
+                       export_shape=(2, 3, 256, 256))

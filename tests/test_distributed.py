@@ -19,8 +19,11 @@ CO_DINO = Config.fromfile(osp.join(REPO_ROOT,
 BRANCHES = (dict(type='GroupQueryBranch', num_groups=2),
             dict(type='HybridMatchingBranch', num_queries=30,
                  k_one_to_many=2),
+            # zero padding (the official use_zero_padding): the default
+            # random negatives pad each image to its own batch's count,
+            # which a rank's half batch and the global batch draw differently
             dict(type='CollaborativeBranch', name='co_atss',
-                 aux_head=CO_DINO.atss_head.to_dict()))
+                 aux_head=CO_DINO.atss_head.to_dict(), zero_padding=True))
 WORLD = 2
 
 
@@ -85,10 +88,10 @@ def _split(inputs, samples):
 
 
 def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path):
-    """Group + hybrid + collaborative (ATSS) branches, no denoising noise:
-    the box-count normalisations are averaged across ranks and the padding
-    of the positive queries is invisible, so DDP's averaged gradient is the
-    gradient of the global batch.
+    """Group + hybrid + collaborative (ATSS, zero padding) branches, no
+    denoising noise: the box-count normalisations are averaged across ranks
+    and the padding of the positive queries is invisible, so DDP's averaged
+    gradient is the gradient of the global batch.
 
     (Not DDQ: mmdet's ``DDQAuxLoss`` clamps its rank-averaged normaliser to
     at least 1, which an untrained model's alignment metrics stay below, so

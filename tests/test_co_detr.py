@@ -7,9 +7,9 @@ import torch
 from mmengine.config import Config
 
 from conftest import REPO_ROOT
-from detr_testing import (build, decode, deformable_detr_cfg, dino_cfg,
-                          losses_with_seed, make_batch,
-                          parameters_without_grad, predict)
+from detr_testing import (assert_same_predictions, build, decode,
+                          deformable_detr_cfg, dino_cfg, losses_with_seed,
+                          make_batch, parameters_without_grad, predict)
 
 SHAPES = Config.fromfile(osp.join(REPO_ROOT,
                                   'configs/shapes/co-dino-tiny_shapes.py'))
@@ -41,6 +41,18 @@ def co_dino(branches=ALL_BRANCHES, dn=True):
     model = build(dino_cfg(dims=128, dn=dn, branches=branches))
     model.train()
     return model
+
+
+def assert_predicts_like_base(model, base):
+    """``base`` (the detector without the Co-DETR branches) loads every
+    weight of ``model`` but the branches' and the shared extra level, and
+    predicts bit-identically."""
+    missing, unexpected = base.load_state_dict(model.state_dict(),
+                                               strict=False)
+    assert not missing and unexpected and all(
+        k.startswith(('extra_branches.', 'encoder_extra_level.'))
+        for k in unexpected)
+    assert_same_predictions(model, base, seed=3)
 
 
 def _encoder_outputs(model, inputs, samples):
@@ -330,17 +342,7 @@ def test_predict_equals_plain_dino_with_the_same_weights():
     optimizer.zero_grad()
     model.parse_losses(losses)[0].backward()
     optimizer.step()
-    plain = build(dino_cfg(dims=128))
-    missing, unexpected = plain.load_state_dict(model.state_dict(),
-                                                strict=False)
-    assert not missing and all(
-        k.startswith(('extra_branches.', 'encoder_extra_level.'))
-        for k in unexpected)
-    inputs, samples = make_batch(seed=3, size=128)
-    for a, b in zip(predict(model, inputs, samples),
-                    predict(plain, inputs, samples)):
-        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
-        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
+    assert_predicts_like_base(model, build(dino_cfg(dims=128)))
 
 
 def test_every_kind_of_branch_combines_in_one_model():
@@ -464,19 +466,9 @@ def test_co_deformable_detr_trains_every_part_and_predicts_like_its_base():
             assert losses[f'{name}_{key}'] > 0
     model.parse_losses(losses)[0].backward()
     assert not parameters_without_grad(model)
-    plain = build(deformable_detr_cfg(refine=True, two_stage=True,
-                                      mixed_selection=True,
-                                      look_forward_twice=True))
-    missing, unexpected = plain.load_state_dict(model.state_dict(),
-                                                strict=False)
-    assert not missing and unexpected and all(
-        k.startswith(('extra_branches.', 'encoder_extra_level.'))
-        for k in unexpected)
-    inputs, samples = make_batch(seed=3, size=128)
-    for a, b in zip(predict(model, inputs, samples),
-                    predict(plain, inputs, samples)):
-        assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
-        assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
+    assert_predicts_like_base(model, build(deformable_detr_cfg(
+        refine=True, two_stage=True, mixed_selection=True,
+        look_forward_twice=True)))
 
 
 def test_co_deformable_options_are_checked():

@@ -169,6 +169,7 @@ class CollaborativeBranch(BaseModule):
         if head_embedding:
             size = 1 if head_embedding == 'scalar' else embed_dims
             self.head_embedding = nn.Parameter(torch.empty(size))
+            self._init_head_embedding()  # never left uninitialised
 
     def init_weights(self):
         """The head's initialisation; xavier-uniform for the query maps
@@ -178,9 +179,13 @@ class CollaborativeBranch(BaseModule):
         for proj in (self.content, self.feat_proj):
             if proj is not None:
                 nn.init.xavier_uniform_(proj[0].weight)
-        if self.head_embedding is not None:  # a row of a (2, size) table
-            bound = (6.0 / (2 + len(self.head_embedding))) ** 0.5
-            nn.init.uniform_(self.head_embedding, -bound, bound)
+        if self.head_embedding is not None:
+            self._init_head_embedding()
+
+    def _init_head_embedding(self):
+        """Xavier-uniform of a row of the official (2, size) table."""
+        bound = (6.0 / (2 + len(self.head_embedding))) ** 0.5
+        nn.init.uniform_(self.head_embedding, -bound, bound)
 
     def make_queries(self, main, batch_data_samples, encoder_pyramid=None,
                      **encoder_outputs):

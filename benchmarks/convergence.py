@@ -36,6 +36,10 @@ METHODS = {
     'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py',
     'h-deformable-detr': 'configs/shapes/h-deformable-detr-tiny_shapes.py',
     'co-deformable-detr': 'configs/shapes/co-deformable-detr-tiny_shapes.py',
+    'atss': 'configs/shapes/atss-tiny_shapes.py',
+    'ddq-fcn': 'configs/shapes/ddq-fcn-tiny_shapes.py',
+    'sparse-rcnn': 'configs/shapes/sparse-rcnn-tiny_shapes.py',
+    'ddq-rcnn': 'configs/shapes/ddq-rcnn-tiny_shapes.py',
 }
 
 

@@ -4,7 +4,7 @@ DETR+.
 Importing this package registers them into mmdet's registries.
 """
 from . import (aux_heads, branches, detectors, heads, layers,  # noqa
-               task_modules)
+               roi_heads, task_modules)
 from .branches import BranchQueries, DenoisingBranch
 from .detectors import DDQDETRPlus, DeformableDETRPlus, DINOPlus
 from .heads import DDQHeadPlus

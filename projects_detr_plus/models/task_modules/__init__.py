@@ -2,6 +2,7 @@
 from .group_assigner import (GROUPS_KEY, GroupOneToOneAssigner,
                              with_query_groups)
 from .one_to_one_assigner import OneToOneAssigner
+from .topk_hungarian_assigner import TopkHungarianAssignerPlus
 
-__all__ = ['OneToOneAssigner', 'GroupOneToOneAssigner', 'GROUPS_KEY',
+__all__ = ['TopkHungarianAssignerPlus', 'OneToOneAssigner', 'GroupOneToOneAssigner', 'GROUPS_KEY',
            'with_query_groups']

@@ -1,0 +1,56 @@
+# mmdet's own ATSS on the shapes data: the one-stage baseline of DDQ FCN.
+# mmdet's atss_r50_fpn_1x_coco.py head at half width (128 channels, GN) on
+# the same backbone and FPN P3-P7 as ddq-fcn-tiny_shapes.py, with the same
+# optimiser (AdamW 5e-4, wd 0.1), so the two differ by their heads only;
+# class-wise NMS at IoU 0.6, at most 100 detections.
+_base_ = ['./tiny_backbone.py']
+
+model = dict(
+    type='ATSS',
+    neck=dict(
+        _delete_=True,
+        type='FPN',
+        in_channels=[64, 128, 256],
+        out_channels=128,
+        start_level=0,
+        add_extra_convs='on_output',
+        num_outs=5),
+    bbox_head=dict(
+        type='ATSSHead',
+        num_classes=6,
+        in_channels=128,
+        stacked_convs=4,
+        feat_channels=128,
+        norm_cfg=dict(type='GN', num_groups=32, requires_grad=True),
+        anchor_generator=dict(
+            type='AnchorGenerator',
+            ratios=[1.0],
+            octave_base_scale=8,
+            scales_per_octave=1,
+            strides=[8, 16, 32, 64, 128]),
+        bbox_coder=dict(
+            type='DeltaXYWHBBoxCoder',
+            target_means=[.0, .0, .0, .0],
+            target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=dict(
+            type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+            loss_weight=1.0),
+        loss_bbox=dict(type='GIoULoss', loss_weight=2.0),
+        loss_centerness=dict(
+            type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0)),
+    train_cfg=dict(
+        assigner=dict(type='ATSSAssigner', topk=9),
+        allowed_border=-1,
+        pos_weight=-1,
+        debug=False),
+    test_cfg=dict(
+        nms_pre=1000,
+        min_bbox_size=0,
+        score_thr=0.05,
+        nms=dict(type='nms', iou_threshold=0.6),
+        max_per_img=100))
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=5e-4, weight_decay=0.1),
+    clip_grad=None)

@@ -1,0 +1,105 @@
+"""Sparse R-CNN's RoI head for DDQ R-CNN's distinct-query proposals.
+
+Two things are new against mmdet's ``SparseRoIHead``:
+
+- proposals may be padding (``valid`` False, zero boxes and features, as
+  the released DDQ R-CNN pads images with fewer distinct queries): they are
+  trained like the released code trains them, but never become
+  predictions;
+- ``query_roi_fusion`` (the paper's query distinctness enhancement, not in
+  the released code): before the first stage each proposal feature is
+  concatenated with its RoI feature averaged to 1x1 and mapped back to the
+  query width by a linear layer.
+"""
+import torch
+import torch.nn as nn
+from mmdet.models.roi_heads import SparseRoIHead
+from mmdet.models.utils import empty_instances
+from mmdet.registry import MODELS
+from mmdet.structures.bbox import bbox2roi
+from mmengine.structures import InstanceData
+
+
+@MODELS.register_module()
+class DDQSparseRoIHead(SparseRoIHead):
+    """``SparseRoIHead`` taking DDQ's distinct queries as proposals.
+
+    Args:
+        query_roi_fusion (bool): the paper's query distinctness
+            enhancement (default off: the released recipe).
+        *args, **kwargs: as ``SparseRoIHead``.
+    """
+
+    def __init__(self, *args, query_roi_fusion=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.query_fusion = None
+        if query_roi_fusion:
+            width = self.proposal_feature_channel
+            self.query_fusion = nn.Linear(2 * width, width)
+
+    def loss(self, x, rpn_results_list, batch_data_samples):
+        """As ``SparseRoIHead.loss``; proposals (N, ) ``valid`` are ignored
+        (padding is trained as background, as released)."""
+        return super().loss(x, self._fused(x, rpn_results_list),
+                            batch_data_samples)
+
+    def _fused(self, x, rpn_results_list):
+        """The proposals, with fused features when ``query_roi_fusion``."""
+        if self.query_fusion is None:
+            return rpn_results_list
+        extractor = self.bbox_roi_extractor[0]
+        rois = bbox2roi([res.bboxes for res in rpn_results_list])
+        pooled = extractor(x[:extractor.num_inputs], rois).mean((2, 3))
+        fused = []
+        for image, res in enumerate(rpn_results_list):
+            res = res.clone()
+            res.features = self.query_fusion(torch.cat(
+                [res.features, pooled[rois[:, 0] == image]], dim=-1))
+            fused.append(res)
+        return fused
+
+    def forward(self, x, rpn_results_list, batch_data_samples):
+        """As ``SparseRoIHead.forward`` (the tensors, e.g. for
+        ``get_flops``), with the fusion when enabled."""
+        return super().forward(x, self._fused(x, rpn_results_list),
+                               batch_data_samples)
+
+    def predict_bbox(self, x, batch_img_metas, rpn_results_list,
+                     rcnn_test_cfg, rescale=False):
+        """As ``SparseRoIHead.predict_bbox`` (the top ``max_per_img``
+        (proposal, class) pairs of the last stage), with padding proposals
+        left out."""
+        rpn_results_list = self._fused(x, rpn_results_list)
+        proposals = [res.bboxes for res in rpn_results_list]
+        if all(len(p) == 0 for p in proposals):
+            return empty_instances(batch_img_metas, x[0].device,
+                                   task_type='bbox')
+        object_feats = torch.stack([res.features for res in rpn_results_list])
+        for stage in range(self.num_stages):
+            results = self._bbox_forward(stage, x, bbox2roi(proposals),
+                                         object_feats, batch_img_metas)
+            object_feats = results['object_feats']
+            proposals = results['detached_proposals']
+        scores = results['cls_score']  # (B, N, C) logits
+        if self.bbox_head[-1].loss_cls.use_sigmoid:
+            scores = scores.sigmoid()
+        else:
+            scores = scores.softmax(-1)[..., :-1]
+        return [self._top_pairs(scores[i], proposals[i], res, meta, rescale)
+                for i, (res, meta) in enumerate(zip(rpn_results_list,
+                                                    batch_img_metas))]
+
+    def _top_pairs(self, scores, boxes, proposal, img_meta, rescale):
+        """scores (N, C), boxes (N, 4) -> the image's detections."""
+        if 'valid' in proposal:
+            scores, boxes = scores[proposal.valid], boxes[proposal.valid]
+        num_classes = scores.shape[1]
+        flat = scores.flatten()
+        top_scores, top = flat.topk(min(self.test_cfg.max_per_img,
+                                        len(flat)))
+        boxes = boxes[top // num_classes]
+        if rescale and len(boxes):
+            boxes = boxes / boxes.new_tensor(
+                img_meta['scale_factor']).repeat(2)
+        return InstanceData(bboxes=boxes, scores=top_scores,
+                            labels=top % num_classes)

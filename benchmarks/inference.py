@@ -19,8 +19,8 @@ from os import path as osp
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train_step import (PAIRS, _sync, build, load_configs,  # noqa: E402
-                        machine, synthetic_batch, write_json)
+from train_step import (BASELINE_PAIRS, PAIRS, _sync, build,  # noqa: E402
+                        load_configs, machine, synthetic_batch, write_json)
 
 
 def time_inference(models, batch, iters, warmup, device):
@@ -43,7 +43,8 @@ def run(args):
     torch.manual_seed(0)
     reference = build(configs['mmdet'], args.device)[0].eval()
     ours = build(configs['ours'], args.device)[0].eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)
+    if args.pair not in BASELINE_PAIRS:
+        ours.load_state_dict(reference.state_dict(), strict=True)
     rows = []
     for batch_size in args.batch_sizes:
         batch = synthetic_batch(args.image_size, batch_size, 1, 0,
@@ -54,7 +55,9 @@ def run(args):
             batch_size=batch_size, latency_s=seconds,
             images_per_s={k: batch_size / v for k, v in seconds.items()},
             speedup_vs_mmdet=seconds['mmdet'] / seconds['ours']))
-    return dict(pair=args.pair, configs=PAIRS[args.pair], device=args.device,
+    return dict(pair=args.pair, configs=PAIRS[args.pair],
+                mmdet_is_baseline_method=args.pair in BASELINE_PAIRS,
+                device=args.device,
                 machine=machine(args.device), image_size=args.image_size,
                 iters=args.iters, warmup=args.warmup, results=rows,
                 date=time.strftime('%Y-%m-%d'))

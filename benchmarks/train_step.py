@@ -44,7 +44,20 @@ PAIRS = {
         'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
         'mmdet::deformable_detr/'
         'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'),
+    # DDQ FCN / R-CNN have no mmdet model: timed against mmdet's baseline
+    # of each (a different model, so no shared weights)
+    'ddq-fcn-tiny': ('configs/shapes/ddq-fcn-tiny_shapes.py',
+                     'configs/shapes/atss-tiny_shapes.py'),
+    'ddq-rcnn-tiny': ('configs/shapes/ddq-rcnn-tiny_shapes.py',
+                      'configs/shapes/sparse-rcnn-tiny_shapes.py'),
+    'ddq-fcn-r50': ('configs/ddq_fcn/ddq-fcn_r50_1x_coco.py',
+                    'mmdet::atss/atss_r50_fpn_1x_coco.py'),
+    'ddq-rcnn-r50': ('configs/ddq_rcnn/ddq-rcnn_r50_1x_coco.py',
+                     'mmdet::sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py'),
 }
+# pairs whose mmdet model is another method's (its baseline), not ours
+BASELINE_PAIRS = {'ddq-fcn-tiny', 'ddq-rcnn-tiny', 'ddq-fcn-r50',
+                  'ddq-rcnn-r50'}
 MMDET_TYPES = {'DINOPlus': 'DINO', 'DeformableDETRPlus': 'DeformableDETR',
                'DDQDETRPlus': 'DDQDETR', 'DDQHeadPlus': 'DDQDETRHead',
                'OneToOneAssigner': 'HungarianAssigner'}
@@ -101,6 +114,8 @@ def load_configs(pair):
     if mmdet_path is None:
         reference = copy.deepcopy(ours)
         reference.model = to_mmdet_model_cfg(ours.model.to_dict())
+    elif not mmdet_path.startswith('mmdet::'):
+        reference = Config.fromfile(osp.join(ROOT, mmdet_path))
     else:
         from mmengine.hub import get_config
         reference = get_config(mmdet_path)
@@ -218,12 +233,14 @@ def run(args):
     torch.manual_seed(0)
     reference = build(configs['mmdet'], args.device)
     ours = build(configs['ours'], args.device)
-    ours[0].load_state_dict(reference[0].state_dict(), strict=True)
+    if args.pair not in BASELINE_PAIRS:
+        ours[0].load_state_dict(reference[0].state_dict(), strict=True)
     batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
                             0, args.device)
     seconds = time_steps(dict(mmdet=reference, ours=ours), batch, args.iters,
                          args.warmup, args.device)
     result = dict(pair=args.pair, configs=PAIRS[args.pair],
+                  mmdet_is_baseline_method=args.pair in BASELINE_PAIRS,
                   device=args.device, machine=machine(args.device),
                   image_size=args.image_size, batch_size=args.batch_size,
                   num_gts=args.num_gts, iters=args.iters, warmup=args.warmup,

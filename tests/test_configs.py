@@ -73,6 +73,15 @@ BRANCH_CONFIGS = {
     'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
     (None, ['co_rcnn', 'co_atss', 'co_fcos']),
 }
+# DDQ FCN / R-CNN (jshilong/DDQ, mmdet 2.22; no mmdet 3 config to compare
+# with): 1x config -> its official values; 3x -> the 1x it extends
+DDQ_DENSE_CONFIGS = {
+    'ddq_fcn/ddq-fcn_r50_1x_coco.py': None,
+    'ddq_fcn/ddq-fcn_r50_3x_coco.py': 'ddq_fcn/ddq-fcn_r50_1x_coco.py',
+    'ddq_rcnn/ddq-rcnn_r50_1x_coco.py': None,
+    'ddq_rcnn/ddq-rcnn_r50_3x_coco.py': 'ddq_rcnn/ddq-rcnn_r50_1x_coco.py',
+}
+DETR_AUGMENTATION = 'ddq_fcn/detr_augmentation.py'
 H_DEFORMABLE_DETR = \
     'h_detr/h-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
 FINETUNE_EXAMPLE = \
@@ -85,7 +94,7 @@ def test_every_config_is_covered():
     coco = {p for p in shipped if not p.startswith('shapes/')}
     assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
         H_DEFORMABLE_DETR, FINETUNE_EXAMPLE, CO_DEFORMABLE_DETR,
-        CO_DINO_SWIN_L}
+        CO_DINO_SWIN_L} | set(DDQ_DENSE_CONFIGS) | {DETR_AUGMENTATION}
 
 
 def test_finetune_example_sets_classes_everywhere():
@@ -405,3 +414,97 @@ def test_shapes_configs_build(name):
     assert type(model).__module__.startswith('projects_detr_plus')
     assert cfg.train_cfg.type == 'IterBasedTrainLoop'
     assert cfg.model.bbox_head.num_classes == 6
+
+
+# resolved key -> official value: jshilong/DDQ projects/configs/ddq_fcn/
+# ddq_fcn_r50_1x.py and the DDQFCNHead defaults (ddq_fcn_head.py)
+DDQ_FCN_OFFICIAL = {
+    'model.neck.start_level': 1,
+    'model.neck.num_outs': 5,
+    'model.neck.add_extra_convs': 'on_input',
+    'model.bbox_head.strides': [8, 16, 32, 64, 128],
+    'model.bbox_head.dqs_cfg': dict(type='nms', iou_threshold=0.7,
+                                    nms_pre=1000),
+    'model.bbox_head.num_distinct_queries': 300,
+    'model.bbox_head.shuffle_channels': 64,
+    'model.bbox_head.norm_cfg': dict(type='GN', num_groups=32,
+                                     requires_grad=True),
+    'optim_wrapper.optimizer': dict(type='AdamW', lr=5e-5,
+                                    weight_decay=0.1),
+    'train_cfg.max_epochs': 12,
+    'param_scheduler.0.end': 500,
+    'param_scheduler.0.start_factor': 0.001,
+    'param_scheduler.1.milestones': [8, 11],
+    'train_dataloader.batch_size': 2,
+}
+# ... ddq_rcnn/ddq_rcnn_r50_1x.py, ddq_fcn_rpn.py
+DDQ_RCNN_OFFICIAL = {
+    'model.neck.start_level': 0,
+    'model.neck.num_outs': 6,
+    'model.rpn_start_level': 1,
+    'model.rpn_head.num_distinct_queries': 300,
+    'model.rpn_head.num_classes': 80,
+    'model.roi_head.num_stages': 2,
+    'model.roi_head.bbox_roi_extractor.featmap_strides': [4, 8, 16, 32, 64,
+                                                          128],
+    'model.roi_head.bbox_head.0.loss_cls.loss_weight': 2.0,
+    'model.roi_head.bbox_head.0.loss_bbox.loss_weight': 5.0,
+    'model.roi_head.bbox_head.0.loss_iou.loss_weight': 2.0,
+    'model.roi_head.bbox_head.1.feedforward_channels': 2048,
+    'model.test_cfg.rcnn.max_per_img': 300,
+    'optim_wrapper.optimizer': dict(type='AdamW', lr=1e-4,
+                                    weight_decay=0.05),
+    'param_scheduler.1.milestones': [8, 11],
+}
+
+
+def _unscoped_value(cfg, key):
+    value = _resolve(cfg, key)
+    return _unscoped(value.to_dict() if hasattr(value, 'to_dict') else value)
+
+
+@pytest.mark.parametrize('config,official', [
+    ('ddq_fcn/ddq-fcn_r50_1x_coco.py', DDQ_FCN_OFFICIAL),
+    ('ddq_rcnn/ddq-rcnn_r50_1x_coco.py', DDQ_RCNN_OFFICIAL)])
+def test_ddq_dense_configs_have_official_values(config, official):
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
+    wrong = {key: _unscoped_value(cfg, key) for key, value in official.items()
+             if _unscoped_value(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    head = getattr(model, 'bbox_head', None) or model.rpn_head
+    assert head.num_classes == 80 and head.nms_pre == 1000
+    assert head.main_loss.assigner.topk == 1
+    assert head.aux_loss.assigner.topk == 8
+    assert head.main_loss.loss_cls.beta == 2.0
+    if hasattr(model, 'rpn_head'):
+        assert tuple(model.rpn_head.compress.weight.shape) == (256, 512)
+        assert model.rpn_head.num_classes == 80  # not mmdet's RPN 1
+
+
+@pytest.mark.parametrize('config', [c for c, base in DDQ_DENSE_CONFIGS.items()
+                                    if base])
+def test_ddq_dense_3x_is_the_1x_with_detr_augmentation(config):
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
+    base = Config.fromfile(osp.join(REPO_ROOT, 'configs',
+                                    DDQ_DENSE_CONFIGS[config]))
+    assert _unscoped(cfg.model.to_dict()) == _unscoped(base.model.to_dict())
+    assert cfg.optim_wrapper.clip_grad == dict(max_norm=10, norm_type=2)
+    assert cfg.train_cfg.max_epochs == 36
+    assert cfg.param_scheduler[1].milestones == [27, 33]
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    assert [t['type'] for t in pipeline][2:4] == ['RandomFlip',
+                                                  'RandomChoice']
+
+
+@pytest.mark.parametrize('name', ['ddq-fcn-tiny_shapes.py',
+                                  'ddq-rcnn-tiny_shapes.py',
+                                  'atss-tiny_shapes.py',
+                                  'sparse-rcnn-tiny_shapes.py'])
+def test_dense_shapes_configs_build(name):
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
+    model = _build_model(cfg)
+    head = getattr(model, 'bbox_head', None) or model.roi_head.bbox_head[-1]
+    assert head.num_classes == 6
+    ours = type(model).__name__ in ('DDQFCN', 'DDQRCNN')
+    assert type(model).__module__.startswith('projects_detr_plus') == ours

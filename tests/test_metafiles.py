@@ -8,7 +8,8 @@ from conftest import REPO_ROOT
 
 # partial configs that other configs inherit, not models
 BASES = {'configs/shapes/shapes_runtime.py', 'configs/shapes/tiny_backbone.py',
-         'configs/shapes/co_detr_aux_heads.py'}
+         'configs/shapes/co_detr_aux_heads.py',
+         'configs/ddq_fcn/detr_augmentation.py'}
 
 
 def _metafiles():

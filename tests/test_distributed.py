@@ -135,7 +135,8 @@ def test_ddp_rank_without_ground_truth(tmp_path, model):
     'dino-tiny_shapes.py', 'deformable-detr-tiny_shapes.py',
     'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
     'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py',
-    'h-deformable-detr-tiny_shapes.py'])
+    'h-deformable-detr-tiny_shapes.py', 'ddq-fcn-tiny_shapes.py',
+    'ddq-rcnn-tiny_shapes.py'])
 def test_dist_train_script_on_cpu(repo_root, tmp_path, config):
     """tools/dist_train.sh, 2 gloo processes, sparse data (many images
     without boxes), 2 iterations and the final evaluation."""

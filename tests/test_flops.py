@@ -1,4 +1,5 @@
 """mmengine's complexity analysis counts the MSDeformAttn op."""
+import pytest
 import torch
 from mmengine.analysis import FlopAnalyzer
 
@@ -39,3 +40,26 @@ def test_dino_module_flops_include_the_op():
     by_op = analyzer.by_operator()
     assert by_op['ms_deform_attn'] > 0
     assert 'detr_plus::ms_deform_attn' not in analyzer.unsupported_ops()
+
+
+@pytest.mark.parametrize('config', ['ddq-fcn-tiny_shapes.py',
+                                    'ddq-rcnn-tiny_shapes.py'])
+def test_ddq_dense_detectors_flops(config):
+    """mmdet's get_flops path (``_forward`` traced by mmengine) works for
+    DDQ FCN / R-CNN, and counts the head (DDQ R-CNN: more than DDQ FCN's
+    conv head alone, for its Sparse R-CNN stages)."""
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from conftest import REPO_ROOT
+    from detr_testing import build, make_batch
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', config))
+    model = build(cfg.model).eval()
+    inputs, samples = make_batch(size=128)
+    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples))
+    model.forward = lambda x: model._forward(x, data['data_samples'])
+    by_module = FlopAnalyzer(model, data['inputs']).by_module()
+    head = 'bbox_head' if 'fcn' in config else 'roi_head'
+    assert by_module[head] > 0
+    assert by_module[''] > by_module['backbone'] + by_module[head]

@@ -82,7 +82,9 @@ def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     'configs/shapes/group-dino-tiny_shapes.py',
     'configs/shapes/h-dino-tiny_shapes.py',
     'configs/shapes/co-dino-tiny_shapes.py',
-    'configs/shapes/ddq-detr-tiny_shapes.py'])
+    'configs/shapes/ddq-detr-tiny_shapes.py',
+    'configs/shapes/ddq-fcn-tiny_shapes.py',
+    'configs/shapes/ddq-rcnn-tiny_shapes.py'])
 def test_amp_on_cpu_trains_with_bf16_autocast(repo_root, tmp_path, config):
     """Every method, 4 iterations of bf16 autocast: finite losses and
     gradient norms."""

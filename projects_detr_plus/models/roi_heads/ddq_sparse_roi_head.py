@@ -40,6 +40,7 @@ class DDQSparseRoIHead(SparseRoIHead):
     def loss(self, x, rpn_results_list, batch_data_samples):
         """As ``SparseRoIHead.loss``; proposals (N, ) ``valid`` are ignored
         (padding is trained as background, as released)."""
+        x = _roi_align_ready(x)
         return super().loss(x, self._fused(x, rpn_results_list),
                             batch_data_samples)
 
@@ -61,6 +62,7 @@ class DDQSparseRoIHead(SparseRoIHead):
     def forward(self, x, rpn_results_list, batch_data_samples):
         """As ``SparseRoIHead.forward`` (the tensors, e.g. for
         ``get_flops``), with the fusion when enabled."""
+        x = _roi_align_ready(x)
         return super().forward(x, self._fused(x, rpn_results_list),
                                batch_data_samples)
 
@@ -69,6 +71,7 @@ class DDQSparseRoIHead(SparseRoIHead):
         """As ``SparseRoIHead.predict_bbox`` (the top ``max_per_img``
         (proposal, class) pairs of the last stage), with padding proposals
         left out."""
+        x = _roi_align_ready(x)
         rpn_results_list = self._fused(x, rpn_results_list)
         proposals = [res.bboxes for res in rpn_results_list]
         if all(len(p) == 0 for p in proposals):
@@ -103,3 +106,12 @@ class DDQSparseRoIHead(SparseRoIHead):
                 img_meta['scale_factor']).repeat(2)
         return InstanceData(bboxes=boxes, scores=top_scores,
                             labels=top % num_classes)
+
+
+def _roi_align_ready(x):
+    """The pyramid in float32 where mmcv's RoIAlign has no kernel for its
+    dtype (bf16 on CPU, i.e. ``--amp`` without a GPU); the stages still
+    run under autocast."""
+    if x[0].dtype == torch.bfloat16 and x[0].device.type == 'cpu':
+        return tuple(level.float() for level in x)
+    return x

@@ -41,10 +41,28 @@ METHODS = {
     'sparse-rcnn': 'configs/shapes/sparse-rcnn-tiny_shapes.py',
     'ddq-rcnn': 'configs/shapes/ddq-rcnn-tiny_shapes.py',
 }
+# ablations: method -> (its base method, config options); the DDQ paper's
+# components that the released code does not have
+VARIANTS = {
+    'ddq-fcn+near-centre': ('ddq-fcn', {
+        'model.bbox_head.positives_near_centre': 9}),
+    'ddq-rcnn+near-centre': ('ddq-rcnn', {
+        'model.rpn_head.positives_near_centre': 9}),
+    'ddq-rcnn+query-fusion': ('ddq-rcnn', {
+        'model.roi_head.query_roi_fusion': True}),
+    'ddq-rcnn+flexible-roi': ('ddq-rcnn', {
+        'model.roi_head.bbox_roi_extractor.type': 'FlexibleRoIExtractor'}),
+}
+METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
+
+
+def method_options(method):
+    """The config options of ``method`` (empty for a shipped config)."""
+    return VARIANTS.get(method, (None, {}))[1]
 
 
 def run_one(config, seed, iters, interval, out, train_images=None,
-            val_images=None):
+            val_images=None, options=None):
     """Train ``config`` with ``seed``; write [(iteration, metrics)] to out."""
     import torch
     from mmengine.config import Config
@@ -62,6 +80,7 @@ def run_one(config, seed, iters, interval, out, train_images=None,
                                    metrics=dict(metrics or {})))
 
     cfg = Config.fromfile(osp.join(ROOT, config))
+    cfg.merge_from_dict(options or {})
     cfg.work_dir = tempfile.mkdtemp(prefix='convergence_')
     cfg.train_cfg.update(max_iters=iters, val_interval=interval)
     cfg.param_scheduler[-1].update(end=iters, milestones=[int(iters * 0.9)])
@@ -100,7 +119,8 @@ def launch(method, seed, args, workdir):
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     cmd = [sys.executable, __file__, '--run-one', METHODS[method],
            '--seed', str(seed), '--iters', str(args.iters), '--interval',
-           str(args.interval), '--result', out]
+           str(args.interval), '--result', out, '--options',
+           json.dumps(method_options(method))]
     for flag, value in (('--train-images', args.train_images),
                         ('--val-images', args.val_images)):
         if value:
@@ -185,6 +205,7 @@ def parse_args(argv=None):
     parser.add_argument('--run-one', help=argparse.SUPPRESS)
     parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
+    parser.add_argument('--options', default='{}', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.interval, args.seeds = 2, 1, [0]
@@ -196,7 +217,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.run_one:
         return run_one(args.run_one, args.seed, args.iters, args.interval,
-                       args.result, args.train_images, args.val_images)
+                       args.result, args.train_images, args.val_images,
+                       json.loads(args.options))
     if args.combine:
         runs, workdir = {}, None
         for path in args.combine:
@@ -218,6 +240,8 @@ def main(argv=None):
     result = dict(iters=args.iters, interval=args.interval, seeds=args.seeds,
                   jobs=args.jobs,
                   methods={m: METHODS.get(m) for m in runs},
+                  options={m: method_options(m) for m in runs
+                           if method_options(m)},
                   machine=dict(cpus=os.cpu_count(), platform=sys.platform),
                   date=time.strftime('%Y-%m-%d'), summary=summary, runs=runs)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)

@@ -45,9 +45,13 @@ def distinct_indices(boxes, scores, nms_cfg, candidates=None):
     if candidates is None:
         candidates = torch.ones_like(scores, dtype=torch.bool)
     image_ids, box_ids = candidates.nonzero(as_tuple=True)
-    # mmcv's NMS kernels are fp32 only
-    _, keep = batched_nms(boxes[image_ids, box_ids].detach().float(),
-                          scores[image_ids, box_ids].detach().float(),
+    boxes = boxes[image_ids, box_ids].detach().float()  # mmcv NMS: fp32
+    # batched_nms separates the images by offsets of (max coordinate + 1),
+    # which overlap when coordinates are negative (unclipped boxes): a
+    # translation to >= 0 keeps every IoU and the images apart
+    if len(boxes):
+        boxes = boxes - boxes.min()
+    _, keep = batched_nms(boxes, scores[image_ids, box_ids].detach().float(),
                           image_ids, dict(nms_cfg))
     kept_images, kept_boxes = image_ids[keep], box_ids[keep]
     return [kept_boxes[kept_images == b] for b in range(scores.shape[0])]

@@ -4,8 +4,10 @@ Two things are new against mmdet's ``SparseRoIHead``:
 
 - proposals may be padding (``valid`` False, zero boxes and features, as
   the released DDQ R-CNN pads images with fewer distinct queries): they are
-  trained like the released code trains them, but never become
-  predictions;
+  trained like the released code trains them, but at test a padded batch
+  runs image by image on the real proposals, so padding never becomes a
+  prediction and never changes one (the released code lets it into the
+  stages' self-attention);
 - ``query_roi_fusion`` (the paper's query distinctness enhancement, not in
   the released code): before the first stage each proposal feature is
   concatenated with its RoI feature averaged to 1x1 and mapped back to the
@@ -69,33 +71,52 @@ class DDQSparseRoIHead(SparseRoIHead):
     def predict_bbox(self, x, batch_img_metas, rpn_results_list,
                      rcnn_test_cfg, rescale=False):
         """As ``SparseRoIHead.predict_bbox`` (the top ``max_per_img``
-        (proposal, class) pairs of the last stage), with padding proposals
-        left out."""
+        (proposal, class) pairs of the last stage), without the padding:
+        when the batch is padded, each image runs alone on its real
+        proposals, so padding neither becomes a prediction nor enters the
+        stages' self-attention (an image predicts the same in any batch)."""
         x = _roi_align_ready(x)
         rpn_results_list = self._fused(x, rpn_results_list)
-        proposals = [res.bboxes for res in rpn_results_list]
-        if all(len(p) == 0 for p in proposals):
+        if all(len(res) == 0 for res in rpn_results_list):
             return empty_instances(batch_img_metas, x[0].device,
                                    task_type='bbox')
-        object_feats = torch.stack([res.features for res in rpn_results_list])
+        if all(bool(res.valid.all()) for res in rpn_results_list
+               if 'valid' in res):
+            return self._predict_images(x, batch_img_metas, rpn_results_list,
+                                        rescale)
+        results = []
+        for image, (res, meta) in enumerate(zip(rpn_results_list,
+                                                batch_img_metas)):
+            real = res[res.valid] if 'valid' in res else res
+            if len(real) == 0:
+                results += empty_instances([meta], x[0].device,
+                                           task_type='bbox')
+                continue
+            results += self._predict_images(
+                tuple(level[image:image + 1] for level in x), [meta],
+                [real], rescale)
+        return results
+
+    def _predict_images(self, x, batch_img_metas, proposals, rescale):
+        """The stages on a batch with the same number of proposals per
+        image; the detections of each image."""
+        boxes = [res.bboxes for res in proposals]
+        object_feats = torch.stack([res.features for res in proposals])
         for stage in range(self.num_stages):
-            results = self._bbox_forward(stage, x, bbox2roi(proposals),
+            results = self._bbox_forward(stage, x, bbox2roi(boxes),
                                          object_feats, batch_img_metas)
             object_feats = results['object_feats']
-            proposals = results['detached_proposals']
+            boxes = results['detached_proposals']
         scores = results['cls_score']  # (B, N, C) logits
         if self.bbox_head[-1].loss_cls.use_sigmoid:
             scores = scores.sigmoid()
         else:
             scores = scores.softmax(-1)[..., :-1]
-        return [self._top_pairs(scores[i], proposals[i], res, meta, rescale)
-                for i, (res, meta) in enumerate(zip(rpn_results_list,
-                                                    batch_img_metas))]
+        return [self._top_pairs(scores[i], boxes[i], meta, rescale)
+                for i, meta in enumerate(batch_img_metas)]
 
-    def _top_pairs(self, scores, boxes, proposal, img_meta, rescale):
+    def _top_pairs(self, scores, boxes, img_meta, rescale):
         """scores (N, C), boxes (N, 4) -> the image's detections."""
-        if 'valid' in proposal:
-            scores, boxes = scores[proposal.valid], boxes[proposal.valid]
         num_classes = scores.shape[1]
         flat = scores.flatten()
         top_scores, top = flat.topk(min(self.test_cfg.max_per_img,

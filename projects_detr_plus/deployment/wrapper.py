@@ -69,6 +69,13 @@ class ExportableDetector(nn.Module):
         if getattr(detector.positional_encoding, 'normalize', None) is None:
             raise TypeError('only SinePositionalEncoding is supported, got '
                             f'{type(detector.positional_encoding).__name__}')
+        nms = (detector.test_cfg or {}).get('nms')
+        if nms:
+            raise ValueError(
+                f'test_cfg.nms={dict(nms)} (NMS after the detector, e.g. '
+                "Co-DINO's official soft-NMS) is not part of the exported "
+                'graph: export with --cfg-options model.test_cfg.nms=None '
+                'for the NMS-free detections and apply it to them')
         self.detector = detector
         test_cfg = detector.bbox_head.test_cfg or {}
         self.max_per_img = test_cfg.get('max_per_img', detector.num_queries)

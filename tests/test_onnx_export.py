@@ -31,9 +31,9 @@ from test_msda_op import SHAPE_CASES, make_inputs  # noqa: E402
 import projects_detr_plus.ops as ops  # noqa: E402
 
 SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
-# the exporter takes the DETR detectors; DDQ FCN / R-CNN and mmdet's
-# baselines (ATSS, Sparse R-CNN) are not exported yet
-EXPORTED_TYPES = ('DeformableDETRPlus', 'DINOPlus', 'DDQDETRPlus')
+# what the exporter takes: the DETRs and DDQ FCN (not DDQ R-CNN, nor
+# mmdet's baselines ATSS and Sparse R-CNN)
+EXPORTED_TYPES = ('DeformableDETRPlus', 'DINOPlus', 'DDQDETRPlus', 'DDQFCN')
 
 
 def _exported(path):
@@ -330,6 +330,31 @@ def test_ddq_onnx_runtime_matches_predict(deploy, tmp_path):
     assert counts[1][0] < 600
 
 
+def test_ddq_fcn_onnx_runtime_matches_predict(deploy, tmp_path):
+    """DDQ FCN: dense candidates, their distinct-query NMS in the graph and
+    the top (query, class) pairs.  Boxes 4.5 strides a side overlap, so NMS
+    suppresses; with ``num_distinct_queries`` = all 2046 pairs of a 128 x
+    128 image, the suppressed queries leave empty rows, as predict returns
+    fewer boxes.  Exported at 256 x 256, run at 128 x 128 (P7 1 x 1) and
+    odd sizes."""
+    model = build('ddq-fcn-tiny_shapes.py',
+                  {'model.bbox_head.num_distinct_queries': 2046})
+    with torch.no_grad():
+        model.bbox_head.conv_reg.bias.fill_(1.5)
+    counts = export_and_compare(deploy, model, tmp_path,
+                                [(2, 3, 128, 128), (1, 3, 160, 96),
+                                 (3, 3, 96, 160)],
+                                export_shape=(2, 3, 256, 256))
+    assert 0 < max(counts[0]) < 2046  # NMS suppressed some queries
+
+
+def test_ddq_fcn_export_needs_levels_above_one_pixel(deploy, tmp_path):
+    model = build('ddq-fcn-tiny_shapes.py')
+    with pytest.raises(ValueError, match='at least 129 pixels'):
+        deploy.export_onnx(model, str(tmp_path / 'm.onnx'),
+                           input_shape=(2, 3, 128, 128))
+
+
 def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):
     import mmcv
     model, out = dino_export
@@ -402,9 +427,13 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path, module):
                                     if c not in FAST_CONFIGS])
 def test_shapes_config_onnx_matches_predict(deploy, config, tmp_path):
     model = build(config)
+    # DDQ FCN's P7 must be > 1 pixel in the example (256: 2 x 2)
+    size = 128 if getattr(deploy.exportable(model), 'min_dynamic_size',
+                          1) <= 128 else 256
     export_and_compare(deploy, model, tmp_path,
                        [(2, 3, 128, 128), (1, 3, 160, 112), (3, 3, 96,
-                                                             160)])
+                                                             160)],
+                       export_shape=(2, 3, size, size))
 
 
 @pytest.mark.slow
@@ -415,8 +444,8 @@ def test_coco_config_onnx_matches_predict(deploy, config, tmp_path):
     path = osp.join(REPO_ROOT, 'configs', config)
     # soft-NMS after the detector (Co-DINO) is not exported: compared as
     # the export tool's error message tells users to export it
-    no_nms = {'model.test_cfg.nms': None} if Config.fromfile(
-        path).model.get('test_cfg', {}).get('nms') else None
+    test_cfg = Config.fromfile(path).model.get('test_cfg') or {}
+    no_nms = {'model.test_cfg.nms': None} if test_cfg.get('nms') else None
     model = build(path, no_nms)
     export_and_compare(deploy, model, tmp_path,
                        [(1, 3, 256, 256), (2, 3, 224, 288)],

@@ -12,10 +12,11 @@ onnx, onnxruntime and onnxscript are needed only when exporting or running
 (``pip install "projects_detr_plus[deploy]"``); a clear ImportError names
 the extra when they are missing.
 """
-from .export import export_onnx, translation_table
+from .ddq_fcn_wrapper import ExportableDDQFCN
+from .export import export_onnx, exportable, translation_table
 from .requirements import require
 from .runtime import OnnxDetector
 from .wrapper import ExportableDetector
 
-__all__ = ['ExportableDetector', 'export_onnx', 'translation_table',
+__all__ = ['ExportableDetector', 'ExportableDDQFCN', 'exportable', 'export_onnx', 'translation_table',
            'OnnxDetector', 'require']

@@ -9,6 +9,7 @@ import torch
 from ..ops.onnx_lowering import MSDA_MODES, msda_translation_table
 from . import nms
 from .requirements import require
+from .ddq_fcn_wrapper import ExportableDDQFCN
 from .wrapper import ExportableDetector
 
 __all__ = ['export_onnx', 'translation_table', 'INPUT_NAME', 'OUTPUT_NAMES']
@@ -132,6 +133,16 @@ def _optimize(program) -> None:
         program.model = onnx_ir.from_proto(backup)
 
 
+def exportable(detector):
+    """The traceable ``inputs -> (dets, labels)`` module of ``detector``:
+    :class:`ExportableDDQFCN` for DDQ FCN, else
+    :class:`ExportableDetector` (the DETRs)."""
+    from ..models.detectors.ddq_fcn import DDQFCN
+    if isinstance(detector, DDQFCN):
+        return ExportableDDQFCN(detector)
+    return ExportableDetector(detector)
+
+
 def export_onnx(detector: torch.nn.Module, out: str,
                 input_shape: Sequence[int] = (2, 3, 640, 640),
                 dynamic_batch: bool = True, dynamic_size: bool = True,
@@ -181,7 +192,14 @@ def export_onnx(detector: torch.nn.Module, out: str,
                          f'{tuple(input_shape)}')
     if dynamic_batch and shape[0] == 1:
         shape[0] = 2
-    wrapper = ExportableDetector(detector.eval()).eval()
+    wrapper = exportable(detector.eval()).eval()
+    smallest = getattr(wrapper, 'min_dynamic_size', 1)
+    if dynamic_size and min(shape[2:]) < smallest:
+        raise ValueError(
+            f'input_shape {tuple(shape)}: a dynamic-size export of '
+            f'{type(detector).__name__} needs an example of at least '
+            f'{smallest} pixels a side (torch.export would fix its '
+            'smallest feature level to 1 pixel)')
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     example = example.to(next(detector.parameters()).device)
     exported, divisor = export_program(wrapper, example, dynamic_batch,

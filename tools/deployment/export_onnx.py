@@ -7,7 +7,8 @@
 The file takes the preprocessed batch ``input`` (B, 3, H, W) float32 (the
 config's data preprocessor output: normalised, BGR->RGB as configured) and
 returns ``dets`` (B, K, 5) (x1, y1, x2, y2 in input pixels, score) and
-``labels`` (B, K) (-1 for empty rows), K = ``test_cfg.max_per_img``.  Batch
+``labels`` (B, K) (-1 for empty rows), K = ``test_cfg.max_per_img`` (DDQ FCN:
+``num_distinct_queries``).  Batch
 and image size are dynamic unless ``--static-batch`` / ``--static-size``.
 Needs the deploy extra: ``pip install "projects_detr_plus[deploy]"``.
 """

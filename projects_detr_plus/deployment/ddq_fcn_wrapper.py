@@ -1,0 +1,66 @@
+"""DDQ FCN's inference graph as one traceable module.
+
+Same contract as :class:`~.wrapper.ExportableDetector` (preprocessed batch
+in, ``dets`` (B, K, 5) and ``labels`` (B, K) out, K the head's
+``num_distinct_queries``, empty rows score 0 / label -1).  The head's own
+code runs, with one substitution: the distinct-query NMS (mmcv's
+``batched_nms``, ragged results) becomes the fixed-shape
+:func:`~.nms.nms_keep` mask, and the top (query, class) pairs are taken
+over the kept queries of the whole batch at once.
+"""
+import torch
+from torch import nn
+
+from ..models.detectors.ddq_fcn import DDQFCN
+from .nms import nms_keep
+
+__all__ = ['ExportableDDQFCN']
+
+
+class ExportableDDQFCN(nn.Module):
+    """A :class:`DDQFCN`'s inference as ``inputs -> (dets, labels)``."""
+
+    def __init__(self, detector):
+        super().__init__()
+        if not isinstance(detector, DDQFCN):
+            raise TypeError('ExportableDDQFCN takes a DDQFCN, got '
+                            f'{type(detector).__name__}')
+        head = detector.bbox_head
+        if head.dqs_cfg.get('type', 'nms') != 'nms' or set(head.dqs_cfg) - {
+                'type', 'iou_threshold'}:
+            raise ValueError('only dqs_cfg=dict(type="nms", iou_threshold=...,'
+                             f' nms_pre=...) exports, got {head.dqs_cfg}')
+        self.detector = detector
+        self.max_per_img = head.num_distinct_queries
+        # torch.export fixes a size of 1 as a constant: with a dynamic size
+        # the example must give every level (down to the largest stride)
+        # at least 2 pixels a side (P7 = ceil(size / 128))
+        self.min_dynamic_size = max(head.strides) + 1
+
+    def forward(self, inputs):
+        """inputs (B, 3, H, W) -> dets (B, K, 5), labels (B, K)."""
+        if inputs.dim() != 4:
+            raise ValueError('inputs must be (B, C, H, W), got shape '
+                             f'{tuple(inputs.shape)}')
+        head = self.detector.bbox_head
+        scores, distances = head(self.detector.extract_feat(inputs))[:2]
+        scores, boxes, _ = head.candidates(scores, distances)  # (B, n, .)
+        keep = nms_keep(boxes, scores.max(-1).values,
+                        head.dqs_cfg['iou_threshold'])
+        num_classes = scores.shape[-1]
+        kept_scores = (scores * keep[..., None]).flatten(1)  # (B, n * C)
+        # K zero scores appended: always K rows, empty where n * C < K
+        kept_scores = torch.cat([kept_scores, kept_scores.new_zeros(
+            kept_scores.shape[0], self.max_per_img)], dim=1)
+        top_scores, index = kept_scores.topk(self.max_per_img, dim=1)
+        query = (index // num_classes).clamp(max=boxes.shape[1] - 1)
+        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        h, w = inputs.shape[2], inputs.shape[3]
+        scale = torch.tensor([w, h, w, h], dtype=boxes.dtype,
+                             device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0), scale)
+        # suppressed queries (score 0) fill the rows predict() leaves out
+        valid = top_scores > 0
+        dets = torch.cat([boxes, top_scores[..., None]], -1) * valid[..., None]
+        labels = torch.where(valid, index % num_classes, -1)
+        return dets, labels

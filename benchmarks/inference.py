@@ -87,9 +87,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
+    mmdet = 'mmdet baseline' if result['mmdet_is_baseline_method'] \
+        else 'mmdet'
     for row in result['results']:
         lat, ips = row['latency_s'], row['images_per_s']
-        print(f"{args.pair} batch {row['batch_size']}: mmdet "
+        print(f"{args.pair} batch {row['batch_size']}: {mmdet} "
               f"{lat['mmdet'] * 1e3:.0f} ms ({ips['mmdet']:.1f} img/s), ours "
               f"{lat['ours'] * 1e3:.0f} ms ({ips['ours']:.1f} img/s), "
               f"speed-up {row['speedup_vs_mmdet']:.2f}x")

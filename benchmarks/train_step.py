@@ -287,9 +287,11 @@ def main(argv=None):
         return measure_memory_only(args)
     result = run(args)
     seconds = result['seconds_per_step']
+    mmdet = 'mmdet baseline' if result['mmdet_is_baseline_method'] \
+        else 'mmdet'
     print(f"{result['pair']} on {args.device} ({args.image_size}px, batch "
-          f"{args.batch_size}): mmdet {seconds['mmdet'] * 1e3:.0f} ms/step, "
-          f"ours {seconds['ours'] * 1e3:.0f} ms/step, speed-up "
+          f"{args.batch_size}): {mmdet} {seconds['mmdet'] * 1e3:.0f} ms/step,"
+          f" ours {seconds['ours'] * 1e3:.0f} ms/step, speed-up "
           f"{result['speedup_vs_mmdet']:.2f}x")
     if 'peak_memory_mb' in result:
         memory = result['peak_memory_mb']

@@ -151,3 +151,31 @@ def test_activation_checkpointing_benchmark_quick(repo_root, tmp_path):
     for r in settings.values():
         assert r['peak_mb'] > 0 and r['seconds'] > 0
     assert '| encoder-4 (official) |' in proc.stdout
+
+
+def test_train_step_benchmark_against_a_baseline_method(repo_root, tmp_path):
+    """DDQ FCN against mmdet's ATSS: different models, no shared weights."""
+    out = tmp_path / 'step.json'
+    proc = run_tool([osp.join(repo_root, 'benchmarks/train_step.py'),
+                     '--pair', 'ddq-fcn-tiny', '--quick', '--skip-memory',
+                     '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result['mmdet_is_baseline_method'] is True
+    assert result['configs'][1] == 'configs/shapes/atss-tiny_shapes.py'
+    assert min(result['seconds_per_step'].values()) > 0
+    assert 'mmdet baseline' in proc.stdout
+
+
+def test_convergence_variant_applies_its_options(repo_root, tmp_path):
+    """An ablation variant trains its base config with its options."""
+    out = tmp_path / 'conv'
+    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
+              '--methods', 'ddq-fcn+near-centre', '--workdir',
+              str(tmp_path / 'runs'), '--out', str(out)], cwd=tmp_path)
+    result = json.loads((tmp_path / 'conv.json').read_text())
+    assert result['methods']['ddq-fcn+near-centre'] == \
+        'configs/shapes/ddq-fcn-tiny_shapes.py'
+    assert result['options'] == {'ddq-fcn+near-centre': {
+        'model.bbox_head.positives_near_centre': 9}}
+    log = (tmp_path / 'runs' / 'ddq-fcn+near-centre_seed0.log').read_text()
+    assert 'positives_near_centre=9' in log

@@ -432,7 +432,7 @@ DDQ_FCN_OFFICIAL = {
     'optim_wrapper.optimizer': dict(type='AdamW', lr=5e-5,
                                     weight_decay=0.1),
     'train_cfg.max_epochs': 12,
-    'param_scheduler.0.end': 500,
+    'param_scheduler.0.end': 501,
     'param_scheduler.0.start_factor': 0.001,
     'param_scheduler.1.milestones': [8, 11],
     'train_dataloader.batch_size': 2,

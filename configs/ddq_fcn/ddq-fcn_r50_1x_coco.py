@@ -45,8 +45,8 @@ model = dict(
         dqs_cfg=dict(type='nms', iou_threshold=0.7, nms_pre=1000),  # cfg
         num_distinct_queries=300,  # head
         shuffle_channels=64,  # head (`shuffle_channles`)
-        shuffled_cls_convs=2,  # head: cls convs with index > 1
-        shuffled_reg_convs=1,  # head: reg convs with index > 2
+        # head: the last 2 cls convs and the last reg conv shuffle
+        # (shuffled_cls_convs / shuffled_reg_convs None: stacked_convs - 2, - 3)
         # head: main_loss (top-1) and aux_loss (top-8): QFL beta 2, GIoU 2,
         # TopkHungarianAssigner (FocalLossCost 2 on logits, L1 5, GIoU 2),
         # alignment alpha 1, beta 6 -- the DDQFCNHead defaults
@@ -57,3 +57,13 @@ model = dict(
 # cfg: AdamW 1e-4 * 0.5, weight decay 0.1; no gradient clip (schedule_1x)
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=5e-5, weight_decay=0.1))
+
+# schedule_1x: 12 epochs, steps 8 / 11, linear warmup from 0.001 over 500
+# iterations -- ending as mmcv 1.x's (full lr at iteration 500: end=501)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
+         end=501),
+    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
+         milestones=[8, 11], gamma=0.1)
+]
+randomness = dict(seed=0)  # official tools/train.sh: --seed 0

@@ -103,3 +103,13 @@ model = dict(
 # cfg: AdamW 1e-4, weight decay 0.05; no gradient clip (schedule_1x)
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=0.05))
+
+# schedule_1x: 12 epochs, steps 8 / 11, linear warmup from 0.001 over 500
+# iterations -- ending as mmcv 1.x's (full lr at iteration 500: end=501)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
+         end=501),
+    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
+         milestones=[8, 11], gamma=0.1)
+]
+randomness = dict(seed=0)  # official tools/train.sh: --seed 0

@@ -83,8 +83,9 @@ class DDQFCNHead(AnchorFreeHead):
             config writes it.
         num_distinct_queries (int): predictions per image at test.
         shuffle_channels (int): channels exchanged per neighbour.
-        shuffled_cls_convs / shuffled_reg_convs (int): how many of the last
-            convs of each tower shuffle (official: 2 and 1).
+        shuffled_cls_convs / shuffled_reg_convs (int, optional): how many of
+            the last convs of each tower shuffle; None: as released,
+            ``stacked_convs - 2`` and ``stacked_convs - 3``.
         main_loss / aux_loss (dict): mmdet ``DDQAuxLoss`` configs of the
             one-to-one and one-to-many losses.
         positives_near_centre (int, optional): the seed's option: only the
@@ -98,7 +99,7 @@ class DDQFCNHead(AnchorFreeHead):
                  strides=(8, 16, 32, 64, 128),
                  dqs_cfg=dict(type='nms', iou_threshold=0.7, nms_pre=1000),
                  num_distinct_queries=300, shuffle_channels=64,
-                 shuffled_cls_convs=2, shuffled_reg_convs=1,
+                 shuffled_cls_convs=None, shuffled_reg_convs=None,
                  main_loss=_one_to_k_loss(1), aux_loss=_one_to_k_loss(8),
                  positives_near_centre=None, **kwargs):
         dqs_cfg = dict(dqs_cfg)
@@ -106,13 +107,22 @@ class DDQFCNHead(AnchorFreeHead):
         self.dqs_cfg = dqs_cfg
         self.num_distinct_queries = num_distinct_queries
         self.shuffle_channels = shuffle_channels
-        self.shuffled_cls_convs = shuffled_cls_convs
-        self.shuffled_reg_convs = shuffled_reg_convs
         self.positives_near_centre = positives_near_centre
         super().__init__(num_classes, in_channels, strides=strides, **kwargs)
+        self.shuffled_cls_convs = max(0, self.stacked_convs - 2) \
+            if shuffled_cls_convs is None else shuffled_cls_convs
+        self.shuffled_reg_convs = max(0, self.stacked_convs - 3) \
+            if shuffled_reg_convs is None else shuffled_reg_convs
         if self.feat_channels < 2 * shuffle_channels:
             raise ValueError(f'feat_channels ({self.feat_channels}) must be '
                              f'at least 2 * shuffle_channels')
+        for loss in (main_loss, aux_loss):
+            metric = (loss['train_cfg'].get('alpha', 1),
+                      loss['train_cfg'].get('beta', 6))
+            if metric != (1, 6):  # mmdet 3.3 does not pass them on
+                raise ValueError('mmdet 3.3 DDQAuxLoss assigns with '
+                                 'alignment alpha=1, beta=6 whatever its '
+                                 f'train_cfg says; got {metric}')
         self.main_loss = DDQAuxLoss(**main_loss)
         self.aux_loss = DDQAuxLoss(**aux_loss)
 

@@ -41,8 +41,8 @@ METHODS = {
     'sparse-rcnn': 'configs/shapes/sparse-rcnn-tiny_shapes.py',
     'ddq-rcnn': 'configs/shapes/ddq-rcnn-tiny_shapes.py',
 }
-# ablations: method -> (its base method, config options); the DDQ paper's
-# components that the released code does not have
+# variants: method -> (its base method, config options): the DDQ paper's
+# components that the released code does not have, and a baseline check
 VARIANTS = {
     'ddq-fcn+near-centre': ('ddq-fcn', {
         'model.bbox_head.positives_near_centre': 9}),
@@ -52,6 +52,9 @@ VARIANTS = {
         'model.roi_head.query_roi_fusion': True}),
     'ddq-rcnn+flexible-roi': ('ddq-rcnn', {
         'model.roi_head.bbox_roi_extractor.type': 'FlexibleRoIExtractor'}),
+    # the baseline at DDQ R-CNN's learning rate (its own is 4x lower)
+    'sparse-rcnn+lr1e-3': ('sparse-rcnn', {
+        'optim_wrapper.optimizer.lr': 1e-3}),
 }
 METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
 

@@ -6,6 +6,11 @@
 Not collected by the default test run (no ``test_`` file prefix): CI machines
 have no GPU. Every check skips without CUDA; without the compiled CUDA kernel
 they fail when ``DETR_PLUS_REQUIRE_EXT=1`` and skip otherwise.
+
+The fallback to mmcv's CUDA kernel is checked for real with mmcv's op, from
+the installed mmcv or, on a machine without mmcv, built from its sdist
+(``DETR_PLUS_MMCV_SRC=mmcv-2.1.0.tar.gz``, built in
+``DETR_PLUS_MMCV_BUILD``, see ``tools/gpu_check.sh``).
 """
 import os
 import os.path as osp
@@ -49,19 +54,23 @@ def make_inputs(shapes, bs=2, nq=9, nh=4, dims=32, npts=4,
             starts.to(device), loc.to(device, dtype), attn.to(device, dtype))
 
 
-def run(value, shapes, starts, loc, attn, seed=1):
+def run(value, shapes, starts, loc, attn, seed=1, grad_dtype=None):
+    """Output and the three grads for a random output grad, drawn in
+    float32 and rounded to ``grad_dtype`` (default: the output's)."""
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
     out = ops.multi_scale_deformable_attn(leaves[0], shapes, starts,
                                           leaves[1], leaves[2])
     gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(out.shape, generator=gen).to(out)
+    grad = torch.randn(out.shape, generator=gen)
+    grad = grad.to(grad_dtype or out.dtype).to(out)
     return (out.detach(),) + torch.autograd.grad(out, leaves, grad)
 
 
 def cpu_fp64_reference(args):
-    """The same inputs on the CPU in float64 (compiled CPU or PyTorch)."""
+    """The same inputs on the CPU in float64 (compiled CPU or PyTorch), with
+    the output grad rounded as ``run`` rounds it for ``args``."""
     return run(*(t.detach().cpu().double() if t.is_floating_point()
-                 else t.cpu() for t in args))
+                 else t.cpu() for t in args), grad_dtype=args[0].dtype)
 
 
 def compare(got, want, rtol, atol):
@@ -217,6 +226,70 @@ def test_large_batch_no_divisibility_rule():
     need_cuda_kernel()
     args = make_inputs([(8, 8), (4, 4)], bs=67, nq=5, nh=2, dims=16)
     compare(run(*args), cpu_fp64_reference(args), 1e-4, 1e-4)
+
+
+def test_dino_encoder_size_matches_pytorch_path():
+    """DINO's encoder at 800x1333, batch 2 (22223 queries): fp32 kernel
+    against the PyTorch path on the GPU, and bf16 against fp32."""
+    need_cuda_kernel()
+    from benchmarks.msda_op import level_shapes, make_inputs as bench_inputs
+    spec = dict(role='encoder', locations='realistic', batch=2,
+                shapes=[list(x) for x in level_shapes(800, 1333)])
+    args = bench_inputs(spec, DEV)
+    got = run(*args)
+    with ops.force_pytorch():
+        want = run(*args)
+    compare(got, want, rtol=1e-3, atol=1e-3)
+    value, shapes, starts, loc, attn = args
+    half = run(value.bfloat16(), shapes, starts, loc, attn)  # AMP's dtypes
+    torch.testing.assert_close(half[0].float(), want[0], rtol=0.02,
+                               atol=0.02)
+
+
+def mmcv_ext_module():
+    """mmcv._ext, or mmcv's MSDeformAttn CUDA op built from its sdist."""
+    try:
+        from mmcv.utils import ext_loader
+        return ext_loader.load_ext('_ext', ['ms_deform_attn_forward',
+                                            'ms_deform_attn_backward'])
+    except ImportError:
+        pass
+    src = os.environ.get('DETR_PLUS_MMCV_SRC')
+    if not src:
+        pytest.skip('no mmcv: set DETR_PLUS_MMCV_SRC=mmcv-2.1.0.tar.gz')
+    from benchmarks.msda_op import build_mmcv_cuda
+    return build_mmcv_cuda(src, os.environ.get('DETR_PLUS_MMCV_BUILD'))
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
+                                   torch.bfloat16])
+def test_fallback_to_mmcv_kernel(dtype):
+    """Our kernel made unusable: the op warns once and runs mmcv's CUDA
+    kernel (float32 for 16-bit values), with the reference's results."""
+    from projects_detr_plus.ops import msda
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device')
+    ext = mmcv_ext_module()
+    saved = (msda._mmcv_ext, msda._compiled_problem,
+             set(msda._state['warned']), dict(msda._state['selftest']))
+    msda._mmcv_ext = lambda: ext
+    msda._compiled_problem = lambda device: 'simulated: kernel unusable'
+    msda._state['warned'].clear()
+    msda._state['selftest'].clear()
+    try:
+        assert ops.active_implementation('cuda') == 'mmcv'
+        args = make_inputs([(16, 16), (8, 8), (4, 4), (2, 2)], bs=3, nh=8,
+                           dims=32, dtype=dtype)
+        with pytest.warns(RuntimeWarning, match="mmcv's CUDA kernel"):
+            got = run(*args)
+        want = cpu_fp64_reference(args)
+        tol = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-4),
+               torch.bfloat16: (2e-2, 8e-2)}[dtype]
+        compare(got, want, *tol)
+        assert got[0].dtype == dtype
+    finally:
+        msda._mmcv_ext, msda._compiled_problem = saved[:2]
+        msda._state['warned'], msda._state['selftest'] = saved[2:]
 
 
 def main():

@@ -510,3 +510,151 @@ def test_extension_loads_when_required():
         pytest.skip('DETR_PLUS_REQUIRE_EXT is not set')
     assert _ext.load_ext() is not None, _ext.ext_error()
     assert ops.active_implementation('cpu') == 'compiled'
+
+
+# --------------------------------------------------------------------------
+# mmcv's CUDA kernel as the GPU fallback, faked on the CPU
+# --------------------------------------------------------------------------
+class FakeMmcvExt:
+    """mmcv._ext's MSDeformAttn entry points with mmcv's contract (same dtype
+    everywhere, contiguous, int64 indices, batch divisible by im2col_step,
+    grads written in place), computed by the PyTorch path. Records calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _check(self, tensors, shapes, starts, im2col_step):
+        assert len({t.dtype for t in tensors}) == 1, 'mixed dtypes'
+        assert tensors[0].dtype in (torch.float32, torch.float64, torch.half)
+        assert all(t.is_contiguous() for t in tensors + [shapes, starts])
+        assert shapes.dtype == starts.dtype == torch.int64
+        batch = tensors[0].shape[0]
+        assert batch % min(batch, im2col_step) == 0
+
+    def ms_deform_attn_forward(self, value, shapes, starts, loc, attn,
+                               im2col_step):
+        self._check([value, loc, attn], shapes, starts, im2col_step)
+        self.calls.append(('forward', value.dtype, im2col_step))
+        return msda.multi_scale_deformable_attn_pytorch(value, shapes, loc,
+                                                        attn)
+
+    def ms_deform_attn_backward(self, value, shapes, starts, loc, attn,
+                                grad_output, grad_value, grad_loc, grad_attn,
+                                im2col_step):
+        self._check([value, loc, attn, grad_output, grad_value, grad_loc,
+                     grad_attn], shapes, starts, im2col_step)
+        self.calls.append(('backward', value.dtype, im2col_step))
+        with msda.force_pytorch():
+            grads = msda._pytorch_backward(
+                grad_output, value, [tuple(s) for s in shapes.tolist()], loc,
+                attn)
+        for out, grad in zip((grad_value, grad_loc, grad_attn), grads):
+            out += grad
+
+
+@pytest.fixture
+def fake_mmcv(monkeypatch):
+    ext = FakeMmcvExt()
+    monkeypatch.setattr(msda, '_mmcv_ext', lambda: ext)
+    return ext
+
+
+@pytest.mark.parametrize('batch,step', [(1, 1), (3, 3), (64, 64), (96, 32),
+                                        (130, 2)])
+def test_mmcv_im2col_step_divides_the_batch(batch, step):
+    assert msda._mmcv_im2col_step(batch) == step
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
+                                   torch.bfloat16, torch.float16])
+def test_mmcv_wrappers_match_reference(fake_mmcv, dtype):
+    """16-bit values go to mmcv in float32 (bf16 works, fp16 accumulates in
+    float32); results come back in the caller's dtypes."""
+    value, shapes, starts, loc, attn = make_inputs([(4, 3), (2, 2)], bs=3,
+                                                   nq=4, dims=8)
+    value = value.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    loc32, attn32 = loc.float(), attn.float()
+    if dtype == torch.float64:
+        loc32, attn32 = loc, attn
+    out = msda._mmcv_forward(value, shapes, starts, loc32, attn32)
+    ct = msda._compute_dtype(dtype)
+    want = reference(value.to(ct), shapes, starts, loc32.to(ct),
+                     attn32.to(ct))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.to(ct), want.to(dtype).to(ct))
+    grad = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    gv, gl, ga = msda._mmcv_backward(grad, value, shapes, starts, loc32,
+                                     attn32)
+    assert (gv.dtype, gl.dtype, ga.dtype) == (dtype, loc32.dtype, attn32.dtype)
+    wants = msda._pytorch_backward(grad, value, [(4, 3), (2, 2)], loc32,
+                                   attn32)
+    for got, wanted in zip((gv, gl, ga), wants):
+        torch.testing.assert_close(got, wanted)
+    assert fake_mmcv.calls == [('forward', ct, 3), ('backward', ct, 3)]
+
+
+def test_mmcv_backward_alerts_in_deterministic_mode(fake_mmcv):
+    args = make_inputs([(3, 3)], bs=2)
+    grad = torch.ones(2, 5, 8, dtype=torch.float64)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match='deterministic'):
+            msda._mmcv_backward(grad, *args)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match='deterministic'):
+            msda._mmcv_backward(grad, *args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_op_falls_back_to_mmcv_with_one_warning(fake_mmcv, monkeypatch,
+                                                fresh_selection):
+    """Our kernel unusable where mmcv's works (faked for the CPU device):
+    the op runs mmcv's kernel, forward and backward, after one warning."""
+    monkeypatch.setattr(msda, '_compiled_problem',
+                        lambda device: 'simulated broken kernel')
+    monkeypatch.setattr(msda, '_fallback', lambda device: 'mmcv')
+    args = make_inputs([(5, 4), (2, 3)], bs=2, nq=6, nh=2, dims=4)
+    with pytest.warns(RuntimeWarning, match=r"simulated broken kernel.*"
+                      r"falling back to mmcv's CUDA kernel"):
+        got = run(ours, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        run(ours, *args)
+    assert [c[0] for c in fake_mmcv.calls] == ['forward', 'backward'] * 2
+    assert_all_close(got, run(reference, *args), torch.float64)
+    assert ops.active_implementation('cpu') == 'mmcv'
+
+
+def test_mmcv_fallback_needs_a_working_mmcv_kernel(monkeypatch,
+                                                   fresh_selection):
+    cuda = torch.device('cuda')
+    assert 'no compiled' in msda._mmcv_problem(torch.device('cpu'))
+
+    def missing():
+        raise ImportError('simulated mmcv without _ext')
+
+    monkeypatch.setattr(msda, '_mmcv_ext', missing)
+    assert 'simulated mmcv without _ext' in msda._mmcv_problem(cuda)
+    assert msda._fallback(cuda) == 'pytorch'
+    # a kernel that computes garbage fails the self-test
+    ext = FakeMmcvExt()
+    ext.ms_deform_attn_forward = lambda value, shapes, starts, loc, attn, \
+        step: value.new_zeros(value.shape[0], loc.shape[1],
+                              value.shape[2] * value.shape[3])
+    monkeypatch.setattr(msda, '_mmcv_ext', lambda: ext)
+    assert 'self-test' in msda._selftest(torch.device('cpu'),
+                                         msda._mmcv_forward)
+    assert msda._selftest(torch.device('cpu'), msda._mmcv_forward) is not None
+    monkeypatch.setattr(msda, '_mmcv_ext', lambda: FakeMmcvExt())
+    assert msda._selftest(torch.device('cpu'), msda._mmcv_forward) is None
+    # the selection: mmcv when our kernel fails on a GPU and mmcv's works
+    msda._state['selftest'][('mmcv', 'cuda')] = None
+    monkeypatch.setattr(msda, '_compiled_problem',
+                        lambda device: 'simulated: built without CUDA')
+    with pytest.warns(RuntimeWarning, match="built without CUDA.*mmcv's"):
+        assert msda._implementation(cuda) == 'mmcv'
+    assert ops.active_implementation(cuda) == 'mmcv'
+    msda._state['selftest'][('mmcv', 'cuda')] = 'simulated mmcv failure'
+    with pytest.warns(RuntimeWarning, match='pure-PyTorch'):
+        assert msda._implementation(cuda) == 'pytorch'

@@ -13,9 +13,12 @@ Public entry point: :func:`multi_scale_deformable_attn`, with mmcv's layouts::
 It calls the custom op ``torch.ops.detr_plus.ms_deform_attn`` (fake and
 autograd registered, so it works with ``torch.compile(fullgraph=True)``,
 ``torch.export`` and ``torch.library.opcheck``). The op runs the compiled
-CPU / CUDA kernels of ``projects_detr_plus.ops._C`` when they are available
-and the pure-PyTorch path (``grid_sample``, the same maths as mmcv's
-``multi_scale_deformable_attn_pytorch``) otherwise, or when asked to:
+CPU / CUDA kernels of ``projects_detr_plus.ops._C`` when they are available.
+Otherwise, on a GPU, it runs mmcv's compiled CUDA kernel when mmcv has one
+(computing in float32 for 16-bit values), and else, or on the CPU, the
+pure-PyTorch path (``grid_sample``, the same maths as mmcv's
+``multi_scale_deformable_attn_pytorch``); each fallback warns once, naming
+the problem. The PyTorch path also runs when asked to:
 ``force_pytorch()`` or the environment variable
 ``DETR_PLUS_MSDA_IMPL=pytorch`` (``compiled`` makes a missing extension an
 error, ``auto`` is the default).
@@ -24,6 +27,7 @@ Dtypes: float32 and float64 everywhere; float16 / bfloat16 values are computed
 with float32 accumulation (sampling_locations and attention_weights are used
 in float32). The output has value's dtype.
 """
+import math
 import os
 import threading
 import warnings
@@ -250,6 +254,81 @@ def _compiled_backward(grad_output, value, spatial_shapes, level_start_index,
 
 
 # --------------------------------------------------------------------------
+# mmcv's CUDA kernel: the fallback on a GPU when ours is unusable
+# --------------------------------------------------------------------------
+def _mmcv_ext():
+    """mmcv's compiled ops (``mmcv._ext``); raises when mmcv lacks them."""
+    from mmcv.utils import ext_loader
+    return ext_loader.load_ext(
+        '_ext', ['ms_deform_attn_forward', 'ms_deform_attn_backward'])
+
+
+def _mmcv_im2col_step(batch: int) -> int:
+    """A step mmcv accepts (it must divide the batch), as large as allowed."""
+    return batch if batch <= 64 else math.gcd(batch, 64)
+
+
+def _alert_not_deterministic(what: str) -> None:
+    """What aten's alertNotDeterministic does, for a Python-side kernel."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f'{what} does not have a deterministic implementation, but '
+               'you set torch.use_deterministic_algorithms(True)')
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def _mmcv_forward(value, spatial_shapes, level_start_index,
+                  sampling_locations, attention_weights):
+    """mmcv's CUDA forward in the compute dtype (float32 for 16-bit values,
+    so bfloat16 works and float16 accumulates in float32 as ours does)."""
+    ct = _compute_dtype(value.dtype)
+    out = _mmcv_ext().ms_deform_attn_forward(
+        value.to(ct).contiguous(), spatial_shapes.contiguous(),
+        level_start_index.contiguous(), sampling_locations.to(ct).contiguous(),
+        attention_weights.to(ct).contiguous(),
+        _mmcv_im2col_step(value.shape[0]))
+    return out.to(value.dtype)
+
+
+def _mmcv_backward(grad_output, value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights):
+    """mmcv's CUDA backward (atomics: not deterministic), compute dtype."""
+    _alert_not_deterministic("mmcv's MSDeformAttn CUDA backward")
+    ct = _compute_dtype(value.dtype)
+    v, loc, attn = (t.to(ct).contiguous() for t in (
+        value, sampling_locations, attention_weights))
+    grads = [torch.zeros_like(t) for t in (v, loc, attn)]
+    _mmcv_ext().ms_deform_attn_backward(
+        v, spatial_shapes.contiguous(), level_start_index.contiguous(), loc,
+        attn, grad_output.to(ct).contiguous(), *grads,
+        _mmcv_im2col_step(value.shape[0]))
+    return (grads[0].to(value.dtype),
+            grads[1].to(sampling_locations.dtype),
+            grads[2].to(attention_weights.dtype))
+
+
+def _mmcv_problem(device: torch.device) -> Optional[str]:
+    """None when mmcv's compiled kernel runs correctly on ``device``."""
+    if device.type != 'cuda':
+        return f'mmcv has no compiled MSDeformAttn kernel for {device.type}'
+    key = ('mmcv', device.type)
+    with _lock:
+        if key not in _state['selftest']:
+            try:
+                _mmcv_ext()
+            except Exception as error:  # noqa: BLE001 - ImportError, ...
+                problem = ('mmcv\'s compiled ops are unavailable '
+                           f'({type(error).__name__}: {error})')
+            else:
+                problem = _selftest(device, _mmcv_forward)
+            _state['selftest'][key] = problem
+    return _state['selftest'][key]
+
+
+# --------------------------------------------------------------------------
 # Implementation selection
 # --------------------------------------------------------------------------
 class force_pytorch:  # noqa: N801 - used like a function
@@ -283,12 +362,14 @@ def _requested_mode() -> str:
     return mode
 
 
-def _selftest(device: torch.device) -> Optional[str]:
-    """Compare the compiled forward with the PyTorch path on a tiny input.
+def _selftest(device: torch.device, forward=None) -> Optional[str]:
+    """Compare a compiled forward with the PyTorch path on a tiny input.
 
-    Guards against a broken build that runs but computes garbage (e.g.
-    zeros). Returns None when they agree, otherwise the problem.
+    ``forward`` defaults to ours (:func:`_compiled_forward`). Guards against
+    a broken build that runs but computes garbage (e.g. zeros). Returns None
+    when they agree, otherwise the problem.
     """
+    forward = forward or _compiled_forward
     gen = torch.Generator().manual_seed(0)
     shapes = torch.tensor([[3, 5], [2, 2]])
     starts = torch.tensor([0, 15])
@@ -297,7 +378,7 @@ def _selftest(device: torch.device) -> Optional[str]:
     attn = torch.rand(1, 3, 2, 2, 2, generator=gen)
     args = [t.to(device) for t in (value, shapes, starts, loc, attn)]
     try:
-        got = _compiled_forward(*args)
+        got = forward(*args)
         want = multi_scale_deformable_attn_pytorch(args[0], args[1], args[3],
                                                    args[4])
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
@@ -324,45 +405,67 @@ def _compiled_problem(device: torch.device) -> Optional[str]:
     return _state['selftest'][key]
 
 
-def _warn_once(device: torch.device, problem: str) -> None:
-    key = (device.type, problem)
+def _warn_once(device: torch.device, problem: str, fallback: str) -> None:
+    key = (device.type, problem, fallback)
     if key in _state['warned'] or device.type not in ('cpu', 'cuda'):
         return
     _state['warned'].add(key)
     warnings.warn(
         f'projects_detr_plus: the compiled MSDeformAttn kernel is not used '
-        f'on {device.type} because {problem}; falling back to the pure-'
-        'PyTorch implementation (same results, slower, more memory). Build '
-        'it with `pip install --no-build-isolation -e .` or `python setup.py '
-        'build_ext --inplace`.', RuntimeWarning, stacklevel=3)
+        f'on {device.type} because {problem}; falling back to {fallback}. '
+        'Build it with `pip install --no-build-isolation -e .` or `python '
+        'setup.py build_ext --inplace`.', RuntimeWarning, stacklevel=3)
 
 
-def _use_compiled(device: torch.device) -> bool:
+_FALLBACKS = {
+    'mmcv': "mmcv's CUDA kernel (float32 accumulation; same results within "
+            'float rounding)',
+    'pytorch': 'the pure-PyTorch implementation (same results, slower, more '
+               'memory)',
+}
+
+
+def _fallback(device: torch.device) -> str:
+    """'mmcv' on a GPU where mmcv's kernel works, else 'pytorch'."""
+    if device.type == 'cuda' and _mmcv_problem(device) is None:
+        return 'mmcv'
+    return 'pytorch'
+
+
+def _implementation(device: torch.device) -> str:
+    """What the op runs on ``device``: 'compiled', 'mmcv' or 'pytorch'.
+
+    Warns once (per device and problem) when it falls back.
+    """
     mode = _requested_mode()
     if mode == 'pytorch':
-        return False
+        return 'pytorch'
     problem = _compiled_problem(device)
     if problem is None:
-        return True
+        return 'compiled'
     if mode == 'compiled':
         raise RuntimeError(f'{ENV_IMPL}=compiled but the compiled '
                            f'MSDeformAttn kernel is unusable: {problem}')
-    _warn_once(device, problem)
-    return False
+    fallback = _fallback(device)
+    _warn_once(device, problem, _FALLBACKS[fallback])
+    return fallback
 
 
 def active_implementation(
         device: Union[str, torch.device, None] = None) -> str:
-    """'compiled' or 'pytorch': what the op would run on ``device`` now.
+    """'compiled', 'mmcv' or 'pytorch': what the op would run on ``device``.
 
     ``device`` defaults to 'cuda' when CUDA is available, else 'cpu'.
+    'mmcv' (mmcv's CUDA kernel) only stands in for ours on a GPU.
     """
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
     if _requested_mode() == 'pytorch':
         return 'pytorch'
-    return 'compiled' if _compiled_problem(device) is None else 'pytorch'
+    if _compiled_problem(device) is None:
+        return 'compiled'
+    return _fallback(device)
 
 
 def implementation_info() -> Dict[str, object]:
@@ -387,11 +490,15 @@ def implementation_info() -> Dict[str, object]:
 def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Forward; loc/attn already in value's compute dtype, indices int64."""
-    if _use_compiled(value.device):
+    impl = _implementation(value.device)
+    if impl == 'compiled':
         # The kernel validates index values itself on CPU; on CUDA they are
         # not read on the host (no sync), see _check_index_values.
         return _compiled_forward(value, spatial_shapes, level_start_index,
                                  sampling_locations, attention_weights)
+    if impl == 'mmcv' and sampling_locations.numel() > 0:
+        return _mmcv_forward(value, spatial_shapes, level_start_index,
+                             sampling_locations, attention_weights)
     _check_index_values(spatial_shapes, level_start_index, value.shape[1])
     return _pytorch_forward(value, spatial_shapes, sampling_locations,
                             attention_weights)
@@ -412,10 +519,15 @@ def _msda_backward_op(grad_output: Tensor, value: Tensor,
                       attention_weights: Tensor
                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights."""
-    if _use_compiled(value.device):
+    impl = _implementation(value.device)
+    if impl == 'compiled':
         return _compiled_backward(grad_output, value, spatial_shapes,
                                   level_start_index, sampling_locations,
                                   attention_weights)
+    if impl == 'mmcv' and sampling_locations.numel() > 0:
+        return _mmcv_backward(grad_output, value, spatial_shapes,
+                              level_start_index, sampling_locations,
+                              attention_weights)
     shapes = _check_index_values(spatial_shapes, level_start_index,
                                  value.shape[1])
     return _pytorch_backward(grad_output, value, shapes, sampling_locations,

@@ -516,6 +516,10 @@ def parse_args():
     parser.add_argument('--dtypes', default=None,
                         help='comma-separated of float32,float16,bfloat16 '
                         '(default: float32 on CPU, all three on CUDA)')
+    parser.add_argument('--ab-bwd-lanes', default='',
+                        help='CUDA: also time ours with these values of '
+                        'DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES (comma-separated;'
+                        ' 1 = widest vectors), as ours-bwd-lanesN')
     parser.add_argument('--no-memory', action='store_true')
     parser.add_argument('--cases', default='',
                         help='comma-separated substrings: only matching '
@@ -531,6 +535,32 @@ def parse_args():
     return parser, parser.parse_args()
 
 
+def with_env(fn, **env):
+    """``fn`` to be timed with these environment variables set (read by the
+    kernels at each call)."""
+    def wrapped(*args):
+        return fn(*args)
+    wrapped.env = env
+    return wrapped
+
+
+class environment:  # noqa: N801 - used like a function
+    def __init__(self, env):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        for key, value in self.env.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc_info):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_case(spec, dtype, impls, args, repeats, warmup):
     """Times (and memory) of every implementation on one case and dtype."""
     inputs = make_inputs(spec, args.device, dtype=DTYPES[dtype])
@@ -539,26 +569,32 @@ def run_case(spec, dtype, impls, args, repeats, warmup):
         if fn is None:
             results[name] = None
             continue
-        try:
-            r = time_impl(fn, inputs, args.device, warmup, repeats,
-                          args.inner if args.device == 'cuda' else 1)
-        except (TypeError, RuntimeError) as error:
-            results[name] = dict(error=f'{type(error).__name__}: {error}')
-            print(f'{spec["name"]} {dtype} {name}: {error}', flush=True)
-            continue
-        if not args.no_memory:
-            r['peak_mb'] = cuda_peak_mb(fn, inputs) \
-                if args.device == 'cuda' else \
-                cpu_peak_mb(dict(spec, dtype=dtype), name,
-                            torch.get_num_threads())
-        results[name] = r
-        print(f'{spec["name"]} {dtype} {name}: {r}', flush=True)
+        with environment(getattr(fn, 'env', {})):
+            results[name] = time_and_memory(name, fn, spec, dtype, inputs,
+                                            args, repeats, warmup)
     case = dict(spec, name=f'{spec["name"]}-{dtype}', dtype=dtype,
                 num_heads=NUM_HEADS, head_dims=HEAD_DIMS,
                 num_levels=len(spec['shapes']), num_points=NUM_POINTS,
                 compulsory_mb=compulsory_mb(inputs), results=results)
     add_ratios(case)
     return case
+
+
+def time_and_memory(name, fn, spec, dtype, inputs, args, repeats, warmup):
+    """Timings (and peak memory) of one implementation, or its error."""
+    try:
+        r = time_impl(fn, inputs, args.device, warmup, repeats,
+                      args.inner if args.device == 'cuda' else 1)
+    except (TypeError, RuntimeError) as error:
+        print(f'{spec["name"]} {dtype} {name}: {error}', flush=True)
+        return dict(error=f'{type(error).__name__}: {error}')
+    if not args.no_memory:
+        r['peak_mb'] = cuda_peak_mb(fn, inputs) \
+            if args.device == 'cuda' else \
+            cpu_peak_mb(dict(spec, dtype=dtype), name,
+                        torch.get_num_threads())
+    print(f'{spec["name"]} {dtype} {name}: {r}', flush=True)
+    return r
 
 
 def main():
@@ -586,6 +622,11 @@ def main():
     impls = {name: get_impl(name, args.device, args.mmcv_src,
                             args.mmcv_build_dir)
              for name in args.impls.split(',')}
+    for lanes in filter(None, args.ab_bwd_lanes.split(',')):
+        if args.device != 'cuda' or impls.get('ours') is None:
+            parser.error('--ab-bwd-lanes needs --device cuda and ours')
+        impls[f'ours-bwd-lanes{lanes}'] = with_env(
+            ours_impl, DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES=lanes)
     gpu = torch.cuda.get_device_name() if args.device == 'cuda' else None
     copy_tbs = copy_bandwidth_tbs() if args.device == 'cuda' else None
     report = dict(

@@ -658,3 +658,22 @@ def test_mmcv_fallback_needs_a_working_mmcv_kernel(monkeypatch,
     msda._state['selftest'][('mmcv', 'cuda')] = 'simulated mmcv failure'
     with pytest.warns(RuntimeWarning, match='pure-PyTorch'):
         assert msda._implementation(cuda) == 'pytorch'
+
+
+def test_eager_calls_skip_the_library_dispatch(compiled):
+    """Plain eager calls run the autograd.Function fast path; tracers
+    (make_fx, torch.compile, torch.export) still see the custom op; both
+    give the same values and gradients."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    args = make_inputs([(4, 3), (2, 2)], nq=6)
+    value = args[0].clone().requires_grad_()
+    out = ours(value, *args[1:])
+    assert type(out.grad_fn).__name__ == '_EagerMSDABackward'
+
+    def through_library(value, shapes, starts, loc, attn):
+        return OP(value, shapes, starts, loc, attn)
+
+    assert_all_close(run(ours, *args), run(through_library, *args),
+                     torch.float64)
+    graph = make_fx(ours)(*args).graph
+    assert OP in [node.target for node in graph.nodes]

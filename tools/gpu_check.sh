@@ -85,7 +85,8 @@ for name in $STEPS; do
     bench)  # 2. the benchmark
         step "benchmark" 200 "$OUT/bench.log" \
             $PY benchmarks/msda_op.py --device cuda --mmcv-src "$MMCV_SRC" \
-            --mmcv-build-dir "$MMCV_BUILD" --json "$OUT/msda_op_cuda_$CARD.json" ;;
+            --mmcv-build-dir "$MMCV_BUILD" --ab-bwd-lanes 1 \
+            --json "$OUT/msda_op_cuda_$CARD.json" ;;
     suite)  # 3. the CUDA suite
         DETR_PLUS_REQUIRE_EXT=1 DETR_PLUS_MMCV_SRC="$MMCV_SRC" \
             DETR_PLUS_MMCV_BUILD="$MMCV_BUILD" \

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._ext import ext_cpu_isa, ext_error, ext_has_cuda, load_ext
 
@@ -399,9 +400,10 @@ def _compiled_problem(device: torch.device) -> Optional[str]:
     if device.type == 'cuda' and not ext_has_cuda():
         return 'the extension was built without CUDA'
     key = device.type
-    with _lock:
-        if key not in _state['selftest']:
-            _state['selftest'][key] = _selftest(device)
+    if key not in _state['selftest']:  # the lock only for the first call
+        with _lock:
+            if key not in _state['selftest']:
+                _state['selftest'][key] = _selftest(device)
     return _state['selftest'][key]
 
 
@@ -486,8 +488,7 @@ def implementation_info() -> Dict[str, object]:
 # --------------------------------------------------------------------------
 # The custom ops
 # --------------------------------------------------------------------------
-@torch.library.custom_op('detr_plus::ms_deform_attn', mutates_args=())
-def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Forward; loc/attn already in value's compute dtype, indices int64."""
     impl = _implementation(value.device)
@@ -504,20 +505,10 @@ def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                             attention_weights)
 
 
-@_msda_op.register_fake
-def _msda_op_fake(value, spatial_shapes, level_start_index,
-                  sampling_locations, attention_weights):
-    bs, _, nh, dims = value.shape
-    return value.new_empty(bs, sampling_locations.shape[1], nh * dims)
-
-
-@torch.library.custom_op('detr_plus::ms_deform_attn_backward',
-                         mutates_args=())
-def _msda_backward_op(grad_output: Tensor, value: Tensor,
-                      spatial_shapes: Tensor, level_start_index: Tensor,
-                      sampling_locations: Tensor,
-                      attention_weights: Tensor
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward_grads(grad_output: Tensor, value: Tensor,
+                    spatial_shapes: Tensor, level_start_index: Tensor,
+                    sampling_locations: Tensor, attention_weights: Tensor
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights."""
     impl = _implementation(value.device)
     if impl == 'compiled':
@@ -532,6 +523,34 @@ def _msda_backward_op(grad_output: Tensor, value: Tensor,
                                  value.shape[1])
     return _pytorch_backward(grad_output, value, shapes, sampling_locations,
                              attention_weights)
+
+
+@torch.library.custom_op('detr_plus::ms_deform_attn', mutates_args=())
+def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+             sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The op as torch.compile, torch.export and opcheck see it."""
+    return _forward(value, spatial_shapes, level_start_index,
+                    sampling_locations, attention_weights)
+
+
+@_msda_op.register_fake
+def _msda_op_fake(value, spatial_shapes, level_start_index,
+                  sampling_locations, attention_weights):
+    bs, _, nh, dims = value.shape
+    return value.new_empty(bs, sampling_locations.shape[1], nh * dims)
+
+
+@torch.library.custom_op('detr_plus::ms_deform_attn_backward',
+                         mutates_args=())
+def _msda_backward_op(grad_output: Tensor, value: Tensor,
+                      spatial_shapes: Tensor, level_start_index: Tensor,
+                      sampling_locations: Tensor,
+                      attention_weights: Tensor
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward as an op (for graphs that torch.compile differentiates)."""
+    return _backward_grads(grad_output, value, spatial_shapes,
+                           level_start_index, sampling_locations,
+                           attention_weights)
 
 
 @_msda_backward_op.register_fake
@@ -556,6 +575,39 @@ def _backward(ctx, grad_output):
 
 torch.library.register_autograd('detr_plus::ms_deform_attn', _backward,
                                 setup_context=_setup_context)
+
+
+class _EagerMSDA(torch.autograd.Function):
+    """The same op for plain eager calls, without the torch.library dispatch
+    (which costs tens of microseconds of host time per call, enough to make
+    small GPU calls launch-bound). Same implementations and results."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index,
+                sampling_locations, attention_weights):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index,
+                              sampling_locations, attention_weights)
+        return _forward(value, spatial_shapes, level_start_index,
+                        sampling_locations, attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, shapes, starts, loc, attn = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = _backward_grads(
+            grad_output, value, shapes, starts, loc, attn)
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True for plain tensors outside any tracing (torch.compile / export,
+    jit.trace, make_fx, dispatch modes such as FLOP counters), where the
+    custom op is what the tracer must see."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
 
 
 def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
@@ -593,5 +645,8 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
     spatial_shapes = spatial_shapes.to(value.device, torch.long)
     level_start_index = level_start_index.to(value.device, torch.long)
     ct = _compute_dtype(value.dtype)
-    return _msda_op(value, spatial_shapes, level_start_index,
-                    sampling_locations.to(ct), attention_weights.to(ct))
+    args = (value, spatial_shapes, level_start_index,
+            sampling_locations.to(ct), attention_weights.to(ct))
+    if _plain_eager(*args):
+        return _EagerMSDA.apply(*args)
+    return _msda_op(*args)

@@ -24,7 +24,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
@@ -306,6 +308,16 @@ int pick_vec(int64_t D, std::initializer_list<const void*> ptrs) {
   return 1;
 }
 
+// Lanes per (b, q, h) the backward aims for: vectors are narrowed until the
+// channels give at least this many (more lanes and fewer registers per lane;
+// 16-bit values at head_dims 32 would otherwise get 4 lanes of 8 channels).
+// DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES overrides it (1: widest vectors).
+int backward_min_lanes() {
+  const char* env = std::getenv("DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES");
+  const int lanes = env ? std::atoi(env) : 0;
+  return lanes > 0 ? std::min(lanes, 32) : 8;
+}
+
 Dims make_dims(const at::Tensor& value, const at::Tensor& loc, int V) {
   Dims d;
   d.bs = value.size(0);
@@ -417,8 +429,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
         at::kHalf, at::kBFloat16, value.scalar_type(), "msda_backward_cuda",
         [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const int V = pick_vec<scalar_t>(
+          int V = pick_vec<scalar_t>(
               value.size(3), {in.value.data_ptr(), go.data_ptr()});
+          while (V > 1 && value.size(3) / V < backward_min_lanes()) V /= 2;
           // The float32 grad buffer must be aligned for vector atomics too.
           with_vec(V, [&](auto vec) {
             constexpr int kV = decltype(vec)::value;

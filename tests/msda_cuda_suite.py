@@ -279,14 +279,12 @@ def test_fallback_to_mmcv_kernel(dtype):
     try:
         assert ops.active_implementation('cuda') == 'mmcv'
         # 16-bit values with float32 locations, as under AMP: mmcv drops a
-        # point at exactly x or y = -1 (strict test), which coarse 16-bit
-        # locations can hit; grid_sample keeps its gradient there.
+        # point at exactly x or y = -1 (a strict test), which locations
+        # rounded to 16 bits hit; grid_sample keeps its gradient there.
         value, shapes, starts, loc, attn = make_inputs(
             [(16, 16), (8, 8), (4, 4), (2, 2)], bs=3, nh=8, dims=32,
-            dtype=dtype)
-        loc_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        args = (value, shapes, starts, loc.to(loc_dtype),
-                attn.to(loc_dtype))
+            dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        args = (value.to(dtype), shapes, starts, loc, attn)
         with pytest.warns(RuntimeWarning, match="mmcv's CUDA kernel"):
             got = run(*args)
         want = cpu_fp64_reference(args)

@@ -31,9 +31,10 @@ from test_msda_op import SHAPE_CASES, make_inputs  # noqa: E402
 import projects_detr_plus.ops as ops  # noqa: E402
 
 SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
-# what the exporter takes: the DETRs and DDQ FCN (not DDQ R-CNN, nor
-# mmdet's baselines ATSS and Sparse R-CNN)
-EXPORTED_TYPES = ('DeformableDETRPlus', 'DINOPlus', 'DDQDETRPlus', 'DDQFCN')
+# what the exporter takes: the DETRs, DDQ FCN and DDQ R-CNN (not mmdet's
+# baselines ATSS and Sparse R-CNN)
+EXPORTED_TYPES = ('DeformableDETRPlus', 'DINOPlus', 'DDQDETRPlus', 'DDQFCN',
+                  'DDQRCNN')
 
 
 def _exported(path):
@@ -353,6 +354,89 @@ def test_ddq_fcn_export_needs_levels_above_one_pixel(deploy, tmp_path):
     with pytest.raises(ValueError, match='at least 129 pixels'):
         deploy.export_onnx(model, str(tmp_path / 'm.onnx'),
                            input_shape=(2, 3, 128, 128))
+
+
+@pytest.mark.parametrize('aligned', [True, False])
+def test_roi_align_matches_mmcv(aligned):
+    """The grid_sample RoIAlign against mmcv's kernel: boxes inside, across
+    and outside the map, empty and sub-pixel ones, two images."""
+    from mmcv.ops import RoIAlign
+    from projects_detr_plus.deployment.ddq_rcnn_wrapper import roi_align
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 5, 9, 13, generator=gen)
+    corners = torch.rand(2, 7, 4, generator=gen) * torch.tensor(
+        [60., 40., 60., 40.]) - 10
+    boxes = torch.cat([torch.minimum(corners[..., :2], corners[..., 2:]),
+                       torch.maximum(corners[..., :2], corners[..., 2:])], -1)
+    boxes[0, 0] = torch.tensor([0., 0., 0., 0.])
+    boxes[0, 1] = torch.tensor([20., 20., 20.5, 20.3])
+    boxes[1, 1] = torch.tensor([-30., -30., -20., -25.])
+    boxes[1, 2] = torch.tensor([45., 30., 80., 60.])
+    rois = torch.cat([torch.arange(2).repeat_interleave(7)[:, None].float(),
+                      boxes.flatten(0, 1)], 1)
+    for ratio in (1, 2, 3):
+        layer = RoIAlign((7, 6), spatial_scale=0.25, sampling_ratio=ratio,
+                         aligned=aligned)
+        torch.testing.assert_close(
+            roi_align(feat, boxes, (7, 6), 0.25, ratio, aligned),
+            layer(feat, rois), rtol=1e-5, atol=1e-5)
+
+
+def _overlapping_ddq_rcnn(num_proposals, **options):
+    """DDQ R-CNN whose proposal boxes overlap (regression bias 1.5: 4.5
+    strides a side), so that NMS leaves fewer than ``num_proposals``
+    distinct queries and images of a batch pad differently."""
+    model = build('ddq-rcnn-tiny_shapes.py', dict({
+        'model.rpn_head.num_distinct_queries': num_proposals,
+        'model.test_cfg.rcnn.max_per_img': 300}, **options))
+    with torch.no_grad():
+        model.rpn_head.conv_reg.bias.fill_(1.5)
+    return model
+
+
+@pytest.mark.parametrize('fusion', [False, True])
+def test_ddq_rcnn_wrapper_equals_predict_with_padding(fusion):
+    """The wrapper (fixed N rows, padding masked out of the stages'
+    self-attention) gives predict's detections, which run each padded image
+    alone on its real proposals; with the query-RoI fusion option too."""
+    from projects_detr_plus.deployment import exportable
+    from projects_detr_plus.deployment.utils import reference_predictions
+    from projects_detr_plus.deployment.verify import match_detections
+    model = _overlapping_ddq_rcnn(
+        300, **{'model.roi_head.query_roi_fusion': fusion})
+    wrapper = exportable(model)
+    inputs = random_batch((3, 3, 128, 96), 0)
+    inputs[1] = inputs[1] * 3  # another image, other proposals
+    with torch.no_grad():
+        dets, labels = wrapper(inputs)
+        valid = wrapper.proposals(model.extract_feat(inputs))[2]
+    counts = valid.sum(1).tolist()
+    assert max(counts) < 300 and len(set(counts)) > 1, counts
+    for d, l, ref in zip(dets, labels, reference_predictions(model, inputs)):
+        report = match_detections(d.numpy(), l.numpy(), ref.bboxes.numpy(),
+                                  ref.scores.numpy(), ref.labels.numpy(),
+                                  score_atol=1e-4)
+        assert report['ok'], report['problems'][:3]
+
+
+def test_ddq_rcnn_onnx_runtime_matches_predict(deploy, tmp_path):
+    """DDQ R-CNN: distinct-query proposals (NMS in the graph), RoIAlign as
+    GridSample on every level, two DIIHead stages, the top (proposal,
+    class) pairs.  Exported at 256 x 256, run at other sizes and batches,
+    with padded proposals."""
+    model = _overlapping_ddq_rcnn(300)
+    counts = export_and_compare(deploy, model, tmp_path,
+                                [(2, 3, 128, 128), (1, 3, 160, 96),
+                                 (3, 3, 96, 160)],
+                                export_shape=(2, 3, 256, 256))
+    assert min(min(c) for c in counts) > 0
+
+
+def test_ddq_rcnn_export_refuses_what_it_does_not_rebuild(deploy):
+    model = build('ddq-rcnn-tiny_shapes.py')
+    model.roi_head.bbox_roi_extractor[0].roi_layers[0].sampling_ratio = 0
+    with pytest.raises(ValueError, match='sampling_ratio > 0'):
+        deploy.exportable(model)
 
 
 def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):

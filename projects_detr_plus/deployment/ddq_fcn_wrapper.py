@@ -6,13 +6,14 @@ in, ``dets`` (B, K, 5) and ``labels`` (B, K) out, K the head's
 code runs, with one substitution: the distinct-query NMS (mmcv's
 ``batched_nms``, ragged results) becomes the fixed-shape
 :func:`~.nms.nms_keep` mask, and the top (query, class) pairs are taken
-over the kept queries of the whole batch at once.
+over the kept queries of the whole batch at once (:func:`~.top_pairs.top_pairs`).
 """
 import torch
 from torch import nn
 
 from ..models.detectors.ddq_fcn import DDQFCN
 from .nms import nms_keep
+from .top_pairs import top_pairs
 
 __all__ = ['ExportableDDQFCN']
 
@@ -47,20 +48,9 @@ class ExportableDDQFCN(nn.Module):
         scores, boxes, _ = head.candidates(scores, distances)  # (B, n, .)
         keep = nms_keep(boxes, scores.max(-1).values,
                         head.dqs_cfg['iou_threshold'])
-        num_classes = scores.shape[-1]
-        kept_scores = (scores * keep[..., None]).flatten(1)  # (B, n * C)
-        # K zero scores appended: always K rows, empty where n * C < K
-        kept_scores = torch.cat([kept_scores, kept_scores.new_zeros(
-            kept_scores.shape[0], self.max_per_img)], dim=1)
-        top_scores, index = kept_scores.topk(self.max_per_img, dim=1)
-        query = (index // num_classes).clamp(max=boxes.shape[1] - 1)
-        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
         h, w = inputs.shape[2], inputs.shape[3]
         scale = torch.tensor([w, h, w, h], dtype=boxes.dtype,
                              device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), scale)
         # suppressed queries (score 0) fill the rows predict() leaves out
-        valid = top_scores > 0
-        dets = torch.cat([boxes, top_scores[..., None]], -1) * valid[..., None]
-        labels = torch.where(valid, index % num_classes, -1)
-        return dets, labels
+        return top_pairs(scores * keep[..., None], boxes, self.max_per_img)

@@ -10,6 +10,7 @@ from ..ops.onnx_lowering import MSDA_MODES, msda_translation_table
 from . import nms
 from .requirements import require
 from .ddq_fcn_wrapper import ExportableDDQFCN
+from .ddq_rcnn_wrapper import ExportableDDQRCNN
 from .wrapper import ExportableDetector
 
 __all__ = ['export_onnx', 'translation_table', 'INPUT_NAME', 'OUTPUT_NAMES']
@@ -135,11 +136,14 @@ def _optimize(program) -> None:
 
 def exportable(detector):
     """The traceable ``inputs -> (dets, labels)`` module of ``detector``:
-    :class:`ExportableDDQFCN` for DDQ FCN, else
-    :class:`ExportableDetector` (the DETRs)."""
+    :class:`ExportableDDQFCN` for DDQ FCN, :class:`ExportableDDQRCNN` for
+    DDQ R-CNN, else :class:`ExportableDetector` (the DETRs)."""
     from ..models.detectors.ddq_fcn import DDQFCN
+    from ..models.detectors.ddq_rcnn import DDQRCNN
     if isinstance(detector, DDQFCN):
         return ExportableDDQFCN(detector)
+    if isinstance(detector, DDQRCNN):
+        return ExportableDDQRCNN(detector)
     return ExportableDetector(detector)
 
 

@@ -1,12 +1,22 @@
-"""Convergence study: bbox mAP against iteration for every method's tiny
-shapes config, from scratch on the embedded shapes data, 2 seeds each.
+"""Convergence study: bbox mAP against training for every method's tiny
+shapes config, from scratch on the embedded shapes data, 3 seeds each.
 
-Every (method, seed) run trains for the same number of iterations (learning
-rate drop at 90 %), is evaluated on shapes val every ``--interval``
-iterations, and runs in its own process (``--jobs`` at a time, the CPU
-threads split between them).  Writes ``<out>.json`` (every curve),
-``<out>.png`` (mean over seeds per method, min-max band) and prints a
-markdown table of the final mAP.
+Every (method, seed) run is a unit: it trains in its own process (``--jobs``
+at a time, the CPU threads split between them) and stores its curve in
+``--workdir`` as it finishes; a unit whose result is there is not run again,
+so the same command continues an interrupted study. Two modes:
+
+* equal iterations (default): ``--iters`` for every method (learning rate
+  drop at 90 %), evaluated on shapes val every ``--interval`` iterations;
+* equal wall clock (``--seconds S``): every method trains for S seconds
+  (evaluation not counted): after ``--calibrate`` iterations the run sets its
+  length from its own step time, with the learning-rate drop at 90 % and 4
+  evaluations.
+
+Writes ``<out>.json`` (every curve), ``<out>.png`` (mean over seeds per
+method, min-max band) and prints a markdown table of the final mAP: mean,
+standard deviation, each seed, and the difference to the method's base
+(:data:`BASES`).
 
     python benchmarks/convergence.py --out benchmarks/results/convergence_cpu
     python benchmarks/convergence.py --methods dino group-dino --iters 1000
@@ -22,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from os import path as osp
 
@@ -32,6 +43,7 @@ METHODS = {
     'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
     'co-dino': 'configs/shapes/co-dino-tiny_shapes.py',
     'ddq-detr': 'configs/shapes/ddq-detr-tiny_shapes.py',
+    'co-ddq-detr': 'configs/shapes/co-ddq-detr-tiny_shapes.py',
     'deformable-detr-2stage':
     'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py',
     'h-deformable-detr': 'configs/shapes/h-deformable-detr-tiny_shapes.py',
@@ -41,6 +53,9 @@ METHODS = {
     'sparse-rcnn': 'configs/shapes/sparse-rcnn-tiny_shapes.py',
     'ddq-rcnn': 'configs/shapes/ddq-rcnn-tiny_shapes.py',
 }
+# the tiny backbone's four ResNet stages (strides 4-32) as the 4 levels
+P2_LEVELS = {'model.backbone.out_indices': (0, 1, 2, 3),
+             'model.neck.in_channels': [32, 64, 128, 256]}
 # variants: method -> (its base method, config options): the DDQ paper's
 # components that the released code does not have, and a baseline check
 VARIANTS = {
@@ -55,8 +70,21 @@ VARIANTS = {
     # the baseline at DDQ R-CNN's learning rate (its own is 4x lower)
     'sparse-rcnn+lr1e-3': ('sparse-rcnn', {
         'optim_wrapper.optimizer.lr': 1e-3}),
+    # recipe search: the stride-4 level (P2) instead of the extra stride-64
+    # one, for objects of 8 pixels
+    'ddq-detr+p2': ('ddq-detr', P2_LEVELS),
+    'dino+p2': ('dino', P2_LEVELS),
 }
 METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
+# what each method is compared with: the model it adds its idea to
+BASES = {
+    'group-dino': 'dino', 'h-dino': 'dino', 'co-dino': 'dino',
+    'ddq-detr': 'dino', 'co-ddq-detr': 'ddq-detr',
+    'h-deformable-detr': 'deformable-detr-2stage',
+    'co-deformable-detr': 'deformable-detr-2stage',
+    'ddq-fcn': 'atss', 'ddq-rcnn': 'sparse-rcnn',
+}
+BASES.update({name: base for name, (base, _) in VARIANTS.items()})
 
 
 def method_options(method):
@@ -64,9 +92,42 @@ def method_options(method):
     return VARIANTS.get(method, (None, {}))[1]
 
 
+class TrainClock:
+    """Training seconds so far (validation excluded) and, with a budget,
+    the run's length set after ``calibrate`` iterations from the measured
+    step time: the learning-rate drop at 90 % and 4 evaluations."""
+
+    def __init__(self, budget=None, calibrate=20):
+        self.budget, self.calibrate = budget, calibrate
+        self.start = self.val_start = None
+        self.in_val = 0.0
+
+    def seconds(self):
+        return time.time() - self.start - self.in_val
+
+    def set_length(self, runner):
+        loop = runner.train_loop
+        done = runner.iter + 1
+        per_iter = self.seconds() / done
+        # 4 evaluations, the last at the end, after what is already done
+        interval = max(int(self.budget / per_iter) // 4, done // 4 + 1)
+        total = 4 * interval
+        loop._max_iters = total
+        loop.val_interval = interval
+        loop.dynamic_intervals = [interval]
+        for scheduler in runner.param_schedulers:
+            if hasattr(scheduler, 'milestones'):
+                scheduler.milestones = Counter([int(total * 0.9)])
+                scheduler.end = total
+        runner.logger.info(f'equal wall clock: {per_iter:.3f} s/iter, '
+                           f'{total} iterations in {self.budget} s')
+
+
 def run_one(config, seed, iters, interval, out, train_images=None,
-            val_images=None, options=None):
-    """Train ``config`` with ``seed``; write [(iteration, metrics)] to out."""
+            val_images=None, options=None, seconds=None, calibrate=20):
+    """Train ``config`` with ``seed``; write [(iteration, training seconds,
+    metrics)] to out. With ``seconds``, train for that long instead of
+    ``iters`` iterations."""
     import torch
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -74,12 +135,29 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     sys.path.insert(0, ROOT)
     import projects_detr_plus  # noqa: F401
 
+    clock = TrainClock(seconds, calibrate)
+
     class RecordMetrics(Hook):
         def __init__(self):
             self.curve = []
 
+        def before_train(self, runner):
+            clock.start = time.time()
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None,
+                             outputs=None):
+            if clock.budget and runner.iter + 1 == clock.calibrate:
+                clock.set_length(runner)
+
+        def before_val(self, runner):
+            clock.val_start = time.time()
+
+        def after_val(self, runner):
+            clock.in_val += time.time() - clock.val_start
+
         def after_val_epoch(self, runner, metrics=None):
             self.curve.append(dict(iteration=runner.iter,
+                                   seconds=clock.seconds(),
                                    metrics=dict(metrics or {})))
 
     cfg = Config.fromfile(osp.join(ROOT, config))
@@ -107,17 +185,27 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     runner.register_hook(record, priority='LOWEST')
     runner.train()
     with open(out, 'w') as f:
-        json.dump(dict(config=config, seed=seed, iters=iters,
+        json.dump(dict(config=config, seed=seed,
+                       iters=runner.train_loop.max_iters,
+                       budget_seconds=seconds,
                        seconds=time.time() - start,
                        threads=torch.get_num_threads(), curve=record.curve),
                   f, indent=2)
 
 
 def launch(method, seed, args, workdir):
-    out = osp.join(workdir, f'{method}_seed{seed}.json')
+    mode = f'_{args.seconds}s' if args.seconds else ''
+    out = osp.join(workdir, f'{method}{mode}_seed{seed}.json')
     if osp.exists(out):  # finished in an earlier invocation: resume
         with open(out) as f:
-            return method, json.load(f)
+            earlier = json.load(f)
+        ran = earlier.get('budget_seconds') or earlier['iters']
+        if ran != (args.seconds or args.iters):
+            raise ValueError(f'{out} is a run of {ran} '
+                             f'{"seconds" if args.seconds else "iterations"}'
+                             f', not {args.seconds or args.iters}: use '
+                             'another --workdir')
+        return method, earlier
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     cmd = [sys.executable, __file__, '--run-one', METHODS[method],
@@ -125,7 +213,9 @@ def launch(method, seed, args, workdir):
            str(args.interval), '--result', out, '--options',
            json.dumps(method_options(method))]
     for flag, value in (('--train-images', args.train_images),
-                        ('--val-images', args.val_images)):
+                        ('--val-images', args.val_images),
+                        ('--seconds', args.seconds),
+                        ('--calibrate', args.calibrate)):
         if value:
             cmd += [flag, str(value)]
     log = open(out.replace('.json', '.log'), 'w')
@@ -136,32 +226,46 @@ def launch(method, seed, args, workdir):
 
 
 def summarize(runs):
-    """Per method: iterations, mean/min/max mAP over seeds, final table."""
+    """Per method, per evaluation: iterations and training seconds (means
+    over seeds), mean / min / max mAP; the final mAP's standard deviation,
+    each seed's, and the difference to the base's mean."""
     summary = {}
     for method, results in runs.items():
         curves = [[p['metrics']['coco/bbox_mAP'] for p in r['curve']]
                   for r in results]
-        its = [p['iteration'] for p in results[0]['curve']]
+        finals = [c[-1] for c in curves]
         summary[method] = dict(
-            iterations=its,
+            iterations=[statistics.mean(v) for v in zip(
+                *[[p['iteration'] for p in r['curve']] for r in results])],
+            seconds=[statistics.mean(v) for v in zip(
+                *[[p.get('seconds', 0.0) for p in r['curve']]
+                  for r in results])],
             mean=[statistics.mean(v) for v in zip(*curves)],
             min=[min(v) for v in zip(*curves)],
             max=[max(v) for v in zip(*curves)],
-            final_per_seed={r['seed']: r['curve'][-1]['metrics']
-                            ['coco/bbox_mAP'] for r in results},
+            std=statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            final_per_seed={r['seed']: c[-1] for r, c in zip(results,
+                                                             curves)},
             seconds_per_run=statistics.mean(r['seconds'] for r in results))
+    for method, s in summary.items():
+        base = BASES.get(method)
+        if base in summary:
+            s['base'] = base
+            s['vs_base'] = s['mean'][-1] - summary[base]['mean'][-1]
     return summary
 
 
-def plot(summary, png, title):
+def plot(summary, png, title, by_time=False):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    key = 'seconds' if by_time else 'iterations'
     for method, s in summary.items():
-        ax.plot(s['iterations'], s['mean'], marker='o', label=method)
-        ax.fill_between(s['iterations'], s['min'], s['max'], alpha=0.2)
-    ax.set_xlabel('iteration')
+        x = [v / 60 for v in s[key]] if by_time else s[key]
+        ax.plot(x, s['mean'], marker='o', label=method)
+        ax.fill_between(x, s['min'], s['max'], alpha=0.2)
+    ax.set_xlabel('training minutes' if by_time else 'iteration')
     ax.set_ylabel('shapes val bbox mAP')
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -171,11 +275,15 @@ def plot(summary, png, title):
 
 
 def table(summary):
-    lines = ['| method | final mAP (mean) | per seed | min / run |',
-             '|---|---|---|---|']
+    lines = ['| method | final mAP (mean +- std) | per seed | vs base | '
+             'iterations | min / run |',
+             '|---|---|---|---|---|---|']
     for method, s in summary.items():
         seeds = ', '.join(f'{v:.3f}' for v in s['final_per_seed'].values())
-        lines.append(f"| {method} | {s['mean'][-1]:.3f} | {seeds} | "
+        versus = (f"{s['vs_base']:+.3f} ({s['base']})" if 'base' in s
+                  else '-')
+        lines.append(f"| {method} | {s['mean'][-1]:.3f} +- {s['std']:.3f} "
+                     f"| {seeds} | {versus} | {s['iterations'][-1]:.0f} | "
                      f"{s['seconds_per_run'] / 60:.1f} |")
     return '\n'.join(lines)
 
@@ -184,11 +292,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--methods', nargs='+', choices=list(METHODS),
                         default=list(METHODS))
-    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--iters', type=int, default=750,
                         help='default: about an hour for the 4 methods x 2 '
                         'seeds on 2 cores')
     parser.add_argument('--interval', type=int, default=250)
+    parser.add_argument('--seconds', type=int, default=None,
+                        help='equal wall clock: train every run for this '
+                        'many seconds instead of --iters iterations')
+    parser.add_argument('--calibrate', type=int, default=20,
+                        help='with --seconds: iterations timed before the '
+                        'run sets its length')
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--workdir', default=None,
                         help='folder of the per-run results; a run whose '
@@ -221,7 +335,8 @@ def main(argv=None):
     if args.run_one:
         return run_one(args.run_one, args.seed, args.iters, args.interval,
                        args.result, args.train_images, args.val_images,
-                       json.loads(args.options))
+                       json.loads(args.options), args.seconds,
+                       args.calibrate)
     if args.combine:
         runs, workdir = {}, None
         for path in args.combine:
@@ -229,6 +344,7 @@ def main(argv=None):
                 earlier = json.load(f)
             runs.update(earlier['runs'])
             args.iters, args.seeds = earlier['iters'], earlier['seeds']
+            args.seconds = earlier.get('seconds')
             args.interval, args.jobs = earlier['interval'], earlier['jobs']
     else:
         workdir = args.workdir or tempfile.mkdtemp(prefix='convergence_runs_')
@@ -240,7 +356,8 @@ def main(argv=None):
         runs = {m: [r for name, r in done if name == m]
                 for m in args.methods}
     summary = summarize(runs)
-    result = dict(iters=args.iters, interval=args.interval, seeds=args.seeds,
+    result = dict(iters=args.iters, seconds=args.seconds,
+                  interval=args.interval, seeds=args.seeds,
                   jobs=args.jobs,
                   methods={m: METHODS.get(m) for m in runs},
                   options={m: method_options(m) for m in runs
@@ -250,8 +367,10 @@ def main(argv=None):
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out + '.json', 'w') as f:
         json.dump(result, f, indent=2)
-    plot(summary, args.out + '.png',
-         f'shapes, {args.iters} iterations, seeds {args.seeds}')
+    length = (f'{args.seconds / 60:.0f} training minutes' if args.seconds
+              else f'{args.iters} iterations')
+    plot(summary, args.out + '.png', f'shapes, {length}, seeds {args.seeds}',
+         by_time=bool(args.seconds))
     print(table(summary))
     print(f'curves: {args.out}.json, plot: {args.out}.png, logs: {workdir}')
     return result

@@ -1,7 +1,11 @@
 """Each benchmark script runs in its quickest mode, so they cannot rot."""
 import json
+import os
 import os.path as osp
+import subprocess
+import sys
 
+import pytest
 from conftest import run_tool
 
 
@@ -51,12 +55,43 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
         assert summary['iterations'] == [1, 2]
         assert 0.0 <= summary['mean'][-1] <= 1.0
         assert f'| {method} |' in proc.stdout
+    group = result['summary']['group-dino']
+    assert group['base'] == 'dino'
+    assert group['vs_base'] == pytest.approx(
+        group['mean'][-1] - result['summary']['dino']['mean'][-1])
     merged = tmp_path / 'merged'
     run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
               str(tmp_path / 'conv.json'), '--out', str(merged)],
              cwd=tmp_path)
     combined = json.loads((tmp_path / 'merged.json').read_text())
     assert combined['summary'] == result['summary']
+
+
+def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):
+    """--seconds: the run sets its length from its step time (4
+    evaluations, the last at its end, the LR drop at 90 %); a stored unit is
+    reused by the same command and refused by one of another length."""
+    runs, out = tmp_path / 'runs', tmp_path / 'conv'
+    args = [osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
+            '--methods', 'dino', '--seconds', '8', '--calibrate', '2',
+            '--workdir', str(runs), '--out', str(out)]
+    run_tool(args, cwd=tmp_path)
+    unit = json.loads((runs / 'dino_8s_seed0.json').read_text())
+    its = [p['iteration'] for p in unit['curve']]
+    assert len(its) == 4 and its[-1] == unit['iters'] == 4 * its[0]
+    assert unit['budget_seconds'] == 8
+    assert 'equal wall clock' in (runs / 'dino_8s_seed0.log').read_text()
+    seconds = [p['seconds'] for p in unit['curve']]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    (runs / 'dino_8s_seed0.log').unlink()  # not needed to resume
+    again = run_tool(args, cwd=tmp_path)
+    assert not (runs / 'dino_8s_seed0.log').exists(), again.stdout
+    (runs / 'dino_8s_seed0.json').rename(runs / 'dino_9s_seed0.json')
+    proc = subprocess.run(
+        [sys.executable] + args[:5] + ['9'] + args[6:], cwd=tmp_path,
+        capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=repo_root))
+    assert proc.returncode != 0 and 'use another --workdir' in proc.stderr
 
 
 def test_crowded_memory_benchmark_quick(repo_root, tmp_path):

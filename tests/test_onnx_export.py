@@ -118,12 +118,49 @@ def assert_same_detections(model, session, shape, seed=0):
 
 def export_and_compare(deploy, model, tmp_path, sizes, export_shape=(2, 3,
                                                                      128,
-                                                                     128)):
+                                                                     128),
+                       seeds=None):
     out = str(tmp_path / 'model.onnx')
     deploy.export_onnx(model, out, input_shape=export_shape)
     session = deploy.OnnxDetector(out)
+    seeds = seeds or range(len(sizes))
     return [assert_same_detections(model, session, shape, seed)
-            for seed, shape in enumerate(sizes)]
+            for seed, shape in zip(seeds, sizes)]
+
+
+def selection_margin(model, inputs):
+    """The smallest gap, over the images, between the last query a DETR's
+    two-stage top-k selects and the first it leaves out (in the scores the
+    selection ranks). Below the float noise between two runtimes the
+    selected queries, and so the detections, may differ."""
+    k = model.num_queries
+    gaps = []
+    topk = torch.topk
+
+    def spy(scores, *args, **kwargs):
+        n = args[0] if args else kwargs['k']
+        dim = args[1] if len(args) > 1 else kwargs.get('dim', -1)
+        if n == k and scores.shape[dim] > k:
+            ranked = scores.sort(dim=dim, descending=True).values
+            gaps.append(float((ranked.narrow(dim, k - 1, 1) -
+                               ranked.narrow(dim, k, 1)).min()))
+        return topk(scores, *args, **kwargs)
+
+    from projects_detr_plus.deployment.utils import reference_predictions
+    torch.topk = spy
+    try:
+        reference_predictions(model, inputs)
+    finally:
+        torch.topk = topk
+    return min(gaps) if gaps else float('inf')
+
+
+def tie_free_seeds(model, sizes, candidates=4):
+    """Per size, the random-batch seed (of ``candidates``) whose query
+    selection is farthest from a tie: random weights give near-equal
+    scores, and a near-tie makes the comparison a coin toss, not a test."""
+    return [max(range(candidates), key=lambda seed: selection_margin(
+        model, random_batch(shape, seed))) for shape in sizes]
 
 
 # --------------------------------------------------------------------------
@@ -531,6 +568,8 @@ def test_coco_config_onnx_matches_predict(deploy, config, tmp_path):
     test_cfg = Config.fromfile(path).model.get('test_cfg') or {}
     no_nms = {'model.test_cfg.nms': None} if test_cfg.get('nms') else None
     model = build(path, no_nms)
-    export_and_compare(deploy, model, tmp_path,
-                       [(1, 3, 256, 256), (2, 3, 224, 288)],
-                       export_shape=(2, 3, 256, 256))
+    sizes = [(1, 3, 256, 256), (2, 3, 224, 288)]
+    seeds = tie_free_seeds(model, sizes) if hasattr(model, 'num_queries') \
+        else None
+    export_and_compare(deploy, model, tmp_path, sizes,
+                       export_shape=(2, 3, 256, 256), seeds=seeds)

@@ -43,9 +43,24 @@ def parse_args():
     return parser.parse_args()
 
 
-def draw_predictions(runner, out_file, num_images, score_thr):
-    """Run the trained model on the first val images and tile the drawings."""
-    visualizer = DetLocalVisualizer(name='demo_vis')
+def enlarged(image, sample, scale):
+    """The image and the sample's boxes (GT and predictions) ``scale``
+    times larger, so that label text is readable on small images."""
+    image = mmcv.imrescale(image, scale, interpolation='nearest')
+    sample = sample.clone()
+    for field in ('gt_instances', 'pred_instances'):
+        if field in sample:
+            instances = sample.get(field)
+            boxes = instances.bboxes
+            boxes = getattr(boxes, 'tensor', boxes)  # HorizontalBoxes
+            instances.bboxes = boxes * scale
+    return image, sample
+
+
+def draw_predictions(runner, out_file, num_images, score_thr, scale=4):
+    """Run the trained model on the first val images; ground truth (left)
+    beside the predictions (right) of each image, images stacked."""
+    visualizer = DetLocalVisualizer(name='demo_vis', line_width=2)
     visualizer.dataset_meta = runner.val_dataloader.dataset.metainfo
     runner.model.eval()
     drawings = []
@@ -54,11 +69,12 @@ def draw_predictions(runner, out_file, num_images, score_thr):
             samples = runner.model.test_step(data)
         for sample in samples:
             image = mmcv.imread(sample.img_path, channel_order='rgb')
-            visualizer.add_datasample('pred', image, sample, draw_gt=False,
+            image, sample = enlarged(image, sample, scale)
+            visualizer.add_datasample('pred', image, sample, draw_gt=True,
                                       pred_score_thr=score_thr)
             drawings.append(visualizer.get_image())
             if len(drawings) == num_images:
-                mmcv.imwrite(np.concatenate(drawings, axis=1)[..., ::-1],
+                mmcv.imwrite(np.concatenate(drawings, axis=0)[..., ::-1],
                              out_file)
                 return out_file
     return None

@@ -484,6 +484,37 @@ def test_ddq_rcnn_export_refuses_what_it_does_not_rebuild(deploy):
         deploy.exportable(model)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('config,export_size', [
+    ('dino-tiny_shapes.py', 128), ('ddq-detr-tiny_shapes.py', 128),
+    ('ddq-rcnn-tiny_shapes.py', 256)])
+def test_openvino_runs_the_exported_graph(deploy, tmp_path, config,
+                                          export_size):
+    """The same file in OpenVINO (optional, not a dependency): standard
+    operators only, GridSample and NonMaxSuppression included."""
+    ov = pytest.importorskip('openvino')
+    from projects_detr_plus.deployment.utils import reference_predictions
+    from projects_detr_plus.deployment.verify import match_detections
+    model = build(config)
+    out = str(tmp_path / 'model.onnx')
+    deploy.export_onnx(model, out,
+                       input_shape=(2, 3, export_size, export_size))
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(out), 'CPU',
+                                  {'INFERENCE_PRECISION_HINT': 'f32'})
+    for seed, shape in enumerate([(2, 3, 128, 128), (1, 3, 160, 96)]):
+        inputs = random_batch(shape, seed)
+        outputs = compiled([inputs.numpy()])
+        dets, labels = outputs[0], outputs[1]
+        for d, l, ref in zip(dets, labels,
+                             reference_predictions(model, inputs)):
+            report = match_detections(d, l, ref.bboxes.numpy(),
+                                      ref.scores.numpy(), ref.labels.numpy(),
+                                      score_atol=1e-4,
+                                      box_atol=1e-4 * max(shape[-2:]))
+            assert report['ok'], report['problems'][:3]
+
+
 def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):
     import mmcv
     model, out = dino_export

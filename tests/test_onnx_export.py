@@ -116,7 +116,10 @@ def assert_same_detections(model, session, shape, seed=0,
                                   box_atol=1e-4 * max(shape[-2:]))
         unmatched = [p for p in report['problems']
                      if p.startswith('no match')]
-        others = [p for p in report['problems'] if p not in unmatched]
+        # a swap also shifts the sorted score lists by the swapped scores
+        swapped = ('sorted scores differ', ) if near_ties else ()
+        others = [p for p in report['problems'] if p not in unmatched and
+                  not p.startswith(swapped)]
         assert not others, f'image {image}: {others[:5]}'
         assert len(unmatched) <= near_ties, f'image {image}: {unmatched[:5]}'
         assert report['matched'] >= len(ref.scores) - 2 - near_ties

@@ -585,9 +585,6 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path, module):
 # --------------------------------------------------------------------------
 # every config (slow)
 # --------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize('config', [c for c in SHAPES_CONFIGS
-                                    if c not in FAST_CONFIGS])
 def without_soft_nms(path):
     """Options that drop NMS after the detector (Co-DINO's soft-NMS), which
     the graph does not hold: as the export tool's error message says."""
@@ -595,6 +592,9 @@ def without_soft_nms(path):
     return {'model.test_cfg.nms': None} if test_cfg.get('nms') else None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('config', [c for c in SHAPES_CONFIGS
+                                    if c not in FAST_CONFIGS])
 def test_shapes_config_onnx_matches_predict(deploy, config, tmp_path):
     model = build(config, without_soft_nms(osp.join(SHAPES_DIR, config)))
     # DDQ FCN's P7 must be > 1 pixel in the example (256: 2 x 2)

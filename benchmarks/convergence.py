@@ -136,6 +136,8 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     import projects_detr_plus  # noqa: F401
 
     clock = TrainClock(seconds, calibrate)
+    if seconds:  # no evaluation or LR drop before the length is set
+        iters = interval = max(iters, calibrate + 1) * 1000
 
     class RecordMetrics(Hook):
         def __init__(self):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..models.detectors.ddq_fcn import DDQFCN
-from .nms import nms_keep
+from .nms import exportable_iou_threshold, nms_keep
 from .top_pairs import top_pairs
 
 __all__ = ['ExportableDDQFCN']
@@ -27,10 +27,7 @@ class ExportableDDQFCN(nn.Module):
             raise TypeError('ExportableDDQFCN takes a DDQFCN, got '
                             f'{type(detector).__name__}')
         head = detector.bbox_head
-        if head.dqs_cfg.get('type', 'nms') != 'nms' or set(head.dqs_cfg) - {
-                'type', 'iou_threshold'}:
-            raise ValueError('only dqs_cfg=dict(type="nms", iou_threshold=...,'
-                             f' nms_pre=...) exports, got {head.dqs_cfg}')
+        self.iou_threshold = exportable_iou_threshold(head.dqs_cfg)
         self.detector = detector
         self.max_per_img = head.num_distinct_queries
         # torch.export fixes a size of 1 as a constant: with a dynamic size
@@ -46,8 +43,7 @@ class ExportableDDQFCN(nn.Module):
         head = self.detector.bbox_head
         scores, distances = head(self.detector.extract_feat(inputs))[:2]
         scores, boxes, _ = head.candidates(scores, distances)  # (B, n, .)
-        keep = nms_keep(boxes, scores.max(-1).values,
-                        head.dqs_cfg['iou_threshold'])
+        keep = nms_keep(boxes, scores.max(-1).values, self.iou_threshold)
         h, w = inputs.shape[2], inputs.shape[3]
         scale = torch.tensor([w, h, w, h], dtype=boxes.dtype,
                              device=boxes.device)

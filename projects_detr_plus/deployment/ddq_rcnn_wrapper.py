@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..models.detectors.ddq_rcnn import DDQRCNN
 from ..models.heads.ddq_fcn_rpn_head import _points_of
-from .nms import nms_keep
+from .nms import exportable_iou_threshold, nms_keep
 from .top_pairs import top_pairs
 
 __all__ = ['ExportableDDQRCNN', 'roi_align']
@@ -84,9 +84,7 @@ class ExportableDDQRCNN(nn.Module):
             raise TypeError('ExportableDDQRCNN takes a DDQRCNN, got '
                             f'{type(detector).__name__}')
         rpn, roi = detector.rpn_head, detector.roi_head
-        if rpn.dqs_cfg.get('type', 'nms') != 'nms':
-            raise ValueError('only dqs_cfg=dict(type="nms", ...) exports, '
-                             f'got {rpn.dqs_cfg}')
+        self.iou_threshold = exportable_iou_threshold(rpn.dqs_cfg)
         for stage in range(roi.num_stages):
             _check_stage(roi.bbox_roi_extractor[stage], roi.bbox_head[stage])
         self.detector = detector
@@ -121,7 +119,7 @@ class ExportableDDQRCNN(nn.Module):
             feats[self.detector.rpn_start_level:])
         scores, boxes, point_ids = rpn.candidates(scores, distances)
         best = scores.max(-1).values  # in [0, 1]
-        keep = nms_keep(boxes, best, rpn.dqs_cfg['iou_threshold'])
+        keep = nms_keep(boxes, best, self.iou_threshold)
         ranked = torch.where(keep, best, torch.full_like(best, -1.0))
         # N entries of -2 appended: always N rows, invalid where unfilled
         ranked = torch.cat([ranked, ranked.new_full(

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-__all__ = ['nms_keep', 'translation_table']
+__all__ = ['nms_keep', 'exportable_iou_threshold', 'translation_table']
 
 # scores of non-candidates in the ONNX graph, and the score threshold that
 # removes them: candidates' scores must be above it (DDQ's are in [0, 1])
@@ -79,6 +79,18 @@ def nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float,
                          f'scores {tuple(scores.shape)}')
     return _nms_keep_op(boxes.detach().float(), scores.detach().float(),
                         candidates, float(iou_threshold))
+
+
+def exportable_iou_threshold(dqs_cfg) -> float:
+    """The IoU threshold of a DDQ distinct-query NMS config that
+    :func:`nms_keep` reproduces; raises for anything else (another type, or
+    keys it would silently ignore)."""
+    cfg = dict(dqs_cfg)
+    if cfg.get('type', 'nms') != 'nms' or set(cfg) - {'type',
+                                                     'iou_threshold'}:
+        raise ValueError('only dqs_cfg=dict(type="nms", iou_threshold=...) '
+                         f'exports to ONNX, got {cfg}')
+    return float(cfg['iou_threshold'])
 
 
 def _onnx_nms_keep(opset) -> callable:

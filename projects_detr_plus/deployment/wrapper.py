@@ -46,7 +46,7 @@ from ..models.branches import MAIN, BranchQueries
 from ..models.detectors.ddq_detr import DDQDETRPlus
 from ..models.detectors.dino import DINOPlus
 from ..models.layers.distinct_queries import DistinctQuerySelection
-from .nms import nms_keep
+from .nms import exportable_iou_threshold, nms_keep
 
 __all__ = ['ExportableDetector']
 
@@ -292,18 +292,9 @@ def _window_reverse(module):
     return window_reverse
 
 
-def _ddq_iou_threshold(det):
-    cfg = dict(det.dqs_cfg)
-    if cfg.get('type', 'nms') != 'nms' or set(cfg) - {'type',
-                                                     'iou_threshold'}:
-        raise ValueError('only dqs_cfg=dict(type="nms", iou_threshold=...) '
-                         f'exports to ONNX, got {cfg}')
-    return float(cfg['iou_threshold'])
-
-
 def _ddq_exportable(det):
     """DDQ-DETR's main-query selection and decoder with :func:`nms_keep`."""
-    iou_threshold = _ddq_iou_threshold(det)
+    iou_threshold = exportable_iou_threshold(det.dqs_cfg)
 
     def main_queries(enc_class, enc_coord_unact, token_content,
                      **query_inputs):

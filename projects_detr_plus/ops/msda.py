@@ -315,18 +315,16 @@ def _mmcv_problem(device: torch.device) -> Optional[str]:
     """None when mmcv's compiled kernel runs correctly on ``device``."""
     if device.type != 'cuda':
         return f'mmcv has no compiled MSDeformAttn kernel for {device.type}'
-    key = ('mmcv', device.type)
-    with _lock:
-        if key not in _state['selftest']:
-            try:
-                _mmcv_ext()
-            except Exception as error:  # noqa: BLE001 - ImportError, ...
-                problem = ('mmcv\'s compiled ops are unavailable '
-                           f'({type(error).__name__}: {error})')
-            else:
-                problem = _selftest(device, _mmcv_forward)
-            _state['selftest'][key] = problem
-    return _state['selftest'][key]
+
+    def check():
+        try:
+            _mmcv_ext()
+        except Exception as error:  # noqa: BLE001 - ImportError, ...
+            return ('mmcv\'s compiled ops are unavailable '
+                    f'({type(error).__name__}: {error})')
+        return _selftest(device, _mmcv_forward)
+
+    return _checked_once(('mmcv', device.type), check)
 
 
 # --------------------------------------------------------------------------
@@ -399,11 +397,16 @@ def _compiled_problem(device: torch.device) -> Optional[str]:
                 f'({ext_error()})')
     if device.type == 'cuda' and not ext_has_cuda():
         return 'the extension was built without CUDA'
-    key = device.type
-    if key not in _state['selftest']:  # the lock only for the first call
+    return _checked_once(device.type, lambda: _selftest(device))
+
+
+def _checked_once(key, check):
+    """``check()``'s result, computed once per key and kept (a kernel's
+    self-test); the lock only for the first call."""
+    if key not in _state['selftest']:
         with _lock:
             if key not in _state['selftest']:
-                _state['selftest'][key] = _selftest(device)
+                _state['selftest'][key] = check()
     return _state['selftest'][key]
 
 

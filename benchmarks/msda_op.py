@@ -47,6 +47,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -544,23 +545,6 @@ def with_env(fn, **env):
     return wrapped
 
 
-class environment:  # noqa: N801 - used like a function
-    def __init__(self, env):
-        self.env, self.saved = env, {}
-
-    def __enter__(self):
-        for key, value in self.env.items():
-            self.saved[key] = os.environ.get(key)
-            os.environ[key] = value
-
-    def __exit__(self, *exc_info):
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_case(spec, dtype, impls, args, repeats, warmup):
     """Times (and memory) of every implementation on one case and dtype."""
     inputs = make_inputs(spec, args.device, dtype=DTYPES[dtype])
@@ -569,7 +553,7 @@ def run_case(spec, dtype, impls, args, repeats, warmup):
         if fn is None:
             results[name] = None
             continue
-        with environment(getattr(fn, 'env', {})):
+        with mock.patch.dict(os.environ, getattr(fn, 'env', {})):
             results[name] = time_and_memory(name, fn, spec, dtype, inputs,
                                             args, repeats, warmup)
     case = dict(spec, name=f'{spec["name"]}-{dtype}', dtype=dtype,

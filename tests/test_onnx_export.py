@@ -570,6 +570,26 @@ def test_export_options_are_checked(deploy, tmp_path):
         deploy.export_onnx(soft_nms, str(tmp_path / 'm.onnx'))
 
 
+@pytest.mark.parametrize('config', ['ddq-detr-tiny_shapes.py',
+                                    'ddq-fcn-tiny_shapes.py',
+                                    'ddq-rcnn-tiny_shapes.py'])
+def test_ddq_export_refuses_nms_options_it_would_drop(deploy, config):
+    """The graph's NMS takes only an IoU threshold: a distinct-query config
+    with any other key (or another type) is refused, not silently cut."""
+    from projects_detr_plus.deployment.nms import exportable_iou_threshold
+    assert exportable_iou_threshold(dict(type='nms', iou_threshold=0.7)) \
+        == 0.7
+    model = build(config)
+    owner = getattr(model, 'rpn_head', None) or getattr(model, 'bbox_head')
+    owner = model if hasattr(model, 'dqs_cfg') else owner
+    owner.dqs_cfg = dict(owner.dqs_cfg, score_threshold=0.05)
+    with pytest.raises(ValueError, match='score_threshold'):
+        deploy.exportable(model)
+    owner.dqs_cfg = dict(type='soft_nms', iou_threshold=0.8)
+    with pytest.raises(ValueError, match='soft_nms'):
+        deploy.exportable(model)
+
+
 @pytest.mark.parametrize('module', ['onnxruntime', 'onnxscript'])
 def test_missing_package_names_the_extra(monkeypatch, tmp_path, module):
     from projects_detr_plus.deployment import export_onnx

@@ -76,6 +76,8 @@ class ExportableDetector(nn.Module):
                 "Co-DINO's official soft-NMS) is not part of the exported "
                 'graph: export with --cfg-options model.test_cfg.nms=None '
                 'for the NMS-free detections and apply it to them')
+        if isinstance(detector, DDQDETRPlus):  # refused before tracing
+            exportable_iou_threshold(detector.dqs_cfg)
         self.detector = detector
         test_cfg = detector.bbox_head.test_cfg or {}
         self.max_per_img = test_cfg.get('max_per_img', detector.num_queries)

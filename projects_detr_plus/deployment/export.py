@@ -147,6 +147,20 @@ def exportable(detector):
     return ExportableDetector(detector)
 
 
+def _warn_if_slow_dynamic_size(detector) -> None:
+    """Swin's window padding (to multiples of the window at every stage)
+    makes torch.export's symbolic size analysis very slow: a dynamic-size
+    export of DINO Swin-L at 256 px did not finish in over an hour of CPU
+    here, where a fixed size took 141 s."""
+    backbone = getattr(detector, 'backbone', None)
+    if type(backbone).__name__ == 'SwinTransformer':
+        warnings.warn(
+            'a dynamic-size export of a Swin backbone can take hours of '
+            "torch.export's symbolic shape analysis (its window padding); "
+            'export a fixed size (dynamic_size=False, --static-size) and '
+            'resize or pad inputs to it')
+
+
 def export_onnx(detector: torch.nn.Module, out: str,
                 input_shape: Sequence[int] = (2, 3, 640, 640),
                 dynamic_batch: bool = True, dynamic_size: bool = True,
@@ -197,6 +211,8 @@ def export_onnx(detector: torch.nn.Module, out: str,
     if dynamic_batch and shape[0] == 1:
         shape[0] = 2
     wrapper = exportable(detector.eval()).eval()
+    if dynamic_size:
+        _warn_if_slow_dynamic_size(detector)
     smallest = getattr(wrapper, 'min_dynamic_size', 1)
     if dynamic_size and min(shape[2:]) < smallest:
         raise ValueError(

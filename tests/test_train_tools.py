@@ -184,3 +184,35 @@ def test_demo_draws_ground_truth_beside_predictions(repo_root, tmp_path):
     assert 0.0 <= result['bbox_mAP'] <= 1.0
     png = mmcv.imread(str(work_dir / 'demo_predictions.png'))
     assert png.shape[:2] == (2 * 4 * 128, 2 * 4 * 128)
+
+
+def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
+    """The demo's comparison with plain DINO comes from a committed study:
+    the one with the most seeds, its mean and range."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'demo', osp.join(repo_root, 'tools/demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    recipe = 'configs/shapes/group-dino-tiny_shapes.py'
+
+    def study(name, seeds, finals, **extra):
+        summary = {m: dict(final_per_seed={str(s): v for s, v in
+                                           zip(seeds, values)})
+                   for m, values in finals.items()}
+        (tmp_path / name).write_text(json.dumps(dict(
+            iters=2000, seeds=seeds, summary=summary,
+            methods=dict(dino=demo.DINO, recipe=recipe), **extra)))
+
+    assert demo.study_line(recipe, str(tmp_path)) is None
+    study('convergence_a.json', [0], dict(dino=[0.1], recipe=[0.2]))
+    study('convergence_b.json', [0, 1, 2],
+          dict(dino=[0.2, 0.3, 0.4], recipe=[0.5, 0.6, 0.4]), seconds=900)
+    line = demo.study_line(recipe, str(tmp_path))
+    assert line == (
+        'this config in the study: 0.500 (seeds 0.400-0.600, 3 seeds) '
+        'after 900 s of training in convergence_b.json; plain DINO in the '
+        'study: 0.300 (seeds 0.200-0.400, 3 seeds) after 900 s of training'
+        ' in convergence_b.json')
+    assert demo.study_line(demo.DINO, str(tmp_path)).startswith(
+        'plain DINO in the study: 0.300')

@@ -7,8 +7,10 @@ Prints the COCO bbox mAP on shapes val and the wall time, writes
     python tools/demo.py configs/shapes/dino-tiny_shapes.py --work-dir work_dirs/demo
 """
 import argparse
+import glob
 import json
 import os.path as osp
+import statistics
 import time
 
 import mmcv
@@ -20,6 +22,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import projects_detr_plus  # noqa: F401
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 class KeepMetrics(Hook):
@@ -80,6 +84,46 @@ def draw_predictions(runner, out_file, num_images, score_thr, scale=4):
     return None
 
 
+DINO = 'configs/shapes/dino-tiny_shapes.py'
+
+
+def study_line(config, results_dir):
+    """What the committed convergence studies measured for ``config`` and
+    for plain DINO: mean and range over the seeds of the study with the most
+    seeds, then iterations (the demo does not train DINO a second time).
+    None without a study."""
+    def best(path):
+        found = []
+        for name in sorted(glob.glob(osp.join(results_dir,
+                                              'convergence*.json'))):
+            with open(name) as f:
+                study = json.load(f)
+            for method, cfg in study.get('methods', {}).items():
+                finals = study['summary'].get(method, {}).get(
+                    'final_per_seed', {})
+                if osp.normpath(cfg) == osp.normpath(path) and finals:
+                    length = (f'{study["seconds"]} s of training'
+                              if study.get('seconds') else
+                              f'{study["iters"]} iterations')
+                    found.append((len(finals), study['iters'],
+                                  list(finals.values()), length, name))
+        return max(found, default=None)
+
+    def text(entry):
+        seeds, _, finals, length, name = entry
+        return (f'{statistics.mean(finals):.3f} (seeds {min(finals):.3f}-'
+                f'{max(finals):.3f}, {seeds} seeds) after {length} in '
+                f'{osp.basename(name)}')
+
+    ours, dino = best(config), best(DINO)
+    if dino is None:
+        return None
+    line = f'plain DINO in the study: {text(dino)}'
+    if ours is not None and osp.normpath(config) != osp.normpath(DINO):
+        line = f'this config in the study: {text(ours)}; ' + line
+    return line
+
+
 def main():
     args = parse_args()
     cfg = Config.fromfile(args.config)
@@ -105,6 +149,10 @@ def main():
     print(f'\nDEMO: shapes val COCO bbox mAP = {m_ap:.3f} after '
           f'{result["max_iters"]} iterations in {seconds / 60:.1f} min '
           f'(train + eval); predictions drawn to {vis}')
+    study = study_line(osp.relpath(osp.abspath(args.config), ROOT),
+                       osp.join(ROOT, 'benchmarks', 'results'))
+    if study:
+        print(study)
 
 
 if __name__ == '__main__':

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from os import path as osp
 
@@ -92,37 +91,6 @@ def method_options(method):
     return VARIANTS.get(method, (None, {}))[1]
 
 
-class TrainClock:
-    """Training seconds so far (validation excluded) and, with a budget,
-    the run's length set after ``calibrate`` iterations from the measured
-    step time: the learning-rate drop at 90 % and 4 evaluations."""
-
-    def __init__(self, budget=None, calibrate=20):
-        self.budget, self.calibrate = budget, calibrate
-        self.start = self.val_start = None
-        self.in_val = 0.0
-
-    def seconds(self):
-        return time.time() - self.start - self.in_val
-
-    def set_length(self, runner):
-        loop = runner.train_loop
-        done = runner.iter + 1
-        per_iter = self.seconds() / done
-        # 4 evaluations, the last at the end, after what is already done
-        interval = max(int(self.budget / per_iter) // 4, done // 4 + 1)
-        total = 4 * interval
-        loop._max_iters = total
-        loop.val_interval = interval
-        loop.dynamic_intervals = [interval]
-        for scheduler in runner.param_schedulers:
-            if hasattr(scheduler, 'milestones'):
-                scheduler.milestones = Counter([int(total * 0.9)])
-                scheduler.end = total
-        runner.logger.info(f'equal wall clock: {per_iter:.3f} s/iter, '
-                           f'{total} iterations in {self.budget} s')
-
-
 def run_one(config, seed, iters, interval, out, train_images=None,
             val_images=None, options=None, seconds=None, calibrate=20):
     """Train ``config`` with ``seed``; write [(iteration, training seconds,
@@ -135,31 +103,17 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     sys.path.insert(0, ROOT)
     import projects_detr_plus  # noqa: F401
 
-    clock = TrainClock(seconds, calibrate)
-    if seconds:  # no evaluation or LR drop before the length is set
-        iters = interval = max(iters, calibrate + 1) * 1000
+    from projects_detr_plus.utils import TrainTimeBudgetHook
+    # 4 evaluations, the last at the end, the LR drop at 90 %
+    clock = TrainTimeBudgetHook(seconds, calibrate, evaluations=4)
 
     class RecordMetrics(Hook):
         def __init__(self):
             self.curve = []
 
-        def before_train(self, runner):
-            clock.start = time.time()
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
-            if clock.budget and runner.iter + 1 == clock.calibrate:
-                clock.set_length(runner)
-
-        def before_val(self, runner):
-            clock.val_start = time.time()
-
-        def after_val(self, runner):
-            clock.in_val += time.time() - clock.val_start
-
         def after_val_epoch(self, runner, metrics=None):
             self.curve.append(dict(iteration=runner.iter,
-                                   seconds=clock.seconds(),
+                                   seconds=clock.train_seconds(),
                                    metrics=dict(metrics or {})))
 
     cfg = Config.fromfile(osp.join(ROOT, config))
@@ -184,6 +138,7 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     start = time.time()
     runner = Runner.from_cfg(cfg)
     record = RecordMetrics()
+    runner.register_hook(clock)
     runner.register_hook(record, priority='LOWEST')
     runner.train()
     with open(out, 'w') as f:

@@ -5,6 +5,7 @@ from .distributed import (install_cpu_distributed_fallback,
                           leave_process_group)
 from .flops import install_flop_handle
 from .random_state import RandomStateHook, get_rng_state, set_rng_state
+from .time_budget import TrainTimeBudgetHook
 
 install_local_checkpoint_loader()
 install_cpu_distributed_fallback()
@@ -15,5 +16,5 @@ __all__ = [
     'install_cpu_distributed_fallback', 'install_flop_handle',
     'leave_process_group',
     'load_from_local_trusted', 'RandomStateHook', 'get_rng_state',
-    'set_rng_state'
+    'set_rng_state', 'TrainTimeBudgetHook'
 ]

@@ -289,6 +289,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from machine import describe  # benchmarks/machine.py
     if args.run_one:
         return run_one(args.run_one, args.seed, args.iters, args.interval,
                        args.result, args.train_images, args.val_images,
@@ -319,7 +320,7 @@ def main(argv=None):
                   methods={m: METHODS.get(m) for m in runs},
                   options={m: method_options(m) for m in runs
                            if method_options(m)},
-                  machine=dict(cpus=os.cpu_count(), platform=sys.platform),
+                  machine=describe(),
                   date=time.strftime('%Y-%m-%d'), summary=summary, runs=runs)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out + '.json', 'w') as f:

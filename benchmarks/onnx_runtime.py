@@ -16,16 +16,17 @@ spinning when idle, which would slow the interleaved PyTorch calls).
     python benchmarks/onnx_runtime.py --quick
 """
 import argparse
-import importlib.metadata as metadata
 import os
 import os.path as osp
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from machine import describe  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,28 +37,6 @@ MODELS = {
 }
 PACKAGES = ('torch', 'onnx', 'onnxruntime', 'onnxscript', 'mmdet', 'mmcv',
             'mmengine', 'numpy')
-
-
-def machine():
-    """CPU model, cores, threads and package versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f
-                     if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return dict(cpu=cpu, cores=os.cpu_count(),
-                torch_threads=torch.get_num_threads(),
-                platform=platform.platform(),
-                python=platform.python_version(), versions=versions)
 
 
 def time_calls(calls, iters, warmup):
@@ -153,7 +132,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         rows = [bench_model(name, args, folder) for name in args.models]
-    result = dict(machine=machine(), iters=args.iters, warmup=args.warmup,
+    result = dict(machine=describe(PACKAGES), iters=args.iters, warmup=args.warmup,
                   date=time.strftime('%Y-%m-%d'), models=rows)
     if args.json:
         with open(args.json, 'w') as f:

@@ -216,3 +216,22 @@ def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
         ' in convergence_b.json')
     assert demo.study_line(demo.DINO, str(tmp_path)).startswith(
         'plain DINO in the study: 0.300')
+
+
+def test_demo_recipe_trains_for_its_time_budget(repo_root, tmp_path):
+    """`make demo`'s config sets its length from its step time: a 4-second
+    budget ends far below the config's upper bound of 100000 iterations,
+    with the single evaluation at the end."""
+    work_dir = tmp_path / 'demo'
+    proc = run_tool([osp.join(repo_root, 'tools/demo.py'),
+                     osp.join(repo_root,
+                              'configs/shapes/ddq-detr-13min_shapes.py'),
+                     '--work-dir', str(work_dir), '--num-vis', '1',
+                     '--cfg-options', *TINY_DATA,
+                     'custom_hooks.2.seconds=4', 'custom_hooks.2.calibrate=2'],
+                    cwd=tmp_path)
+    assert 'time budget:' in proc.stdout + proc.stderr
+    result = json.loads((work_dir / 'demo_result.json').read_text())
+    assert 2 < result['max_iters'] < 1000
+    assert 0.0 <= result['bbox_mAP'] <= 1.0
+    assert f'after {result["max_iters"]} iterations' in proc.stdout

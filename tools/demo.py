@@ -142,7 +142,7 @@ def main():
     m_ap = keep.metrics.get('coco/bbox_mAP', float('nan'))
     result = dict(config=args.config, bbox_mAP=m_ap,
                   train_and_eval_seconds=round(seconds, 1),
-                  max_iters=cfg.train_cfg.get('max_iters'),
+                  max_iters=runner.train_loop.max_iters,  # as trained
                   metrics=keep.metrics, predictions_png=vis)
     with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
         json.dump(result, f, indent=2)

@@ -225,7 +225,7 @@ def test_demo_recipe_trains_for_its_time_budget(repo_root, tmp_path):
     work_dir = tmp_path / 'demo'
     proc = run_tool([osp.join(repo_root, 'tools/demo.py'),
                      osp.join(repo_root,
-                              'configs/shapes/ddq-detr-13min_shapes.py'),
+                              'configs/shapes/ddq-detr-12min_shapes.py'),
                      '--work-dir', str(work_dir), '--num-vis', '1',
                      '--cfg-options', *TINY_DATA,
                      'custom_hooks.2.seconds=4', 'custom_hooks.2.calibrate=2'],

@@ -1,13 +1,14 @@
 # `make demo`'s recipe: DDQ-DETR (ddq-detr-tiny_shapes.py: distinct queries,
 # NMS at IoU 0.8 before each decoder layer, and the dense one-to-many branch)
-# trained for 13 minutes of wall clock instead of a number of iterations, so
-# that the demo fits 15 minutes on any 2-core machine: TrainTimeBudgetHook
+# trained for 12 minutes of wall clock instead of a number of iterations, so
+# that the demo, a fresh clone's install included, fits 15 minutes on a
+# 2-core machine and a faster machine trains longer: TrainTimeBudgetHook
 # times the first 20 iterations, then sets the run's length, its single
 # evaluation at the end and the learning-rate drop at 90 %.
 # Why DDQ-DETR: in the equal-wall-clock study (benchmarks/convergence.py
-# --seconds 780, README "Convergence") it beat DINO, Deformable DETR
+# --seconds 780, README "Quick start") it beat DINO, Deformable DETR
 # (two-stage) and Group-DINO; its distinct queries remove the duplicates that
-# cost a one-to-one model most of its early mAP.
+# cost a one-to-one model much of its early mAP.
 _base_ = ['./ddq-detr-tiny_shapes.py']
 
 max_iters = 100000  # an upper bound: the hook sets the length
@@ -22,5 +23,5 @@ default_hooks = dict(checkpoint=dict(interval=max_iters))
 custom_hooks = [
     dict(type='RandomStateHook'),
     dict(type='NumClassCheckHook'),
-    dict(type='TrainTimeBudgetHook', seconds=13 * 60),
+    dict(type='TrainTimeBudgetHook', seconds=12 * 60),
 ]

@@ -296,14 +296,18 @@ def main(argv=None):
                        json.loads(args.options), args.seconds,
                        args.calibrate)
     if args.combine:
-        runs, workdir = {}, None
-        for path in args.combine:
+        runs, workdir, seeds = {}, None, set()
+        for path in args.combine:  # other methods and other seeds
             with open(path) as f:
                 earlier = json.load(f)
-            runs.update(earlier['runs'])
-            args.iters, args.seeds = earlier['iters'], earlier['seeds']
-            args.seconds = earlier.get('seconds')
+            for method, method_runs in earlier['runs'].items():
+                by_seed = {r['seed']: r for r in runs.get(method, [])}
+                by_seed.update({r['seed']: r for r in method_runs})
+                runs[method] = [by_seed[s] for s in sorted(by_seed)]
+            seeds.update(earlier['seeds'])
+            args.iters, args.seconds = earlier['iters'], earlier.get('seconds')
             args.interval, args.jobs = earlier['interval'], earlier['jobs']
+        args.seeds = sorted(seeds)
     else:
         workdir = args.workdir or tempfile.mkdtemp(prefix='convergence_runs_')
         os.makedirs(workdir, exist_ok=True)

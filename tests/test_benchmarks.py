@@ -65,6 +65,21 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
              cwd=tmp_path)
     combined = json.loads((tmp_path / 'merged.json').read_text())
     assert combined['summary'] == result['summary']
+    # another seed's file: the runs of both seeds are kept, per method
+    other = json.loads((tmp_path / 'conv.json').read_text())
+    other['seeds'] = [1]
+    for runs in other['runs'].values():
+        runs[0]['seed'] = 1
+    (tmp_path / 'seed1.json').write_text(json.dumps(other))
+    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
+              str(tmp_path / 'conv.json'), str(tmp_path / 'seed1.json'),
+              '--out', str(merged)], cwd=tmp_path)
+    combined = json.loads((tmp_path / 'merged.json').read_text())
+    assert combined['seeds'] == [0, 1]
+    for method in ('dino', 'group-dino'):
+        assert [r['seed'] for r in combined['runs'][method]] == [0, 1]
+        assert set(combined['summary'][method]['final_per_seed']) == {
+            '0', '1'}
 
 
 def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):

@@ -53,6 +53,8 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from machine import cpu_model  # noqa: E402  benchmarks/machine.py
 
 from projects_detr_plus import ops  # noqa: E402
 
@@ -444,17 +446,6 @@ def memory_child(arg):
 # --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def add_ratios(case):
     res = case['results']
     mmcv = res.get('mmcv')
@@ -614,7 +605,7 @@ def main():
     gpu = torch.cuda.get_device_name() if args.device == 'cuda' else None
     copy_tbs = copy_bandwidth_tbs() if args.device == 'cuda' else None
     report = dict(
-        device=args.device, torch=torch.__version__, cpu=cpu_name(), gpu=gpu,
+        device=args.device, torch=torch.__version__, cpu=cpu_model(), gpu=gpu,
         threads=torch.get_num_threads(), quick=args.quick, repeats=repeats,
         warmup=warmup, inner=args.inner if args.device == 'cuda' else 1,
         python=platform.python_version(),

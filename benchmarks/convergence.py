@@ -101,8 +101,7 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
     sys.path.insert(0, ROOT)
-    import projects_detr_plus  # noqa: F401
-
+    # importing the package registers its modules
     from projects_detr_plus.utils import TrainTimeBudgetHook
     # 4 evaluations, the last at the end, the LR drop at 90 %
     clock = TrainTimeBudgetHook(seconds, calibrate, evaluations=4)

@@ -92,10 +92,12 @@ def method_options(method):
 
 
 def run_one(config, seed, iters, interval, out, train_images=None,
-            val_images=None, options=None, seconds=None, calibrate=20):
+            val_images=None, options=None, seconds=None, calibrate=20,
+            recheck=None):
     """Train ``config`` with ``seed``; write [(iteration, training seconds,
     metrics)] to out. With ``seconds``, train for that long instead of
-    ``iters`` iterations."""
+    ``iters`` iterations (the length set after ``calibrate`` iterations
+    and, with ``recheck``, set again every ``recheck`` iterations)."""
     import torch
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -104,7 +106,8 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     # importing the package registers its modules
     from projects_detr_plus.utils import TrainTimeBudgetHook
     # 4 evaluations, the last at the end, the LR drop at 90 %
-    clock = TrainTimeBudgetHook(seconds, calibrate, evaluations=4)
+    clock = TrainTimeBudgetHook(seconds, calibrate, evaluations=4,
+                                recheck=recheck)
 
     class RecordMetrics(Hook):
         def __init__(self):
@@ -143,7 +146,7 @@ def run_one(config, seed, iters, interval, out, train_images=None,
     with open(out, 'w') as f:
         json.dump(dict(config=config, seed=seed,
                        iters=runner.train_loop.max_iters,
-                       budget_seconds=seconds,
+                       budget_seconds=seconds, recheck=recheck,
                        seconds=time.time() - start,
                        threads=torch.get_num_threads(), curve=record.curve),
                   f, indent=2)
@@ -161,6 +164,10 @@ def launch(method, seed, args, workdir):
                              f'{"seconds" if args.seconds else "iterations"}'
                              f', not {args.seconds or args.iters}: use '
                              'another --workdir')
+        if args.seconds and earlier.get('recheck') != args.recheck:
+            raise ValueError(f'{out} re-checked its length every '
+                             f'{earlier.get("recheck")} iterations, not '
+                             f'{args.recheck}: use another --workdir')
         return method, earlier
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -171,7 +178,8 @@ def launch(method, seed, args, workdir):
     for flag, value in (('--train-images', args.train_images),
                         ('--val-images', args.val_images),
                         ('--seconds', args.seconds),
-                        ('--calibrate', args.calibrate)):
+                        ('--calibrate', args.calibrate),
+                        ('--recheck', args.recheck)):
         if value:
             cmd += [flag, str(value)]
     log = open(out.replace('.json', '.log'), 'w')
@@ -259,6 +267,10 @@ def parse_args(argv=None):
     parser.add_argument('--calibrate', type=int, default=20,
                         help='with --seconds: iterations timed before the '
                         'run sets its length')
+    parser.add_argument('--recheck', type=int, default=None,
+                        help='with --seconds: set the length again every '
+                        'RECHECK iterations from the last ones\' step time '
+                        '(default: set once, as in the committed study)')
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--workdir', default=None,
                         help='folder of the per-run results; a run whose '
@@ -293,7 +305,7 @@ def main(argv=None):
         return run_one(args.run_one, args.seed, args.iters, args.interval,
                        args.result, args.train_images, args.val_images,
                        json.loads(args.options), args.seconds,
-                       args.calibrate)
+                       args.calibrate, args.recheck)
     if args.combine:
         runs, workdir, seeds = {}, None, set()
         for path in args.combine:  # other methods and other seeds
@@ -305,6 +317,7 @@ def main(argv=None):
                 runs[method] = [by_seed[s] for s in sorted(by_seed)]
             seeds.update(earlier['seeds'])
             args.iters, args.seconds = earlier['iters'], earlier.get('seconds')
+            args.recheck = earlier.get('recheck')
             args.interval, args.jobs = earlier['interval'], earlier['jobs']
         args.seeds = sorted(seeds)
     else:
@@ -318,6 +331,7 @@ def main(argv=None):
                 for m in args.methods}
     summary = summarize(runs)
     result = dict(iters=args.iters, seconds=args.seconds,
+                  recheck=args.recheck,
                   interval=args.interval, seeds=args.seeds,
                   jobs=args.jobs,
                   methods={m: METHODS.get(m) for m in runs},

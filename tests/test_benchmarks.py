@@ -101,6 +101,13 @@ def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):
     (runs / 'dino_8s_seed0.log').unlink()  # not needed to resume
     again = run_tool(args, cwd=tmp_path)
     assert not (runs / 'dino_8s_seed0.log').exists(), again.stdout
+    assert unit['recheck'] is None  # set once unless --recheck
+    rechecked = subprocess.run(
+        [sys.executable] + args + ['--recheck', '5'], cwd=tmp_path,
+        capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=repo_root))
+    assert rechecked.returncode != 0
+    assert 'use another --workdir' in rechecked.stderr
     (runs / 'dino_8s_seed0.json').rename(runs / 'dino_9s_seed0.json')
     proc = subprocess.run(
         [sys.executable] + args[:5] + ['9'] + args[6:], cwd=tmp_path,
@@ -229,3 +236,27 @@ def test_convergence_variant_applies_its_options(repo_root, tmp_path):
         'model.bbox_head.positives_near_centre': 9}}
     log = (tmp_path / 'runs' / 'ddq-fcn+near-centre_seed0.log').read_text()
     assert 'positives_near_centre=9' in log
+
+
+def test_step_variants_benchmark_quick(repo_root, tmp_path):
+    out = tmp_path / 'variants.json'
+    data = dict(num_images=4, data_root=str(tmp_path / 'shapes') + '/')
+    common = {f'train_dataloader.dataset.{k}': v for k, v in data.items()}
+    proc = run_tool(
+        [osp.join(repo_root, 'benchmarks/step_variants.py'),
+         osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'),
+         '--common', json.dumps(common), '--iters', '1', '--warmup', '0',
+         '--variant', 'batch 2', '{"train_dataloader.batch_size": 2}',
+         '--json', str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    rows = result['variants']
+    assert set(rows) == {'as is', 'batch 2'}
+    assert rows['as is']['step_time_vs_as_is'] == 1.0
+    for name, batch in (('as is', 4), ('batch 2', 2)):
+        row = rows[name]
+        assert row['images_per_second'] == pytest.approx(
+            batch / row['seconds_per_step'])
+    assert rows['batch 2']['step_time_vs_as_is'] == pytest.approx(
+        rows['batch 2']['seconds_per_step'] /
+        rows['as is']['seconds_per_step'])
+    assert 'x the step as is' in proc.stdout

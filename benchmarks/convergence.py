@@ -55,6 +55,11 @@ METHODS = {
 # the tiny backbone's four ResNet stages (strides 4-32) as the 4 levels
 P2_LEVELS = {'model.backbone.out_indices': (0, 1, 2, 3),
              'model.neck.in_channels': [32, 64, 128, 256]}
+FUSED_ADAMW = {'optim_wrapper.optimizer.fused': True}  # torch >= 2.4 on CPU
+# 20 denoising queries (2 groups of ~10 objects) instead of 50, and as many
+# dense (one-to-many) queries as one-to-one ones instead of 1.5x
+LEAN_QUERIES = {'model.dn_cfg.group_cfg.num_dn_queries': 20,
+                'model.dense_topk_ratio': 1.0}
 # variants: method -> (its base method, config options): the DDQ paper's
 # components that the released code does not have, and a baseline check
 VARIANTS = {
@@ -73,6 +78,13 @@ VARIANTS = {
     # one, for objects of 8 pixels
     'ddq-detr+p2': ('ddq-detr', P2_LEVELS),
     'dino+p2': ('dino', P2_LEVELS),
+    # recipe search at equal wall clock: cheaper DDQ-DETR steps (step times
+    # from benchmarks/step_variants.py); fused AdamW is the same update
+    'ddq-detr+2dec': ('ddq-detr', dict(FUSED_ADAMW, **{
+        'model.decoder.num_layers': 2})),
+    'ddq-detr+2dec+lean': ('ddq-detr', dict(FUSED_ADAMW, **LEAN_QUERIES, **{
+        'model.decoder.num_layers': 2})),
+    'ddq-detr+lean': ('ddq-detr', dict(FUSED_ADAMW, **LEAN_QUERIES)),
 }
 METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
 # what each method is compared with: the model it adds its idea to

@@ -42,6 +42,8 @@ METHODS = {
     'h-dino': 'configs/shapes/h-dino-tiny_shapes.py',
     'co-dino': 'configs/shapes/co-dino-tiny_shapes.py',
     'ddq-detr': 'configs/shapes/ddq-detr-tiny_shapes.py',
+    # the demo's recipe: 2 decoder layers, LEAN_QUERIES, FUSED_ADAMW
+    'ddq-detr-lean': 'configs/shapes/ddq-detr-lean-tiny_shapes.py',
     'co-ddq-detr': 'configs/shapes/co-ddq-detr-tiny_shapes.py',
     'deformable-detr-2stage':
     'configs/shapes/deformable-detr-refine-twostage-tiny_shapes.py',
@@ -82,8 +84,6 @@ VARIANTS = {
     # from benchmarks/step_variants.py); fused AdamW is the same update
     'ddq-detr+2dec': ('ddq-detr', dict(FUSED_ADAMW, **{
         'model.decoder.num_layers': 2})),
-    'ddq-detr+2dec+lean': ('ddq-detr', dict(FUSED_ADAMW, **LEAN_QUERIES, **{
-        'model.decoder.num_layers': 2})),
     'ddq-detr+lean': ('ddq-detr', dict(FUSED_ADAMW, **LEAN_QUERIES)),
 }
 METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
@@ -91,6 +91,7 @@ METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
 BASES = {
     'group-dino': 'dino', 'h-dino': 'dino', 'co-dino': 'dino',
     'ddq-detr': 'dino', 'co-ddq-detr': 'ddq-detr',
+    'ddq-detr-lean': 'ddq-detr',
     'h-deformable-detr': 'deformable-detr-2stage',
     'co-deformable-detr': 'deformable-detr-2stage',
     'ddq-fcn': 'atss', 'ddq-rcnn': 'sparse-rcnn',

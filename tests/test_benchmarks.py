@@ -260,3 +260,22 @@ def test_step_variants_benchmark_quick(repo_root, tmp_path):
         rows['batch 2']['seconds_per_step'] /
         rows['as is']['seconds_per_step'])
     assert 'x the step as is' in proc.stdout
+
+
+def test_lean_recipe_is_ddq_detr_with_the_studied_options(repo_root):
+    """configs/shapes/ddq-detr-lean-tiny_shapes.py is ddq-detr-tiny with 2
+    decoder layers, LEAN_QUERIES and FUSED_ADAMW, nothing else: the study's
+    'ddq-detr-lean' units and its variants share one definition."""
+    from mmengine.config import Config
+    sys.path.insert(0, osp.join(repo_root, 'benchmarks'))
+    import convergence
+    shapes = osp.join(repo_root, 'configs/shapes')
+    lean = Config.fromfile(osp.join(shapes, 'ddq-detr-lean-tiny_shapes.py'))
+    ddq = Config.fromfile(osp.join(shapes, 'ddq-detr-tiny_shapes.py'))
+    ddq.merge_from_dict(dict(convergence.FUSED_ADAMW,
+                             **convergence.LEAN_QUERIES,
+                             **{'model.decoder.num_layers': 2}))
+    assert lean.to_dict() == ddq.to_dict()
+    assert ddq.model.decoder.num_layers == 2
+    assert ddq.model.dn_cfg.group_cfg.num_dn_queries == 20
+    assert ddq.optim_wrapper.optimizer.fused is True

@@ -406,7 +406,7 @@ def test_coco_config_matches_mmdet(ours, theirs):
     'dino-tiny_shapes.py', 'deformable-detr-tiny_shapes.py',
     'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
     'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py',
-    'co-ddq-detr-tiny_shapes.py',
+    'co-ddq-detr-tiny_shapes.py', 'ddq-detr-lean-tiny_shapes.py',
     'deformable-detr-refine-twostage-tiny_shapes.py',
     'h-deformable-detr-tiny_shapes.py'])
 def test_shapes_configs_build(name):

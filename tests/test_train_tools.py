@@ -235,3 +235,34 @@ def test_demo_recipe_trains_for_its_time_budget(repo_root, tmp_path):
     assert 2 < result['max_iters'] < 1000
     assert 0.0 <= result['bbox_mAP'] <= 1.0
     assert f'after {result["max_iters"]} iterations' in proc.stdout
+
+
+def test_demo_quotes_the_study_of_the_config_a_budget_builds_on(
+        repo_root, tmp_path):
+    """The demo's config is the lean DDQ-DETR plus a time budget: it quotes
+    the study of that config; a variant of a config (options) is not that
+    config, and a config without a budget does not borrow its base's
+    numbers."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'demo', osp.join(repo_root, 'tools/demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    lean = 'configs/shapes/ddq-detr-lean-tiny_shapes.py'
+    ddq = 'configs/shapes/ddq-detr-tiny_shapes.py'
+    assert demo.trained_configs('configs/shapes/ddq-detr-12min_shapes.py') \
+        == ['configs/shapes/ddq-detr-12min_shapes.py', lean]
+    assert demo.trained_configs(ddq) == [ddq]  # no budget: itself only
+    summary = {'dino': dict(final_per_seed={'0': 0.3}),
+               'ddq-detr-lean': dict(final_per_seed={'0': 0.52, '1': 0.5}),
+               'ddq-detr+2dec': dict(final_per_seed={'0': 0.9})}
+    (tmp_path / 'convergence_x.json').write_text(json.dumps(dict(
+        iters=1, seconds=780, seeds=[0, 1], summary=summary,
+        methods={'dino': demo.DINO, 'ddq-detr-lean': lean,
+                 'ddq-detr+2dec': ddq},
+        options={'ddq-detr+2dec': {'model.decoder.num_layers': 2}})))
+    line = demo.study_line('configs/shapes/ddq-detr-12min_shapes.py',
+                           str(tmp_path))
+    assert line.startswith('this config (ddq-detr-lean-tiny_shapes.py) in '
+                           'the study: 0.510 (seeds 0.500-0.520, 2 seeds)')
+    assert demo.study_line(ddq, str(tmp_path)).startswith('plain DINO')

@@ -87,21 +87,41 @@ def draw_predictions(runner, out_file, num_images, score_thr, scale=4):
 DINO = 'configs/shapes/dino-tiny_shapes.py'
 
 
+def trained_configs(config):
+    """``config`` (relative to the repository) and, when it trains for a
+    time budget (``TrainTimeBudgetHook``, as the demo's does), the configs
+    it inherits from directly: it is the model of those, trained for a
+    number of seconds, so the study of those is quoted."""
+    paths = [config]
+    try:
+        cfg = Config.fromfile(osp.join(ROOT, config))
+        bases = Config._get_base_files(osp.join(ROOT, config))
+    except (OSError, SyntaxError):
+        return paths
+    hooks = [hook.get('type') for hook in cfg.get('custom_hooks', [])]
+    if 'TrainTimeBudgetHook' in hooks:
+        paths += [osp.normpath(osp.join(osp.dirname(config), base))
+                  for base in bases if '::' not in base]
+    return paths
+
+
 def study_line(config, results_dir):
-    """What the committed convergence studies measured for ``config`` and
-    for plain DINO: mean and range over the seeds of the study with the most
-    seeds, then iterations (the demo does not train DINO a second time).
-    None without a study."""
+    """What the committed convergence studies measured for ``config`` (or
+    the config it inherits from) and for plain DINO: mean and range over
+    the seeds of the study with the most seeds, then iterations (the demo
+    does not train DINO a second time). None without a study."""
     def best(path):
         found = []
         for name in sorted(glob.glob(osp.join(results_dir,
                                               'convergence*.json'))):
             with open(name) as f:
                 study = json.load(f)
+            changed = study.get('options', {})  # variants: not the file
             for method, cfg in study.get('methods', {}).items():
                 finals = study['summary'].get(method, {}).get(
                     'final_per_seed', {})
-                if osp.normpath(cfg) == osp.normpath(path) and finals:
+                same = cfg and osp.normpath(cfg) == osp.normpath(path)
+                if same and finals and not changed.get(method):
                     length = (f'{study["seconds"]} s of training'
                               if study.get('seconds') else
                               f'{study["iters"]} iterations')
@@ -115,12 +135,17 @@ def study_line(config, results_dir):
                 f'{max(finals):.3f}, {seeds} seeds) after {length} in '
                 f'{osp.basename(name)}')
 
-    ours, dino = best(config), best(DINO)
+    ours = None
+    for path in trained_configs(config):  # the config itself first
+        ours = ours or (best(path) and (path, best(path)))
+    dino = best(DINO)
     if dino is None:
         return None
     line = f'plain DINO in the study: {text(dino)}'
     if ours is not None and osp.normpath(config) != osp.normpath(DINO):
-        line = f'this config in the study: {text(ours)}; ' + line
+        path, entry = ours
+        name = '' if path == config else f' ({osp.basename(path)})'
+        line = f'this config{name} in the study: {text(entry)}; ' + line
     return line
 
 

@@ -176,3 +176,19 @@ def test_without_recheck_the_first_decision_stands(tmp_path):
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         TrainTimeBudgetHook(**kwargs)
+
+
+def test_recheck_keeps_the_number_of_evaluations(tmp_path):
+    """4 evaluations, decided at 100 steps (every 25); the step doubles
+    after 30 steps: the length shrinks, the validation made at 25 stays the
+    first, and there are still exactly 4, the last at the end."""
+    clock, seen = FakeClock(), []
+    hook = TrainTimeBudgetHook(seconds=100, calibrate=10, recheck=10,
+                               evaluations=4)
+    hook._clock = clock
+    runner = runner_of(tmp_path, hook, seen)
+    runner.model = TimedModel(clock, lambda s: 1.0 if s <= 30 else 2.0)
+    runner.train()
+    # re-checks: at 40 every 20 (80), at 50 every 17 from the next one (68)
+    assert seen == [25, 40, 51, 68]
+    assert hook.decided == (68, 17) and runner.iter == 68

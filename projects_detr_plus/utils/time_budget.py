@@ -21,7 +21,9 @@ class TrainTimeBudgetHook(Hook):
     Every ``recheck`` iterations after that it times the last ``recheck``
     steps and sets the length again from the seconds still left, so a step
     that slows down (or speeds up) later does not overrun the budget; a
-    learning-rate drop already taken stays where it was.
+    learning-rate drop already taken stays where it was, and validations
+    already made stay the first of ``evaluations`` (which bounds how far
+    the length can move after one).
     The decided length is stored in checkpoints, so a resumed run ends
     where the first one would have (it is not re-checked after a resume).
 
@@ -57,6 +59,7 @@ class TrainTimeBudgetHook(Hook):
         self._resumed = False
         self._last_check = None  # (iteration, train seconds) of the last one
         self._drop = None  # the LR milestone set
+        self._evaluated = 0  # validations in this process
 
     def train_seconds(self):
         """Seconds of training so far in this process, validation
@@ -98,8 +101,7 @@ class TrainTimeBudgetHook(Hook):
         done, spent = runner.iter + 1, self.train_seconds()
         per_iter = (spent - since_seconds) / (done - since_iter)
         left = max(int((self.seconds - spent) / per_iter), 1)
-        interval = -(-(done + left) // self.evaluations)  # ceil
-        interval = max(interval, done // self.evaluations + 1)
+        interval = self._interval(done, -(-(done + left) // self.evaluations))
         decided = (interval * self.evaluations, interval)
         self._last_check = (done, spent)
         if decided == self.decided:
@@ -110,6 +112,14 @@ class TrainTimeBudgetHook(Hook):
             f'time budget: {per_iter:.3f} s/iter, {decided[0]} iterations '
             f'in {self.seconds} s of training')
 
+    def _interval(self, done, wanted):
+        """The validation interval nearest ``wanted`` that keeps the
+        validations so far (at iterations below ``done``; the loop may
+        validate at ``done`` next) the first ones of ``evaluations``."""
+        seen = self._evaluated
+        interval = max(wanted, (done - 1) // (seen + 1) + 1)
+        return min(interval, (done - 1) // seen) if seen else interval
+
     def before_val(self, runner):
         self._val_start = self._clock()
 
@@ -117,6 +127,7 @@ class TrainTimeBudgetHook(Hook):
         if self._val_start is not None:
             self._in_val += self._clock() - self._val_start
             self._val_start = None
+            self._evaluated += 1
 
     def before_save_checkpoint(self, runner, checkpoint):
         if self.decided is not None:

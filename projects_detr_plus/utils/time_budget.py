@@ -60,6 +60,7 @@ class TrainTimeBudgetHook(Hook):
         self._last_check = None  # (iteration, train seconds) of the last one
         self._drop = None  # the LR milestone set
         self._evaluated = 0  # validations in this process
+        self._logged = 0  # the length last logged
 
     def train_seconds(self):
         """Seconds of training so far in this process, validation
@@ -106,11 +107,13 @@ class TrainTimeBudgetHook(Hook):
         self._last_check = (done, spent)
         if decided == self.decided:
             return
-        self.decided = decided
+        first, self.decided = self.decided is None, decided
         self._apply(runner, *decided)
-        runner.logger.info(
-            f'time budget: {per_iter:.3f} s/iter, {decided[0]} iterations '
-            f'in {self.seconds} s of training')
+        if first or abs(decided[0] - self._logged) > 0.02 * self._logged:
+            self._logged = decided[0]  # log the first and big changes
+            runner.logger.info(
+                f'time budget: {per_iter:.3f} s/iter, {decided[0]} '
+                f'iterations in {self.seconds} s of training')
 
     def _interval(self, done, wanted):
         """The validation interval nearest ``wanted`` that keeps the

@@ -188,7 +188,8 @@ def test_demo_draws_ground_truth_beside_predictions(repo_root, tmp_path):
 
 def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
     """The demo's comparison with plain DINO comes from a committed study:
-    the one with the most seeds, its mean and range."""
+    the one with the most seeds (then equal wall clock), its mean and
+    range."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         'demo', osp.join(repo_root, 'tools/demo.py'))
@@ -208,6 +209,9 @@ def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
     study('convergence_a.json', [0], dict(dino=[0.1], recipe=[0.2]))
     study('convergence_b.json', [0, 1, 2],
           dict(dino=[0.2, 0.3, 0.4], recipe=[0.5, 0.6, 0.4]), seconds=900)
+    # as many seeds at equal iterations: the equal-wall-clock study wins
+    study('convergence_c.json', [0, 1, 2],
+          dict(dino=[0.9, 0.9, 0.9], recipe=[0.9, 0.9, 0.9]))
     line = demo.study_line(recipe, str(tmp_path))
     assert line == (
         'this config in the study: 0.500 (seeds 0.400-0.600, 3 seeds) '

@@ -108,8 +108,9 @@ def trained_configs(config):
 def study_line(config, results_dir):
     """What the committed convergence studies measured for ``config`` (or
     the config it inherits from) and for plain DINO: mean and range over
-    the seeds of the study with the most seeds, then iterations (the demo
-    does not train DINO a second time). None without a study."""
+    the seeds of the study with the most seeds, then an equal-wall-clock
+    one, then iterations (the demo does not train DINO a second time). None
+    without a study."""
     def best(path):
         found = []
         for name in sorted(glob.glob(osp.join(results_dir,
@@ -125,12 +126,15 @@ def study_line(config, results_dir):
                     length = (f'{study["seconds"]} s of training'
                               if study.get('seconds') else
                               f'{study["iters"]} iterations')
-                    found.append((len(finals), study['iters'],
-                                  list(finals.values()), length, name))
+                    # most seeds, then equal wall clock (the demo's own
+                    # measure), then the longest
+                    found.append((len(finals), bool(study.get('seconds')),
+                                  study['iters'], list(finals.values()),
+                                  length, name))
         return max(found, default=None)
 
     def text(entry):
-        seeds, _, finals, length, name = entry
+        seeds, _, _, finals, length, name = entry
         return (f'{statistics.mean(finals):.3f} (seeds {min(finals):.3f}-'
                 f'{max(finals):.3f}, {seeds} seeds) after {length} in '
                 f'{osp.basename(name)}')

@@ -1,5 +1,5 @@
 # DETR+ — the two commands a new user needs:
-#   make demo   install if needed, train the demo recipe (DDQ-DETR, 12 min) on the shapes data, print mAP
+#   make demo   install if needed, train the demo recipe (lean DDQ-DETR, 12 min) on the shapes data, print mAP
 #   make test   install if needed, run the test suite (what CI runs)
 PYTHON ?= python
 DEMO_CONFIG ?= configs/shapes/ddq-detr-12min_shapes.py

@@ -8,8 +8,10 @@
 # Its step costs about 0.6x DDQ-DETR's, so it trains 1.6x the iterations in
 # the same time. Found by the equal-wall-clock study, not guessed
 # (benchmarks/convergence.py --methods ddq-detr-lean --seconds 780, README
-# "Quick start"): it beat DDQ-DETR there, and 2 decoder layers alone
-# ('ddq-detr+2dec') did less well.
+# "Quick start"): 0.529 +- 0.012 over 3 seeds against DDQ-DETR's 0.453.
+# Either half alone ('ddq-detr+2dec', 'ddq-detr+lean') did about as well
+# (0.505-0.540, 1-2 seeds); this one has the cheapest step, which counts
+# most on a slow machine.
 # The official DDQ-DETR (jshilong/DDQ, mmdet's ddq-detr-4scale_r50) has 6
 # decoder layers, 900 queries and 1.5x dense queries: this is a recipe for
 # 2 CPU cores and minutes, not the method's COCO setting.

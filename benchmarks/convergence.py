@@ -238,10 +238,14 @@ def plot(summary, png, title, by_time=False):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     key = 'seconds' if by_time else 'iterations'
-    for method, s in summary.items():
+    # a colour each (tab10 repeats after 10 methods); dashed: one seed only
+    colours = plt.get_cmap('tab20' if len(summary) > 10 else 'tab10')
+    for i, (method, s) in enumerate(summary.items()):
         x = [v / 60 for v in s[key]] if by_time else s[key]
-        ax.plot(x, s['mean'], marker='o', label=method)
-        ax.fill_between(x, s['min'], s['max'], alpha=0.2)
+        one_seed = len(s['final_per_seed']) == 1
+        ax.plot(x, s['mean'], marker='o', color=colours(i),
+                linestyle='--' if one_seed else '-', label=method)
+        ax.fill_between(x, s['min'], s['max'], alpha=0.2, color=colours(i))
     ax.set_xlabel('training minutes' if by_time else 'iteration')
     ax.set_ylabel('shapes val bbox mAP')
     ax.set_title(title)

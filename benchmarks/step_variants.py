@@ -12,7 +12,6 @@ choices, where a cheaper step buys more iterations.
         --json out.json
 """
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -25,6 +24,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.train_step import build, write_json  # noqa: E402
 
 
 def build_variant(config, options, num_batches):
@@ -39,16 +39,10 @@ def build_variant(config, options, num_batches):
     cfg.merge_from_dict(options)
     torch.manual_seed(0)
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
-    batches, it = [], iter(loader)
-    for _ in range(num_batches):
-        batches.append(next(it))
-    from mmdet.registry import MODELS
-    from mmengine.optim import build_optim_wrapper
+    it = iter(loader)
+    batches = [next(it) for _ in range(num_batches)]
     torch.manual_seed(0)
-    model = MODELS.build(copy.deepcopy(cfg.model))
-    model.init_weights()
-    model.train()
-    optim = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+    model, optim = build(cfg, 'cpu')
     return model, optim, batches, cfg.train_dataloader.batch_size
 
 
@@ -105,12 +99,10 @@ def main(argv=None):
                           step_time_vs_as_is=value / base)
         print(f'{name:>24}: {value * 1e3:6.0f} ms/step, {images:5.1f} '
               f'images/s, {value / base:.3f}x the step as is')
-    result = dict(config=args.config, common=common, iters=args.iters, warmup=args.warmup,
-                  machine=describe(), date=time.strftime('%Y-%m-%d'),
-                  variants=rows)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    result = dict(config=args.config, common=common, iters=args.iters,
+                  warmup=args.warmup, machine=describe(),
+                  date=time.strftime('%Y-%m-%d'), variants=rows)
+    write_json(result, args.json)
     return result
 
 

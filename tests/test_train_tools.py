@@ -186,15 +186,21 @@ def test_demo_draws_ground_truth_beside_predictions(repo_root, tmp_path):
     assert png.shape[:2] == (2 * 4 * 128, 2 * 4 * 128)
 
 
-def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
-    """The demo's comparison with plain DINO comes from a committed study:
-    the one with the most seeds (then equal wall clock), its mean and
-    range."""
+def load_demo(repo_root):
+    """tools/demo.py as a module (tools/ is not a package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         'demo', osp.join(repo_root, 'tools/demo.py'))
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
+    """The demo's comparison with plain DINO comes from a committed study:
+    the one with the most seeds (then equal wall clock), its mean and
+    range."""
+    demo = load_demo(repo_root)
     recipe = 'configs/shapes/group-dino-tiny_shapes.py'
 
     def study(name, seeds, finals, **extra):
@@ -247,11 +253,7 @@ def test_demo_quotes_the_study_of_the_config_a_budget_builds_on(
     the study of that config; a variant of a config (options) is not that
     config, and a config without a budget does not borrow its base's
     numbers."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'demo', osp.join(repo_root, 'tools/demo.py'))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_demo(repo_root)
     lean = 'configs/shapes/ddq-detr-lean-tiny_shapes.py'
     ddq = 'configs/shapes/ddq-detr-tiny_shapes.py'
     assert demo.trained_configs('configs/shapes/ddq-detr-12min_shapes.py') \

@@ -16,11 +16,7 @@ _base_ = ['./ddq-detr-lean-tiny_shapes.py']
 
 max_iters = 100000  # an upper bound: the hook sets the length
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters,
-         milestones=[int(max_iters * 0.9)], gamma=0.1)
-]
+# the base's param_scheduler (warm-up, one drop 10x): the hook moves the drop
 # the checkpoint is saved at the last iteration (save_last)
 default_hooks = dict(checkpoint=dict(interval=max_iters))
 custom_hooks = [

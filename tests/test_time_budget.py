@@ -129,7 +129,7 @@ def run_on_fake_clock(tmp_path, cost, **kwargs):
     """Train with a 100 s budget where step ``i`` (from 1) costs
     ``cost(i)`` fake seconds; the hook and each iteration's LR."""
     clock = FakeClock()
-    kwargs = dict(dict(recheck=10), **kwargs)
+    kwargs.setdefault('recheck', 10)
     hook = TrainTimeBudgetHook(seconds=100, calibrate=10, **kwargs)
     hook._clock = clock
     lrs = RecordLR()

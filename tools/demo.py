@@ -111,12 +111,14 @@ def study_line(config, results_dir):
     the seeds of the study with the most seeds, then an equal-wall-clock
     one, then iterations (the demo does not train DINO a second time). None
     without a study."""
+    studies = []
+    for name in sorted(glob.glob(osp.join(results_dir, 'convergence*.json'))):
+        with open(name) as f:
+            studies.append((name, json.load(f)))
+
     def best(path):
         found = []
-        for name in sorted(glob.glob(osp.join(results_dir,
-                                              'convergence*.json'))):
-            with open(name) as f:
-                study = json.load(f)
+        for name, study in studies:
             changed = study.get('options', {})  # variants: not the file
             for method, cfg in study.get('methods', {}).items():
                 finals = study['summary'].get(method, {}).get(
@@ -139,9 +141,8 @@ def study_line(config, results_dir):
                 f'{max(finals):.3f}, {seeds} seeds) after {length} in '
                 f'{osp.basename(name)}')
 
-    ours = None
-    for path in trained_configs(config):  # the config itself first
-        ours = ours or (best(path) and (path, best(path)))
+    ours = next(((path, entry) for path in trained_configs(config)
+                 if (entry := best(path))), None)  # the config itself first
     dino = best(DINO)
     if dino is None:
         return None

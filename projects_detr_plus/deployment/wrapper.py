@@ -76,8 +76,10 @@ class ExportableDetector(nn.Module):
                 "Co-DINO's official soft-NMS) is not part of the exported "
                 'graph: export with --cfg-options model.test_cfg.nms=None '
                 'for the NMS-free detections and apply it to them')
-        if isinstance(detector, DDQDETRPlus):  # refused before tracing
-            exportable_iou_threshold(detector.dqs_cfg)
+        # a DDQ-DETR selection the graph cannot hold is refused before tracing
+        self.dqs_iou_threshold = (exportable_iou_threshold(detector.dqs_cfg)
+                                  if isinstance(detector, DDQDETRPlus) else
+                                  None)
         self.detector = detector
         test_cfg = detector.bbox_head.test_cfg or {}
         self.max_per_img = test_cfg.get('max_per_img', detector.num_queries)
@@ -103,7 +105,8 @@ class ExportableDetector(nn.Module):
             shapes = [(feat.shape[2], feat.shape[3]) for feat in feats]
             stack.enter_context(_level_shapes(det, shapes))
             if isinstance(det, DDQDETRPlus):
-                stack.enter_context(_ddq_exportable(det))
+                stack.enter_context(
+                    _ddq_exportable(det, self.dqs_iou_threshold))
             encoder_inputs, decoder_inputs = _pre_transformer(det, feats)
             encoder_outputs = det.forward_encoder(**encoder_inputs)
             more_inputs, head_inputs = det.pre_decoder(**encoder_outputs)
@@ -294,9 +297,9 @@ def _window_reverse(module):
     return window_reverse
 
 
-def _ddq_exportable(det):
-    """DDQ-DETR's main-query selection and decoder with :func:`nms_keep`."""
-    iou_threshold = exportable_iou_threshold(det.dqs_cfg)
+def _ddq_exportable(det, iou_threshold):
+    """DDQ-DETR's main-query selection and decoder with :func:`nms_keep` at
+    ``iou_threshold`` (from :func:`~.nms.exportable_iou_threshold`)."""
 
     def main_queries(enc_class, enc_coord_unact, token_content,
                      **query_inputs):

@@ -202,6 +202,16 @@ def launch(method, seed, args, workdir):
         return method, json.load(f)
 
 
+def budget_clock(run):
+    """An equal-wall-clock run's evaluation times on the budget's clock:
+    iteration x budget / the run's length, the pace its calibration measured.
+    Unlike the measured ``seconds``, it is not stretched by other jobs that
+    load the machine after the length is set. 0 for an equal-iteration run.
+    """
+    pace = run.get('budget_seconds', 0) / run['iters']
+    return [p['iteration'] * pace for p in run['curve']]
+
+
 def summarize(runs):
     """Per method, per evaluation: iterations and training seconds (means
     over seeds), mean / min / max mAP; the final mAP's standard deviation,
@@ -217,6 +227,8 @@ def summarize(runs):
             seconds=[statistics.mean(v) for v in zip(
                 *[[p.get('seconds', 0.0) for p in r['curve']]
                   for r in results])],
+            budget_clock=[statistics.mean(v) for v in zip(
+                *[budget_clock(r) for r in results])],
             mean=[statistics.mean(v) for v in zip(*curves)],
             min=[min(v) for v in zip(*curves)],
             max=[max(v) for v in zip(*curves)],
@@ -237,7 +249,7 @@ def plot(summary, png, title, by_time=False):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    key = 'seconds' if by_time else 'iterations'
+    key = 'budget_clock' if by_time else 'iterations'
     # a colour each (tab10 repeats after 10 methods); dashed: one seed only
     colours = plt.get_cmap('tab20' if len(summary) > 10 else 'tab10')
     for i, (method, s) in enumerate(summary.items()):
@@ -246,7 +258,8 @@ def plot(summary, png, title, by_time=False):
         ax.plot(x, s['mean'], marker='o', color=colours(i),
                 linestyle='--' if one_seed else '-', label=method)
         ax.fill_between(x, s['min'], s['max'], alpha=0.2, color=colours(i))
-    ax.set_xlabel('training minutes' if by_time else 'iteration')
+    ax.set_xlabel('training minutes (iteration x budget / run length)'
+                  if by_time else 'iteration')
     ax.set_ylabel('shapes val bbox mAP')
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -279,3 +279,27 @@ def test_lean_recipe_is_ddq_detr_with_the_studied_options(repo_root):
     assert ddq.model.decoder.num_layers == 2
     assert ddq.model.dn_cfg.group_cfg.num_dn_queries == 20
     assert ddq.optim_wrapper.optimizer.fused is True
+
+
+def test_time_plot_uses_the_budget_clock(repo_root):
+    """An equal-wall-clock curve is placed at iteration x budget / length:
+    a run slowed by other jobs after its length was set (measured seconds
+    stretched) lands where its calibrated pace puts it; seeds average."""
+    sys.path.insert(0, osp.join(repo_root, 'benchmarks'))
+    import convergence
+
+    def run(seed, iters, seconds):
+        curve = [dict(iteration=it, seconds=s,
+                      metrics={'coco/bbox_mAP': it / 1000})
+                 for it, s in zip((iters // 2, iters), seconds)]
+        return dict(seed=seed, iters=iters, budget_seconds=780,
+                    seconds=seconds[-1], curve=curve)
+
+    summary = convergence.summarize({'dino': [
+        run(0, 100, (400.0, 800.0)), run(1, 200, (900.0, 1800.0))]})['dino']
+    assert summary['budget_clock'] == [390.0, 780.0]
+    assert summary['seconds'] == [650.0, 1300.0]  # measured, kept
+    assert summary['final_per_seed'] == {0: 0.1, 1: 0.2}
+    equal_iterations = dict(seed=0, iters=10, seconds=5.0, curve=[dict(
+        iteration=10, seconds=5.0, metrics={'coco/bbox_mAP': 0.3})])
+    assert convergence.budget_clock(equal_iterations) == [0.0]

@@ -208,7 +208,7 @@ def budget_clock(run):
     Unlike the measured ``seconds``, it is not stretched by other jobs that
     load the machine after the length is set. 0 for an equal-iteration run.
     """
-    pace = run.get('budget_seconds', 0) / run['iters']
+    pace = (run.get('budget_seconds') or 0) / run['iters']
     return [p['iteration'] * pace for p in run['curve']]
 
 

@@ -303,3 +303,5 @@ def test_time_plot_uses_the_budget_clock(repo_root):
     equal_iterations = dict(seed=0, iters=10, seconds=5.0, curve=[dict(
         iteration=10, seconds=5.0, metrics={'coco/bbox_mAP': 0.3})])
     assert convergence.budget_clock(equal_iterations) == [0.0]
+    equal_iterations['budget_seconds'] = None  # as the units store it
+    assert convergence.budget_clock(equal_iterations) == [0.0]

@@ -221,14 +221,17 @@ def summarize(runs):
         curves = [[p['metrics']['coco/bbox_mAP'] for p in r['curve']]
                   for r in results]
         finals = [c[-1] for c in curves]
+        def seed_mean(per_run):
+            """Per evaluation, the mean over seeds of per_run(run)."""
+            return [statistics.mean(v)
+                    for v in zip(*[per_run(r) for r in results])]
+
         summary[method] = dict(
-            iterations=[statistics.mean(v) for v in zip(
-                *[[p['iteration'] for p in r['curve']] for r in results])],
-            seconds=[statistics.mean(v) for v in zip(
-                *[[p.get('seconds', 0.0) for p in r['curve']]
-                  for r in results])],
-            budget_clock=[statistics.mean(v) for v in zip(
-                *[budget_clock(r) for r in results])],
+            iterations=seed_mean(
+                lambda r: [p['iteration'] for p in r['curve']]),
+            seconds=seed_mean(
+                lambda r: [p.get('seconds', 0.0) for p in r['curve']]),
+            budget_clock=seed_mean(budget_clock),
             mean=[statistics.mean(v) for v in zip(*curves)],
             min=[min(v) for v in zip(*curves)],
             max=[max(v) for v in zip(*curves)],

@@ -112,10 +112,11 @@ def assert_same_detections(model, session, shape, seed=0,
     for image, (d, l, ref) in enumerate(zip(dets, labels, refs)):
         # float32 noise grows with the coordinate: random weights put boxes
         # up to 10x the image size away (1.5e-5 relative seen at x=1224)
-        scale = max(*shape[-2:], np.abs(ref.bboxes.numpy()).max(initial=0))
         report = match_detections(d, l, ref.bboxes.numpy(),
                                   ref.scores.numpy(), ref.labels.numpy(),
-                                  score_atol=1e-4, box_atol=1e-4 * scale)
+                                  score_atol=1e-4,
+                                  box_atol=1e-4 * max(shape[-2:]),
+                                  box_rtol=1e-4)
         unmatched = [p for p in report['problems']
                      if p.startswith('no match')]
         # a swap also shifts the sorted score lists by the swapped scores
@@ -407,6 +408,32 @@ def test_ddq_fcn_export_needs_levels_above_one_pixel(deploy, tmp_path):
                            input_shape=(2, 3, 128, 128))
 
 
+def test_match_detections_box_tolerance_grows_with_the_coordinate():
+    """A box far outside the image (random weights) carries float32 noise
+    relative to its coordinate: ``box_rtol`` admits it, ``box_atol`` alone
+    does not, and a real box error is still caught."""
+    from projects_detr_plus.deployment.verify import match_detections
+    ref_boxes = np.array([[10., 20., 60., 90.], [1000., 5., 1224., 40.]])
+    ref_scores, ref_labels = np.array([0.9, 0.5]), np.array([1, 2])
+    # K = 3 rows, the last one empty (a full list would excuse its lowest)
+    dets = np.zeros((3, 5))
+    dets[:2] = np.concatenate([ref_boxes, ref_scores[:, None]], 1)
+    dets[1, 2] += 0.018                    # 1.5e-5 relative at x = 1224
+    labels = np.array([1, 2, -1])
+    strict = match_detections(dets, labels, ref_boxes, ref_scores,
+                              ref_labels, box_atol=0.016)
+    assert not strict['ok'] and strict['matched'] == 1
+    assert 'no match for PyTorch detection 1' in strict['problems'][0]
+    loose = match_detections(dets, labels, ref_boxes, ref_scores,
+                             ref_labels, box_atol=0.016, box_rtol=1e-4)
+    assert loose['ok'] and loose['matched'] == 2
+    assert loose['max_box_diff'] == pytest.approx(0.018)
+    dets[0, 0] += 0.02                     # 0.02 px at x = 10: too far
+    report = match_detections(dets, labels, ref_boxes, ref_scores,
+                              ref_labels, box_atol=0.016, box_rtol=1e-4)
+    assert not report['ok'] and report['matched'] == 1
+
+
 @pytest.mark.parametrize('aligned', [True, False])
 def test_roi_align_matches_mmcv(aligned):
     """The grid_sample RoIAlign against mmcv's kernel: boxes inside, across
@@ -517,7 +544,8 @@ def test_openvino_runs_the_exported_graph(deploy, tmp_path, config,
             report = match_detections(d, l, ref.bboxes.numpy(),
                                       ref.scores.numpy(), ref.labels.numpy(),
                                       score_atol=1e-4,
-                                      box_atol=1e-4 * max(shape[-2:]))
+                                      box_atol=1e-4 * max(shape[-2:]),
+                                      box_rtol=1e-4)
             assert report['ok'], report['problems'][:3]
 
 

@@ -61,7 +61,8 @@ def verify_export(model, onnx_file: str, input_shape: Sequence[int],
 
     Args:
         input_shape (tuple): (B, 3, H, W) of the random batch.
-        box_rtol (float): box tolerance as a fraction of max(H, W).
+        box_rtol (float): box tolerance as a fraction of max(H, W), or of
+            the box's largest absolute coordinate where that is larger.
 
     Returns:
         dict: ``ok``, ``summary`` (str), ``images``: one
@@ -75,7 +76,8 @@ def verify_export(model, onnx_file: str, input_shape: Sequence[int],
     dets, labels = OnnxDetector(onnx_file)(inputs)
     box_atol = box_rtol * max(input_shape[-2:])
     images = [match_detections(d, l, r.bboxes.numpy(), r.scores.numpy(),
-                               r.labels.numpy(), score_atol, box_atol)
+                               r.labels.numpy(), score_atol, box_atol,
+                               box_rtol)
               for d, l, r in zip(dets, labels, refs)]
     ok = all(report['ok'] for report in images)
     summary = (f'ONNX Runtime vs PyTorch on a random {tuple(input_shape)} '

@@ -5,8 +5,8 @@ rounding: ONNX Runtime and PyTorch differ by ~1e-6, so two detections whose
 scores are that close may come out swapped, and at the K-th row one may be
 replaced by its tie.  :func:`match_detections` therefore matches detections
 as sets: every PyTorch detection must have an exported one with the same
-label, a score within ``score_atol`` and a box within ``box_atol``, one to
-one; only PyTorch detections tied (within ``score_atol``) with the lowest
+label, a score within ``score_atol`` and a box within the box tolerance, one
+to one; only PyTorch detections tied (within ``score_atol``) with the lowest
 score of a full list of K may go unmatched.
 """
 from typing import Dict
@@ -18,7 +18,8 @@ __all__ = ['match_detections']
 
 def match_detections(dets, labels, ref_bboxes, ref_scores, ref_labels,
                      score_atol: float = 1e-4,
-                     box_atol: float = 1e-2) -> Dict:
+                     box_atol: float = 1e-2,
+                     box_rtol: float = 0.0) -> Dict:
     """Match one image's exported detections with PyTorch's.
 
     Args:
@@ -29,6 +30,10 @@ def match_detections(dets, labels, ref_bboxes, ref_scores, ref_labels,
         ref_labels (ndarray): (n,) PyTorch labels.
         score_atol (float): score tolerance.
         box_atol (float): box tolerance, in pixels.
+        box_rtol (float): box tolerance relative to the PyTorch box's
+            largest absolute coordinate; a box's tolerance is the larger of
+            the two (float32 noise grows with the coordinate, and untrained
+            or unclipped boxes may lie far outside the image).
 
     Returns:
         dict: ``ok`` (bool), ``problems`` (list of str), ``matched``,
@@ -54,12 +59,14 @@ def match_detections(dets, labels, ref_bboxes, ref_scores, ref_labels,
     lowest = ref_scores.min() if len(ref_scores) else 0.0
     used = np.zeros(len(scores), bool)
     score_diffs, box_diffs = [0.0], [0.0]
+    box_tols = np.maximum(box_atol,
+                          box_rtol * np.abs(ref_bboxes).max(-1, initial=0))
     for j in np.argsort(-ref_scores, kind='stable'):
         box_gap = np.abs(boxes - ref_bboxes[j]).max(-1) if len(boxes) else \
             np.zeros(0)
         fits = (~used & (classes == ref_labels[j]) &
                 (np.abs(scores - ref_scores[j]) <= score_atol) &
-                (box_gap <= box_atol))
+                (box_gap <= box_tols[j]))
         if fits.any():
             i = np.flatnonzero(fits)[np.argmin(box_gap[fits])]
             used[i] = True

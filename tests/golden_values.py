@@ -83,7 +83,8 @@ def _seeded_weights(model):
             if param.dim() > 1:
                 fan = param.shape[0] + param[0].numel()
                 bound = math.sqrt(6.0 / fan)
-                value = (torch.rand(param.shape, generator=gen) * 2 - 1) * bound
+                value = torch.rand(param.shape, generator=gen) * 2 - 1
+                value = value * bound
             elif name.endswith(('weight', 'scale')):  # norms, Scale
                 value = 1 + 0.1 * torch.randn(param.shape, generator=gen)
             else:
@@ -204,9 +205,9 @@ def differences(expected, actual, rtol=RTOL):
 
     for part in ('losses', 'grad_norms'):
         if set(expected[part]) != set(actual[part]):
-            found.append(f'{part} keys differ: missing '
-                         f'{sorted(set(expected[part]) - set(actual[part]))}'
-                         f', new {sorted(set(actual[part]) - set(expected[part]))}')
+            missing = sorted(set(expected[part]) - set(actual[part]))
+            new = sorted(set(actual[part]) - set(expected[part]))
+            found.append(f'{part} keys differ: missing {missing}, new {new}')
             continue
         for key, value in expected[part].items():
             other = actual[part][key]
@@ -247,7 +248,7 @@ def main():
             with open(golden_file(config)) as f:
                 diff = differences(json.load(f), record)
             failed += bool(diff)
-            print(config, 'OK' if not diff else '\n  '.join(['DIFF'] + diff[:20]),
+            print(config, '\n  '.join(['DIFF'] + diff[:20]) if diff else 'OK',
                   flush=True)
             continue
         with open(golden_file(config), 'w') as f:

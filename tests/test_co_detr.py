@@ -1,6 +1,7 @@
 """Co-DINO: auxiliary one-to-many heads and customized positive queries."""
 import copy
 import os.path as osp
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,8 +73,7 @@ def model():
 
 @pytest.fixture(scope='module')
 def pyramid(model):
-    from projects_detr_plus.models.branches.collaborative import \
-        encoder_pyramid
+    from projects_detr_plus.models.layers.pyramid import encoder_pyramid
     memory, shapes, samples = _encoder_outputs(model, *make_batch(
         num_gts=(3, 6), size=128))
     feats = encoder_pyramid(memory, shapes, model.encoder_extra_level)
@@ -168,15 +168,14 @@ def test_rcnn_positives_overlap_their_targets(model, pyramid):
 def _queries(model, branch_index, num_gts, seed=0):
     """A branch's queries and, drawn with the same seed, its head's
     candidates."""
-    from projects_detr_plus.models.branches.collaborative import \
-        encoder_pyramid
+    from projects_detr_plus.models.layers.pyramid import encoder_pyramid
     inputs, samples = make_batch(num_gts=num_gts, size=128)
     memory, shapes, data_samples = _encoder_outputs(model, inputs, samples)
     feats = encoder_pyramid(memory, shapes, model.encoder_extra_level)
     branch_module = model.extra_branches[branch_index]
     torch.manual_seed(seed)
-    queries = branch_module.make_queries(None, data_samples,
-                                         encoder_pyramid=feats)
+    queries = branch_module.make_queries(
+        None, SimpleNamespace(encoder_pyramid=feats), model, data_samples)
     torch.manual_seed(seed)
     _, candidates = branch_module.aux_head.loss_and_candidates(
         feats, data_samples)
@@ -252,10 +251,21 @@ def test_zero_padding_option_masks_padding_queries():
     assert torch.equal(queries.padding, meta['label_weights'] == 0)
 
 
+def fixed_target_loss(head, prefix, cls, boxes, labels, targets, weights,
+                      metas, bbox_weights=None):
+    """The core's loss of fixed targets, every layer, named."""
+    from projects_detr_plus.models.losses import (fixed_targets,
+                                                  layer_loss_dict,
+                                                  layer_losses)
+    fixed = fixed_targets(labels, targets, weights,
+                          weights if bbox_weights is None else bbox_weights,
+                          metas, head.num_classes)
+    return layer_loss_dict(prefix, layer_losses(head, cls, boxes, fixed))
+
+
 def test_negatives_add_classification_terms_only(model):
     """Padding negatives change the classification loss, not the box
     losses, and every loss is normalised by the number of positives."""
-    from projects_detr_plus.models.branches import fixed_target_loss
     head = model.bbox_head
     bg = head.num_classes
     torch.manual_seed(0)
@@ -299,8 +309,8 @@ def test_perturbing_positive_queries_leaves_main_bit_identical():
         for b in model.extra_branches:
             b.content[0].weight.add_(torch.randn_like(b.content[0].weight))
     noisy = decode(model, inputs, samples)
-    names = [p.name for p in clean['branch_queries']]
-    sizes = [p.num_queries for p in clean['branch_queries']]
+    names = [p.name for p in clean['query_sets']]
+    sizes = [p.num_queries for p in clean['query_sets']]
     main_end = sizes[0] + sizes[names.index('dn')]
     co_start = sum(sizes[:names.index('co_atss')])
     assert torch.equal(clean['hidden_states'][:, :, :main_end],
@@ -433,7 +443,7 @@ def co_deformable_detr(branches=('rcnn', 'atss'), seed=0):
 
 def _states(model, inputs, samples):
     out = decode(model, inputs, samples)
-    sizes = [p.num_queries for p in out['branch_queries']]
+    sizes = [p.num_queries for p in out['query_sets']]
     return out['hidden_states'], sizes
 
 

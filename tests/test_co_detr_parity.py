@@ -41,7 +41,7 @@ def load_pre_hooks(model):
 def with_official_hook(model):
     """Register the conversion as the first pre-hook unless the detector
     does (until ``QueryBranchDetector.build_branches`` does it)."""
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
     if convert_official_co_detr not in load_pre_hooks(model):
         handle = model.register_load_state_dict_pre_hook(
@@ -146,9 +146,9 @@ def assert_same_detections(ours, theirs):
 def test_detector_converts_official_checkpoints_first(built):
     """``build_branches`` registers the conversion before
     ``drop_class_dependent_mismatches`` (which reads our key names)."""
-    from projects_detr_plus.models.finetune import \
+    from projects_detr_plus.models.compat.finetune import \
         drop_class_dependent_mismatches
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
     hooks = built[1]
     assert convert_official_co_detr in hooks, 'pre-hook not registered'
@@ -160,7 +160,7 @@ def test_finetuning_from_an_official_checkpoint(official,
                                                official_state_dict):
     """3 classes: the class-dependent weights (found under our names, so
     after the conversion) keep their initialisation, the rest loads."""
-    from projects_detr_plus.models.official_checkpoints import (
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (
         ONE_STAGE, RCNN, branch_kinds)
     model = with_official_hook(build_ours(num_classes=3))
     kinds = branch_kinds(model)
@@ -186,7 +186,7 @@ def test_finetuning_from_an_official_checkpoint(official,
 def test_every_official_weight_lands_in_one_of_ours(ours,
                                                     official_state_dict):
     """One to one: each of our weights holds one official weight."""
-    from projects_detr_plus.models.official_checkpoints import (
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (
         branch_kinds, official_key_map)
     mapping, unmapped = official_key_map(list(official_state_dict),
                                          branch_kinds(ours))
@@ -229,7 +229,7 @@ def test_customized_query_content_is_the_official_heads(official, ours):
     from ``DeformableDETR.get_proposal_pos_embed``."""
     from mmdet.models.detectors import DeformableDETR
     from mmdet.models.layers.transformer import inverse_sigmoid
-    from projects_detr_plus.models.official_checkpoints import (RCNN,
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (RCNN,
                                                                 branch_kinds)
     anchors = official['outputs']['aux_anchors']
     sine = DeformableDETR.get_proposal_pos_embed(
@@ -275,7 +275,7 @@ def test_unmappable_official_keys_are_named(built):
 
 
 def test_own_layout_is_left_alone(built):
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
     state_dict = built[0].state_dict()
     before = list(state_dict.items())
@@ -285,7 +285,7 @@ def test_own_layout_is_left_alone(built):
 
 def test_prefixed_keys_are_renamed_under_their_prefix():
     """A detector inside another module sees ``{prefix}query_head.*``."""
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
     weight, other = torch.zeros(1), torch.ones(1)
     state_dict = {'det.query_head.cls_branches.0.weight': weight,
@@ -299,7 +299,7 @@ def test_prefixed_keys_are_renamed_under_their_prefix():
                                    ('one-stage', None, 'rcnn')])
 def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
     """Official aux index: RoI heads first, then one-stage heads."""
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         official_key_map
     rcnn, atss = kinds.index('rcnn'), kinds.index('one-stage')
     mapping, unmapped = official_key_map(
@@ -319,7 +319,7 @@ def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
 
 
 def test_heads_without_branch_of_their_kind_are_unmapped():
-    from projects_detr_plus.models.official_checkpoints import \
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
         official_key_map
     _, unmapped = official_key_map(list(RCNN_KEYS + ATSS_KEYS), ['one-stage'])
     assert unmapped == sorted(RCNN_KEYS)
@@ -329,7 +329,7 @@ def test_heads_without_branch_of_their_kind_are_unmapped():
 
 
 def test_branch_kinds_from_config_match_the_detector(built):
-    from projects_detr_plus.models.official_checkpoints import (
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (
         branch_kinds, branch_kinds_from_config)
     branches = Config.fromfile(CONFIG).model.branches
     assert branch_kinds_from_config(branches) == branch_kinds(built[0])

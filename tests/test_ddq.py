@@ -7,10 +7,11 @@ import torch
 from detr_testing import (assert_empty_gt_losses, build, ddq_cfg, decode,
                           losses_with_seed, make_batch, noised_branch,
                           parameters_without_grad, predict)
-from projects_detr_plus.models.branches import (MAIN, BranchQueries,
-                                                concat_branches)
-from projects_detr_plus.models.branches.base import block_self_attention
-from projects_detr_plus.models.detectors.ddq_detr import kept_query_loss
+from projects_detr_plus.models.branches import (MAIN, QuerySet,
+                                                concat_query_sets)
+from projects_detr_plus.models.layers.attention_layout import \
+    block_self_attention
+from projects_detr_plus.models.losses import matched_set_loss
 from projects_detr_plus.models.layers.distinct_queries import (
     DistinctQuerySelection, distinct_indices)
 
@@ -141,10 +142,10 @@ def _selection_case(suppressed, num_dn=4, n=6, dims=16):
     keep = torch.ones(2, n, dtype=torch.bool)
     keep[0, [1, 3, 4]] = False
     selection = DistinctQuerySelection(None, n, NMS, suppressed)
-    main = BranchQueries(MAIN, torch.randn(2, n, dims), torch.randn(2, n, 4))
-    dn = BranchQueries('dn', torch.randn(2, num_dn, dims),
-                       torch.randn(2, num_dn, 4), sees_main=True)
-    _, _, layout = concat_branches([main, dn])
+    main = QuerySet(MAIN, torch.randn(2, n, dims), torch.randn(2, n, 4))
+    dn = QuerySet('dn', torch.randn(2, num_dn, dims),
+                  torch.randn(2, num_dn, 4), sees_main=True)
+    _, _, layout = concat_query_sets([main, dn])
     return selection._layout(layout, keep), keep, layout
 
 
@@ -189,8 +190,8 @@ def test_dense_branch_perturbation_leaves_main_bit_identical():
     clean = decode(model, inputs, samples)
     with noised_branch(model, 'dense'):
         perturbed = decode(model, inputs, samples)
-    sizes = [p.num_queries for p in clean['branch_queries']]
-    assert [p.name for p in clean['branch_queries']] == [MAIN, 'dn', 'dense']
+    sizes = [p.num_queries for p in clean['query_sets']]
+    assert [p.name for p in clean['query_sets']] == [MAIN, 'dn', 'dense']
     main_and_dn = slice(0, sizes[0] + sizes[1])
     dense_part = slice(sizes[0] + sizes[1], None)
     assert not torch.equal(clean['hidden_states'][:, :, dense_part],
@@ -205,7 +206,7 @@ def test_dense_branch_perturbation_leaves_main_bit_identical():
 
 def test_dense_queries_use_their_own_predictors():
     from mmdet.models.layers.transformer.utils import inverse_sigmoid
-    from projects_detr_plus.models.branches import branch_predictions
+    from projects_detr_plus.models.branches import set_predictions
     model = ddq(True)
     layer_outputs = []
     hook = model.decoder.layers[0].register_forward_hook(
@@ -215,7 +216,7 @@ def test_dense_queries_use_their_own_predictors():
         outputs = decode(model, inputs, samples)
     finally:
         hook.remove()
-    dense = outputs['branch_queries'][-1]
+    dense = outputs['query_sets'][-1]
     head = model.bbox_head
     assert dense.predictors == (head.aux_cls_branches, head.aux_reg_branches)
     assert dense.num_queries == 45  # 1.5 x 30
@@ -226,8 +227,8 @@ def test_dense_queries_use_their_own_predictors():
                     inverse_sigmoid(refs[0][:, -45:], eps=1e-3)).sigmoid()
         assert torch.allclose(refs[1][:, -45:], expected, atol=1e-6)
         # class predictions for the loss; the main ones by the head's own
-        cls, _ = branch_predictions(head, outputs['hidden_states'], refs,
-                                    outputs['branch_queries'])
+        cls, _ = set_predictions(head, outputs['hidden_states'], refs,
+                                 outputs['query_sets'])
         states = outputs['hidden_states'][1]
         assert torch.equal(cls[1, :, -45:],
                            head.aux_cls_branches[1](states[:, -45:]))
@@ -246,13 +247,18 @@ def test_loss_over_kept_queries_equals_loss_without_the_others():
     keep = torch.zeros(2, 8, dtype=torch.bool)
     keep[0, [0, 2, 3, 6, 7]] = True
     keep[1, [1, 2, 4, 5, 6]] = True
-    kept = kept_query_loss(head, cls, boxes, keep, gts, metas)
+    keys = ('loss_cls', 'loss_bbox', 'loss_iou')
+    kept = matched_set_loss(head, '', cls[None], boxes[None], gts, metas,
+                            keeps=[keep])
     subset = head.loss_by_feat_single(
         cls[keep].reshape(2, 5, 5), boxes[keep].reshape(2, 5, 4), gts, metas)
-    for ours, expected in zip(kept, subset):
-        assert torch.allclose(ours, expected)
-    full = kept_query_loss(head, cls, boxes, None, gts, metas)
-    assert not torch.allclose(full[0], kept[0])
+    for key, expected in zip(keys, subset):
+        assert torch.allclose(kept[key], expected)
+    full = matched_set_loss(head, '', cls[None], boxes[None], gts, metas)
+    for key, expected in zip(keys, head.loss_by_feat_single(
+            cls, boxes, gts, metas)):
+        assert torch.allclose(full[key], expected)
+    assert not torch.allclose(full['loss_cls'], kept['loss_cls'])
 
 
 def test_empty_ground_truth_trains_every_parameter():

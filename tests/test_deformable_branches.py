@@ -58,13 +58,12 @@ def test_hybrid_anchors_follow_the_class_agnostic_ranking():
         feats = model.extract_feat(data['inputs'])
         enc_in, _ = model.pre_transformer(feats, data['data_samples'])
         enc_out = model.forward_encoder(**enc_in)
-        query_inputs = model.query_inputs(**enc_out)
+        context = model.query_context(**enc_out)
         decoder_in, _ = model.pre_decoder(
             **enc_out, batch_data_samples=data['data_samples'])
     n, m = model.num_queries, HYBRID['num_queries']
-    order = query_inputs['enc_class'][..., 0].argsort(dim=1,
-                                                      descending=True)
-    expected = torch.gather(query_inputs['enc_coord_unact'], 1,
+    order = context.enc_class[..., 0].argsort(dim=1, descending=True)
+    expected = torch.gather(context.enc_coord_unact, 1,
                             order[:, :n + m, None].expand(-1, -1, 4))
     torch.testing.assert_close(decoder_in['reference_points'],
                                expected.sigmoid())

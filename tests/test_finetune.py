@@ -9,7 +9,7 @@ from mmengine.config import Config
 
 from conftest import REPO_ROOT, run_tool
 from detr_testing import build, dino_cfg, make_batch, predict
-from projects_detr_plus.models.finetune import class_counts
+from projects_detr_plus.models.compat.finetune import class_counts
 
 METHODS = ['dino', 'deformable-detr', 'deformable-detr-refine-twostage',
            'h-deformable-detr', 'group-dino', 'h-dino', 'co-dino',

@@ -9,8 +9,7 @@ from detr_testing import (assert_empty_gt_losses, assert_same_predictions,
                           make_batch, noised_branch, parameters_without_grad,
                           train_steps)
 from projects_detr_plus.models.task_modules import (GroupOneToOneAssigner,
-                                                    OneToOneAssigner,
-                                                    with_query_groups)
+                                                    OneToOneAssigner)
 
 COSTS = [dict(type='FocalLossCost', weight=2.0),
          dict(type='BBoxL1Cost', weight=5.0, box_format='xyxy'),
@@ -46,8 +45,8 @@ def _instances(num_preds, num_gts, seed, size=64.0):
                                                  (2, 6, 0), (1, 5, 3)])
 def test_group_assignment_equals_per_group_hungarian(groups, size, num_gts):
     preds, gts = _instances(groups * size, num_gts, seed=groups + num_gts)
-    meta = with_query_groups([dict(img_shape=(64, 64))], groups)[0]
-    result = GroupOneToOneAssigner(COSTS).assign(preds, gts, meta)
+    result = GroupOneToOneAssigner(COSTS).assign(
+        preds, gts, dict(img_shape=(64, 64)), num_groups=groups)
     single = OneToOneAssigner(COSTS)
     for k in range(groups):
         rows = slice(k * size, (k + 1) * size)
@@ -59,14 +58,14 @@ def test_group_assignment_equals_per_group_hungarian(groups, size, num_gts):
 
 def test_group_assigner_rejects_uneven_groups():
     preds, gts = _instances(7, 2, seed=0)
-    meta = with_query_groups([dict(img_shape=(64, 64))], 3)[0]
     with pytest.raises(ValueError, match='7 queries do not split into 3'):
-        GroupOneToOneAssigner(COSTS).assign(preds, gts, meta)
+        GroupOneToOneAssigner(COSTS).assign(
+            preds, gts, dict(img_shape=(64, 64)), num_groups=3)
 
 
 def _slices(outputs):
     slices, start = {}, 0
-    for part in outputs['branch_queries']:
+    for part in outputs['query_sets']:
         slices[part.name] = slice(start, start + part.num_queries)
         start += part.num_queries
     return slices
@@ -114,7 +113,7 @@ def test_folded_blocks_equal_one_dense_mask():
     blocks = decode(model, inputs, samples)
     model.dense_self_attn_mask = True
     dense = decode(model, inputs, samples)
-    assert isinstance(dense['branch_queries'], list)
+    assert isinstance(dense['query_sets'], list)
     torch.testing.assert_close(blocks['hidden_states'],
                                dense['hidden_states'], rtol=1e-4, atol=1e-5)
 
@@ -181,7 +180,7 @@ def test_each_group_has_isolated_denoising_queries():
     model = group_dino(dn=True)
     inputs, samples = make_batch()
     clean = decode(model, inputs, samples)
-    parts = {p.name: p for p in clean['branch_queries']}
+    parts = {p.name: p for p in clean['query_sets']}
     group, dn = parts['group'], parts['dn']
     size, num_dn = model.num_queries, dn.num_queries
     assert group.num_queries == 2 * (size + num_dn)
@@ -294,7 +293,7 @@ def test_trained_group_dino_predicts_like_plain_dino():
 def test_group_of_one_adds_no_queries():
     model = group_dino(branches=(dict(GROUP, num_groups=1), ))
     outputs = decode(model, *make_batch())
-    group = [p for p in outputs['branch_queries'] if p.name == 'group'][0]
+    group = [p for p in outputs['query_sets'] if p.name == 'group'][0]
     assert group.num_queries == 0
     losses = losses_with_seed(model, *make_batch())
     assert not any('group_' in key for key in losses)

@@ -7,9 +7,9 @@ import torch
 from detr_testing import (assert_empty_gt_losses, build, decode, dino_cfg,
                           losses_with_seed, make_batch, noised_branch,
                           parameters_without_grad, predict)
-from projects_detr_plus.models.branches import (MAIN, BranchQueries,
-                                                concat_branches,
-                                                split_branches)
+from projects_detr_plus.models.branches import (MAIN, QuerySet,
+                                                concat_query_sets,
+                                                split_query_sets)
 
 
 @pytest.fixture(scope='module')
@@ -22,15 +22,15 @@ def dino():
 
 def _parts(bs=2, sizes=(4, 3, 2), dim=8):
     names = [MAIN, 'a', 'b']
-    return [BranchQueries(name, torch.randn(bs, n, dim), torch.randn(bs, n, 4),
-                          sees_main=(name == 'a'))
+    return [QuerySet(name, torch.randn(bs, n, dim), torch.randn(bs, n, 4),
+                     sees_main=(name == 'a'))
             for name, n in zip(names, sizes)]
 
 
 def test_dense_mask_layout():
     parts = _parts()
     parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
-    query, reference, (block, ) = concat_branches(parts, dense_mask=True)
+    query, reference, (block, ) = concat_query_sets(parts, dense_mask=True)
     mask = block.mask
     assert (block.start, block.end, block.num_groups) == (0, 9, 1)
     assert query.shape == (2, 9, 8) and reference.shape == (2, 9, 4)
@@ -41,7 +41,7 @@ def test_dense_mask_layout():
     assert mask[b, main].all(), 'branch b may not'
     assert mask[a, b].all() and mask[b, a].all()
     assert torch.equal(mask[b, b], parts[2].attn_mask)
-    pieces = split_branches(query, parts, dim=1)
+    pieces = split_query_sets(query, parts, dim=1)
     assert all(torch.equal(p.query, x) for p, x in zip(parts, pieces))
 
 
@@ -49,11 +49,11 @@ def test_attention_blocks_group_what_may_see_each_other():
     parts = _parts(sizes=(4, 3, 6))
     parts[2].num_groups = 3
     parts[2].attn_mask = torch.tensor([[False, True], [False, False]])
-    _, _, blocks = concat_branches(parts)
+    _, _, blocks = concat_query_sets(parts)
     main_block, group_block = blocks
     assert (main_block.start, main_block.end) == (0, 7)
     assert main_block.num_groups == 1
-    dense = concat_branches(parts, dense_mask=True)[2][0].mask
+    dense = concat_query_sets(parts, dense_mask=True)[2][0].mask
     assert torch.equal(main_block.mask, dense[:7, :7])
     assert (group_block.start, group_block.num_groups,
             group_block.group_size) == (7, 3, 2)
@@ -69,13 +69,14 @@ def test_padding_queries_are_invisible():
     on the padding."""
     from mmcv.cnn.bricks.transformer import MultiheadAttention
 
-    from projects_detr_plus.models.branches.base import block_self_attention
+    from projects_detr_plus.models.layers.attention_layout import \
+        block_self_attention
     torch.manual_seed(0)
     attn = MultiheadAttention(8, 2, batch_first=True).eval()
     parts = _parts(sizes=(4, 3, 3))
     parts[2].padding = torch.tensor([[False, False, True],
                                      [True, True, True]])
-    query, _, blocks = concat_branches(parts)
+    query, _, blocks = concat_query_sets(parts)
     assert torch.equal(blocks[1].padding, torch.tensor(
         [[False, False, True], [False, True, True]]))
     pos = torch.zeros_like(query)
@@ -86,7 +87,7 @@ def test_padding_queries_are_invisible():
         changed = query.clone()
         changed[0, 9] += 10.0  # the padding query of image 0
         again = block_self_attention(attn, changed, pos, blocks)
-        dense = concat_branches(parts, dense_mask=True)[2]
+        dense = concat_query_sets(parts, dense_mask=True)[2]
         dense_out = block_self_attention(attn, query, pos, dense)
     torch.testing.assert_close(out[:1, 7:9], alone)
     assert torch.equal(out[:, :9], again[:, :9])
@@ -97,17 +98,17 @@ def test_padding_queries_are_invisible():
 def test_branch_order_and_names_are_checked():
     parts = _parts()
     with pytest.raises(ValueError, match='before the others'):
-        concat_branches([parts[0], parts[2], parts[1]])
+        concat_query_sets([parts[0], parts[2], parts[1]])
     parts[2].name = 'a'
     with pytest.raises(ValueError, match='unique'):
-        concat_branches(parts)
+        concat_query_sets(parts)
     with pytest.raises(ValueError, match='equal groups'):
-        BranchQueries('g', torch.zeros(1, 5, 8), torch.zeros(1, 5, 4),
-                      num_groups=2)
+        QuerySet('g', torch.zeros(1, 5, 8), torch.zeros(1, 5, 4),
+                 num_groups=2)
 
 
 def test_main_alone_needs_no_mask():
-    _, _, mask = concat_branches(_parts()[:1])
+    _, _, mask = concat_query_sets(_parts()[:1])
     assert mask is None
 
 
@@ -116,8 +117,8 @@ def test_denoising_perturbation_leaves_main_bit_identical(dino):
     clean = decode(dino, inputs, samples)
     with noised_branch(dino, 'dn', scale=5.0, shift=5.0):
         noisy = decode(dino, inputs, samples)
-    num_main = clean['branch_queries'][0].num_queries
-    assert clean['branch_queries'][1].num_queries > 0
+    num_main = clean['query_sets'][0].num_queries
+    assert clean['query_sets'][1].num_queries > 0
     dn_clean = clean['hidden_states'][:, :, num_main:]
     dn_noisy = noisy['hidden_states'][:, :, num_main:]
     assert not torch.equal(dn_clean, dn_noisy), 'the perturbation bites'
@@ -172,7 +173,7 @@ def test_crowded_image_has_bounded_denoising_queries(dino):
     """500 GT boxes: the DN branch stays within 2 * num_dn_queries."""
     generator = dino.dn_query_generator
     _, samples = make_batch(num_gts=(500, 3))
-    queries = generator.make_queries(None, samples)
+    queries = generator.make_queries(None, None, None, samples)
     bound = 2 * generator.num_dn_queries
     assert 0 < queries.num_queries <= bound
     assert max(len(gt) for gt in queries.meta['gt_instances']) == \

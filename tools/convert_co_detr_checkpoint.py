@@ -10,7 +10,7 @@ checkpoint in our layout::
         [--drop-unmapped] [--verify]
 
 The config says which of our branches has which auxiliary head (they are
-matched by kind: see ``projects_detr_plus.models.official_checkpoints``).
+matched by kind: see ``projects_detr_plus.models.compat.co_detr_checkpoints``).
 ``--drop-unmapped`` writes the checkpoint without the official keys that
 have no counterpart in the config (otherwise an error naming them);
 ``--verify`` builds the config's detector and loads the result strictly.
@@ -24,7 +24,7 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import _load_checkpoint
 
 import projects_detr_plus  # noqa: F401  (registers modules, trusted loader)
-from projects_detr_plus.models.official_checkpoints import (
+from projects_detr_plus.models.compat.co_detr_checkpoints import (
     SAME_NAMES, branch_kinds_from_config, is_official_layout,
     official_key_map)
 

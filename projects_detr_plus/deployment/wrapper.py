@@ -42,7 +42,7 @@ from mmdet.models.detectors import DeformableDETR
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from torch import nn
 
-from ..models.branches import MAIN, BranchQueries
+from ..models.branches import MAIN, QuerySet
 from ..models.detectors.ddq_detr import DDQDETRPlus
 from ..models.detectors.dino import DINOPlus
 from ..models.layers.distinct_queries import DistinctQuerySelection
@@ -301,26 +301,26 @@ def _ddq_exportable(det, iou_threshold):
     """DDQ-DETR's main-query selection and decoder with :func:`nms_keep` at
     ``iou_threshold`` (from :func:`~.nms.exportable_iou_threshold`)."""
 
-    def main_queries(enc_class, enc_coord_unact, token_content,
-                     **query_inputs):
+    def main_queries(context):
         """``DDQDETRPlus.main_queries`` with fixed shapes: the top N of the
         proposals NMS keeps, by score; zeros where fewer survive."""
+        enc_class, enc_coord_unact = context.enc_class, context.enc_coord_unact
         boxes = bbox_cxcywh_to_xyxy(enc_coord_unact.sigmoid())
         scores = enc_class.max(-1)[0].sigmoid()
         keep = nms_keep(boxes, scores, iou_threshold)
         take = _top_kept(keep, scores, det.num_queries)
         coords_unact = take(enc_coord_unact)
-        main = BranchQueries(MAIN, take(token_content),
-                             coords_unact.detach())
+        main = QuerySet(MAIN, take(context.token_content),
+                        coords_unact.detach())
         return main, take(enc_class), coords_unact.sigmoid()
 
-    def forward_decoder(branch_queries=None, **decoder_inputs):
+    def forward_decoder(query_sets=None, **decoder_inputs):
         """``DDQDETRPlus.forward_decoder`` with :class:`_DistinctNMS`."""
         selection = _DistinctNMS(det.bbox_head.cls_branches,
-                                 branch_queries[0].num_queries, det.dqs_cfg,
+                                 query_sets[0].num_queries, det.dqs_cfg,
                                  det.suppressed_queries)
         selection.iou_threshold = iou_threshold
-        outputs = DINOPlus.forward_decoder(det, branch_queries=branch_queries,
+        outputs = DINOPlus.forward_decoder(det, query_sets=query_sets,
                                            between_layers=selection,
                                            **decoder_inputs)
         outputs['query_keep'] = selection.keeps

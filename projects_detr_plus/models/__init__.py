@@ -5,10 +5,10 @@ Importing this package registers them into mmdet's registries.
 """
 from . import (aux_heads, branches, detectors, heads, layers,  # noqa
                roi_heads, task_modules)
-from .branches import BranchQueries, DenoisingBranch
+from .branches import QuerySet, DenoisingBranch
 from .detectors import DDQDETRPlus, DeformableDETRPlus, DINOPlus
 from .heads import DDQHeadPlus
 from .task_modules import OneToOneAssigner
 
-__all__ = ['BranchQueries', 'DenoisingBranch', 'DDQDETRPlus', 'DDQHeadPlus',
+__all__ = ['QuerySet', 'DenoisingBranch', 'DDQDETRPlus', 'DDQHeadPlus',
            'DeformableDETRPlus', 'DINOPlus', 'OneToOneAssigner']

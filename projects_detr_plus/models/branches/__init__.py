@@ -1,17 +1,19 @@
-"""Training-only query branches (see :mod:`.base` for the interface)."""
-from .base import (MAIN, AttentionBlock, BranchQueries, SegmentedLayers,
-                   branch_layers, branch_predictions, concat_branches,
-                   fixed_target_loss, layer_loss_dict, learnable_content,
-                   matched_set_loss, split_branches, top_proposals)
+"""Training-time query branches: the contract (:mod:`.protocol`), query
+sets (:mod:`.queries`) and one file per method."""
 from .collaborative import CollaborativeBranch
 from .denoising import DenoisingBranch
 from .dense import DenseQueryBranch
 from .group import GroupQueryBranch
 from .hybrid import HybridMatchingBranch
+from .protocol import (QueryBranch, QueryContext, QueryDetector,
+                       SetPredictions)
+from .queries import (MAIN, QuerySet, SegmentedLayers, concat_query_sets,
+                      learnable_content, query_set_layers, set_predictions,
+                      split_query_sets, top_proposals)
 
-__all__ = ['MAIN', 'AttentionBlock', 'BranchQueries', 'concat_branches',
-           'SegmentedLayers', 'branch_layers', 'branch_predictions',
-           'split_branches', 'layer_loss_dict', 'matched_set_loss',
-           'fixed_target_loss', 'top_proposals', 'learnable_content',
-           'CollaborativeBranch',
-           'DenoisingBranch', 'DenseQueryBranch', 'GroupQueryBranch', 'HybridMatchingBranch']
+__all__ = ['QueryBranch', 'QueryContext', 'QueryDetector', 'SetPredictions',
+           'MAIN', 'QuerySet', 'SegmentedLayers', 'concat_query_sets',
+           'split_query_sets', 'query_set_layers', 'set_predictions',
+           'top_proposals', 'learnable_content', 'CollaborativeBranch',
+           'DenoisingBranch', 'DenseQueryBranch', 'GroupQueryBranch',
+           'HybridMatchingBranch']

@@ -13,8 +13,8 @@ Sense-X/Co-DETR and mmdet's ``projects/CO-DETR``):
 
 1. the head trains on the encoder pyramid (the memory cut back into
    per-level maps plus one stride-2 level that the detector shares between
-   all its auxiliary heads, :func:`encoder_pyramid`) and returns every
-   anchor / sampled proposal with its target;
+   all its auxiliary heads, :func:`~..layers.pyramid.encoder_pyramid`)
+   and returns every anchor / sampled proposal with its target;
 2. per image, the positives (a random ``max_queries`` of them when there
    are more) are padded with random negatives of the same head up to the
    batch's count, at least ``min_queries``: the negatives are trained as
@@ -48,33 +48,12 @@ from mmdet.models.detectors import DeformableDETR
 from mmdet.models.layers.transformer.utils import inverse_sigmoid
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_xyxy_to_cxcywh
-from mmengine.model import BaseModule
 from torch import nn
 
-from .base import BranchQueries, fixed_target_loss
-
-
-def extra_pyramid_level(embed_dims):
-    """The stride-2 conv + GroupNorm that adds one level on top of the
-    encoder's (official ``CoDINOHead.downsample``)."""
-    if embed_dims % 32:
-        raise ValueError('the auxiliary heads\' extra pyramid level has a '
-                         'GroupNorm of 32 groups: embed_dims must be a '
-                         f'multiple of 32, got {embed_dims}')
-    return nn.Sequential(
-        nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),
-        nn.GroupNorm(32, embed_dims))
-
-
-def encoder_pyramid(memory, spatial_shapes, extra_level):
-    """Encoder memory (bs, sum(h*w), dim) as per-level (bs, dim, h, w)
-    maps, plus ``extra_level`` applied to the last one."""
-    sizes = [int(h) * int(w) for h, w in spatial_shapes]
-    levels = [
-        level.transpose(1, 2).reshape(memory.shape[0], -1, int(h), int(w))
-        for level, (h, w) in zip(memory.split(sizes, dim=1), spatial_shapes)
-    ]
-    return tuple(levels + [extra_level(levels[-1])])
+from ..compat.co_detr_checkpoints import convert_official_co_detr
+from ..losses.set_losses import fixed_targets, layer_loss_dict, layer_losses
+from .protocol import QueryBranch
+from .queries import QuerySet
 
 
 def _check_num_classes(aux_head, num_classes, name):
@@ -104,7 +83,7 @@ def _random_subset(indices, count):
 
 
 @MODELS.register_module()
-class CollaborativeBranch(BaseModule):
+class CollaborativeBranch(QueryBranch):
     """An auxiliary one-to-many head and its customized positive queries.
 
     Args:
@@ -132,7 +111,9 @@ class CollaborativeBranch(BaseModule):
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector.
     """
-    uses_encoder_pyramid = True  # the detector passes ``encoder_pyramid``
+    uses_encoder_pyramid = True  # the detector fills ``encoder_pyramid``
+    # official Co-DETR checkpoints load into the detector
+    checkpoint_converter = staticmethod(convert_official_co_detr)
 
     def __init__(self, aux_head, num_classes, embed_dims,
                  num_matching_queries, name='co', max_queries=300,
@@ -187,21 +168,17 @@ class CollaborativeBranch(BaseModule):
         bound = (6.0 / (2 + len(self.head_embedding))) ** 0.5
         nn.init.uniform_(self.head_embedding, -bound, bound)
 
-    def make_queries(self, main, batch_data_samples, encoder_pyramid=None,
-                     **encoder_outputs):
-        """Train the auxiliary head; its positives (and negatives) as
-        queries.
-
-        Args:
-            encoder_pyramid (tuple[Tensor]): (bs, dim, h, w) per level, from
-                the detector (:func:`encoder_pyramid`).
+    def make_queries(self, main, context, detector, batch_data_samples):
+        """Train the auxiliary head on ``context.encoder_pyramid``; its
+        positives (and negatives) as queries.
 
         Returns:
-            BranchQueries: (bs, P, dim) queries on the candidates' boxes,
+            QuerySet: (bs, P, dim) queries on the candidates' boxes,
             P = max(min_queries, the most positives of an image, at most
             ``max_queries``); ``meta`` holds the targets and the head's
             losses.
         """
+        encoder_pyramid = context.encoder_pyramid
         if encoder_pyramid is None:
             raise ValueError(f'{self.name}: the detector passed no '
                              'encoder_pyramid (not a QueryBranchDetector?)')
@@ -214,7 +191,7 @@ class CollaborativeBranch(BaseModule):
         reference = inverse_sigmoid(targets.pop('priors'))
         content, query_pos = self._embed(reference, targets.pop('feats',
                                                                 None))
-        return BranchQueries(
+        return QuerySet(
             self.name, content, reference,
             padding=targets['label_weights'] == 0, query_pos=query_pos,
             meta=dict(targets, aux_losses=aux_losses))
@@ -283,15 +260,17 @@ class CollaborativeBranch(BaseModule):
             targets['feats'] = feats
         return targets
 
-    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
+    def loss(self, detector, predictions, queries, batch_data_samples):
         """The head's losses plus the queries' fixed-target loss."""
-        meta = queries.meta
+        meta, head = queries.meta, detector.bbox_head
         losses = {f'{self.name}.{key}': value
                   for key, value in meta['aux_losses'].items()}
         # computed even without queries: its normaliser is a collective
-        losses.update(fixed_target_loss(
-            head, f'{self.name}_', cls_scores, bbox_preds, meta['labels'],
-            meta['bbox_targets'], meta['label_weights'],
-            [s.metainfo for s in batch_data_samples], self.loss_weight,
-            bbox_weights=meta['bbox_weights']))
+        targets = fixed_targets(
+            meta['labels'], meta['bbox_targets'], meta['label_weights'],
+            meta['bbox_weights'], [s.metainfo for s in batch_data_samples],
+            head.num_classes)
+        losses.update(layer_loss_dict(f'{self.name}_', layer_losses(
+            head, predictions.cls_scores, predictions.bbox_preds, targets),
+            self.loss_weight))
         return losses

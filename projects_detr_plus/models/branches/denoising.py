@@ -10,8 +10,8 @@ unchanged); the loss is mmdet's ``DINOHead.loss_dn``.
 
 What is new here:
 
-* the branch interface (:mod:`.base`): DN queries may see the main queries,
-  never the reverse;
+* the branch contract (:mod:`.protocol`): DN queries may see the main
+  queries, never the reverse;
 * a bound on the queries (mmdet issue #11021: each ground truth adds 2 queries
   per group, so a crowded image could blow up memory): an image with more than
   ``max_targets`` boxes is denoised on a random subset of them, so a batch has
@@ -25,11 +25,14 @@ from mmdet.models.layers import CdnQueryGenerator
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 
-from .base import BranchQueries, layer_loss_dict
+from ..losses.set_losses import (SetTargets, image_factors,
+                                 layer_loss_dict, layer_losses)
+from .protocol import QueryBranch
+from .queries import QuerySet
 
 
 @MODELS.register_module()
-class DenoisingBranch(CdnQueryGenerator):
+class DenoisingBranch(QueryBranch, CdnQueryGenerator):
     """Contrastive denoising queries and loss (DINO).
 
     Args:
@@ -51,12 +54,12 @@ class DenoisingBranch(CdnQueryGenerator):
             raise ValueError(f'max_targets must be >= 1, got {max_targets}')
         self.max_targets = max_targets
 
-    def make_queries(self, main, batch_data_samples, **encoder_outputs):
+    def make_queries(self, main, context, detector, batch_data_samples):
         """Noised GT queries, (bs, num_dn, dim) and (bs, num_dn, 4)."""
         samples = self._bounded(batch_data_samples)
         label_query, bbox_query, full_mask, dn_meta = self(samples)
         num_dn = dn_meta['num_denoising_queries']
-        return BranchQueries(
+        return QuerySet(
             name=self.name, query=label_query, reference=bbox_query,
             attn_mask=full_mask[:num_dn, :num_dn], sees_main=True,
             meta=dict(dn_meta=dn_meta, gt_instances=[
@@ -78,25 +81,37 @@ class DenoisingBranch(CdnQueryGenerator):
                 gt_instances=gt, metainfo=dict(img_shape=sample.img_shape)))
         return bounded
 
-    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
-        """mmdet's denoising loss on this branch's outputs.
+    def loss(self, detector, predictions, queries, batch_data_samples):
+        """Every layer's loss against the ground truth each query noises.
 
         Args:
-            head (DINOHead): the detector's head.
-            cls_scores (Tensor): (num_layers, bs, num_dn, num_classes).
-            bbox_preds (Tensor): (num_layers, bs, num_dn, 4), normalised
-                (cx, cy, w, h).
-            queries (BranchQueries): what :meth:`make_queries` returned.
+            detector: gives the head (``DINOHead``: its losses and
+                ``get_dn_targets``).
+            predictions (SetPredictions): (num_layers, bs, num_dn, ...).
+            queries (QuerySet): what :meth:`make_queries` returned.
             batch_data_samples (list[DetDataSample]): the batch.
         """
-        losses_cls, losses_bbox, losses_iou = head.loss_dn(
-            cls_scores, bbox_preds,
-            batch_gt_instances=queries.meta['gt_instances'],
-            batch_img_metas=[s.metainfo for s in batch_data_samples],
-            dn_meta=queries.meta['dn_meta'])
+        head = detector.bbox_head
+        metas = [s.metainfo for s in batch_data_samples]
+        targets = self.targets(head, queries, metas)
+        per_layer = layer_losses(head, predictions.cls_scores,
+                                 predictions.bbox_preds, targets)
         if queries.num_queries == 0:  # keep label_embedding in the graph
             tie = self.label_embedding.weight.sum() * 0.0
-            losses_cls = [loss + tie for loss in losses_cls]
-        return layer_loss_dict('dn_', dict(loss_cls=losses_cls,
-                                           loss_bbox=losses_bbox,
-                                           loss_iou=losses_iou))
+            per_layer['loss_cls'] = [
+                loss + tie for loss in per_layer['loss_cls']]
+        return layer_loss_dict('dn_', per_layer)
+
+    @staticmethod
+    def targets(head, queries, batch_img_metas):
+        """:class:`SetTargets` of the queries (mmdet's targets: query i of
+        a group reconstructs ground truth i, negatives are background)."""
+        (labels, label_weights, bbox_targets, bbox_weights, num_pos,
+         num_neg) = head.get_dn_targets(queries.meta['gt_instances'],
+                                        batch_img_metas,
+                                        queries.meta['dn_meta'])
+        return SetTargets(torch.cat(labels), torch.cat(label_weights),
+                          torch.cat(bbox_targets), torch.cat(bbox_weights),
+                          image_factors(bbox_targets, batch_img_metas),
+                          num_pos,
+                          num_pos * 1.0 + num_neg * head.bg_cls_weight)

@@ -14,18 +14,26 @@ the token (``token_content``, shared with the main queries), anchor = the
 predicted box, detached.  The queries see only each other, are refined and
 predicted by the head's ``aux_*_branches``, and the encoder proposals they
 come from get the same one-to-many loss.  Dropped at inference.
+
+Its loss is mmdet's ``DDQAuxLoss`` (alignment-metric targets, its own
+normalisers) with mmdet's ``TopkHungarianAssigner``, kept as mmdet has them
+so that DDQ-DETR trains as mmdet's (the parity suite compares every loss);
+mmdet's assigner scores classification on probabilities where the released
+DDQ code uses logits (:class:`~..task_modules.TopkHungarianAssignerPlus`,
+which DDQ FCN / R-CNN use).
 """
 import torch
 from mmdet.models.losses import DDQAuxLoss
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
-from torch import nn
 
-from .base import BranchQueries, layer_loss_dict
+from ..losses.set_losses import image_factors, layer_loss_dict
+from .protocol import QueryBranch
+from .queries import QuerySet
 
 
 @MODELS.register_module()
-class DenseQueryBranch(nn.Module):
+class DenseQueryBranch(QueryBranch):
     """Dense queries on the top encoder tokens, matched one-to-many.
 
     Args:
@@ -47,22 +55,17 @@ class DenseQueryBranch(nn.Module):
             assigner=dict(type='TopkHungarianAssigner', topk=num_pos),
             alpha=1, beta=6))
 
-    def make_queries(self, main, batch_data_samples, enc_memory=None,
-                     enc_anchors=None, token_content=None, head=None,
-                     **encoder_outputs):
-        """Queries on the encoder tokens the dense predictor ranks highest.
-
-        Args:
-            enc_memory (Tensor): transformed encoder tokens (bs, K, dim).
-            enc_anchors (Tensor): their anchors before the sigmoid (bs, K, 4).
-            token_content (Tensor): content query of each token (bs, K, dim).
-            head (DDQHeadPlus): gives the dense predictors.
-        """
+    def make_queries(self, main, context, detector, batch_data_samples):
+        """Queries on the encoder tokens the dense predictor ranks highest:
+        ``context.enc_memory`` (bs, K, dim) scored by the head's dense
+        encoder predictors, content ``context.token_content``."""
+        head, token_content = detector.bbox_head, context.token_content
         if not hasattr(head, 'aux_reg_branches') or token_content is None:
             raise TypeError('DenseQueryBranch needs a DDQ detector and head '
                             '(DDQDETRPlus with DDQHeadPlus)')
-        enc_class = head.cls_branches[-1](enc_memory)
-        enc_coord = head.reg_branches[-1](enc_memory) + enc_anchors
+        enc_class = head.cls_branches[-1](context.enc_memory)
+        enc_coord = head.reg_branches[-1](context.enc_memory) + \
+            context.enc_anchors
         count = min(self.num_queries, enc_class.shape[1])
         ranked = enc_class.max(-1)[0].topk(count, dim=1).indices
 
@@ -71,17 +74,14 @@ class DenseQueryBranch(nn.Module):
                 x, 1, ranked[..., None].expand(-1, -1, x.shape[-1]))
 
         coord = take(enc_coord)
-        return BranchQueries(
+        return QuerySet(
             self.name, take(token_content), coord.detach(),
             predictors=(head.aux_cls_branches, head.aux_reg_branches),
             meta=dict(enc_class=take(enc_class), enc_coord=coord.sigmoid()))
 
-    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
-        """One-to-many loss of every decoder layer and of the proposals.
-
-        Args:
-            cls_scores (Tensor): (num_layers, bs, n, num_classes) logits.
-            bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
+    def loss(self, detector, predictions, queries, batch_data_samples):
+        """One-to-many loss of every decoder layer and of the proposals
+        ((num_layers, bs, n, ...) predictions).
 
         Returns:
             dict: ``dense_loss_cls`` (quality focal) and ``dense_loss_iou``
@@ -89,7 +89,8 @@ class DenseQueryBranch(nn.Module):
             ``dense_enc_loss_cls`` / ``dense_enc_loss_iou``.
         """
         per_layer = dict(loss_cls=[], loss_iou=[])
-        for layer_cls, layer_bbox in zip(cls_scores, bbox_preds):
+        for layer_cls, layer_bbox in zip(predictions.cls_scores,
+                                         predictions.bbox_preds):
             loss_cls, loss_iou = self._one_to_many(layer_cls, layer_bbox,
                                                    batch_data_samples)
             per_layer['loss_cls'].append(loss_cls)
@@ -106,10 +107,8 @@ class DenseQueryBranch(nn.Module):
         """(classification, GIoU) loss of (bs, n, C) logits and (bs, n, 4)
         normalised cxcywh boxes."""
         metas = [s.metainfo for s in batch_data_samples]
-        scale = torch.stack([
-            boxes.new_tensor([w, h, w, h])
-            for h, w in (meta['img_shape'][:2] for meta in metas)])
-        pixel_boxes = bbox_cxcywh_to_xyxy(boxes) * scale[:, None]
+        pixel_boxes = bbox_cxcywh_to_xyxy(boxes) * image_factors(
+            list(boxes), metas).view_as(boxes)
         gts = [s.gt_instances for s in batch_data_samples]
         losses = self.one_to_many_loss.loss(
             logits.sigmoid(), pixel_boxes, [gt.bboxes for gt in gts],

@@ -38,10 +38,10 @@ covers every encoder token (as the main one), i.e. K - 1 more one-to-one
 matchings over all tokens per image.
 
 Groups are folded into the batch dimension for self-attention
-(``num_groups`` of :class:`BranchQueries`), which costs (K - 1) * N**2,
+(``num_groups`` of :class:`QuerySet`), which costs (K - 1) * N**2,
 not (K * N)**2.  One :class:`~...task_modules.GroupOneToOneAssigner` call
 per image matches all groups (one cost matrix, one Hungarian solve per
-group).
+group), told the number of groups by an argument of the set-loss core.
 """
 import torch
 from mmcv.cnn import Linear
@@ -49,14 +49,15 @@ from mmdet.registry import MODELS
 from mmengine.model import bias_init_with_prob, constant_init
 from torch import nn
 
-from ..task_modules.group_assigner import (GroupOneToOneAssigner,
-                                           with_query_groups)
-from .base import BranchQueries, matched_set_loss
+from ..losses.set_losses import matched_set_loss
+from ..task_modules.group_assigner import GroupOneToOneAssigner
 from .denoising import DenoisingBranch
+from .protocol import QueryBranch
+from .queries import QuerySet
 
 
 @MODELS.register_module()
-class GroupQueryBranch(nn.Module):
+class GroupQueryBranch(QueryBranch):
     """K - 1 extra query groups matched one-to-one per group.
 
     Args:
@@ -128,29 +129,21 @@ class GroupQueryBranch(nn.Module):
         return [self.content.weight[g * size:(g + 1) * size]
                 for g in range(self.num_extra_groups)]
 
-    def make_queries(self, main, batch_data_samples, memory=None,
-                     enc_anchors=None, select_proposals=None,
-                     **encoder_outputs):
-        """Each extra group: its own anchors and content, then its own
-        denoising queries.
-
-        Args:
-            main (BranchQueries): the main queries (bs, N, ...).
-            memory (Tensor): encoder output, (bs, num_keys, dim).
-            enc_anchors (Tensor): (bs, num_keys, 4) anchors before the
-                sigmoid, inf at padding and invalid tokens.
-            select_proposals (callable): the detector's top-N selection.
+    def make_queries(self, main, context, detector, batch_data_samples):
+        """Each extra group: its own anchors (its encoder heads on
+        ``context.memory``, selected by ``detector.select_proposals``) and
+        content, then its own denoising queries.
 
         Returns:
-            BranchQueries: (bs, (K - 1) * (N + D), ...), group g being
+            QuerySet: (bs, (K - 1) * (N + D), ...), group g being
             queries ``[g * (N + D), (g + 1) * (N + D))``: its N matching
             queries, then its D denoising queries.
         """
         bs = main.query.shape[0]
-        anchors, enc_losses = self._group_anchors(main, memory, enc_anchors,
-                                                  select_proposals)
+        anchors, enc_losses = self._group_anchors(main, context, detector)
         contents = [t[None].expand(bs, -1, -1) for t in self.content_tables()]
-        dn = [d.make_queries(main, batch_data_samples) for d in self.denoisers]
+        dn = [d.make_queries(main, context, detector, batch_data_samples)
+              for d in self.denoisers]
         if len({part.num_queries for part in dn}) > 1:
             raise RuntimeError('GroupQueryBranch: the groups got different '
                                'numbers of denoising queries')
@@ -158,25 +151,25 @@ class GroupQueryBranch(nn.Module):
         for g in range(self.num_extra_groups):
             query += [contents[g]] + [d.query for d in dn[g:g + 1]]
             reference += [anchors[g]] + [d.reference for d in dn[g:g + 1]]
-        return BranchQueries(
+        return QuerySet(
             self.name, torch.cat(query, 1), torch.cat(reference, 1),
             attn_mask=self._group_mask(dn[0]) if dn else None,
             num_groups=max(self.num_extra_groups, 1),
-            meta=dict(enc_losses=enc_losses, dn=dn,
-                      encoder_loss=encoder_outputs.get('encoder_loss')))
+            meta=dict(enc_losses=enc_losses, dn=dn))
 
-    def _group_anchors(self, main, memory, enc_anchors, select_proposals):
+    def _group_anchors(self, main, context, detector):
         """Per extra group: anchors (bs, N, 4) before the sigmoid
         (detached) and the inputs of its encoder loss (None if shared)."""
         if self.shared_anchors:
             return [main.reference] * self.num_extra_groups, []
+        enc_anchors = context.enc_anchors
         valid = torch.isfinite(enc_anchors).all(-1, keepdim=True)
-        tokens = memory.masked_fill(~valid, 0.0)
+        tokens = context.memory.masked_fill(~valid, 0.0)
         anchors, enc_losses = [], []
         for g in range(self.num_extra_groups):
             enc_memory = self.memory_trans_norm[g](
                 self.memory_trans_fc[g](tokens))
-            coords, loss_inputs = select_proposals(
+            coords, loss_inputs = detector.select_proposals(
                 self.enc_cls[g](enc_memory),
                 self.enc_reg[g](enc_memory) + enc_anchors)
             anchors.append(coords.detach())
@@ -194,39 +187,40 @@ class GroupQueryBranch(nn.Module):
         mask[size:, size:] = dn.attn_mask
         return mask
 
-    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
+    def loss(self, detector, predictions, queries, batch_data_samples):
         """Per-group decoder, encoder and denoising losses, each the mean
-        over the extra groups, times ``loss_weight``.
-
-        Args:
-            cls_scores (Tensor): (num_layers, bs, (K-1) * (N + D),
-                num_classes).
-            bbox_preds (Tensor): (num_layers, bs, (K-1) * (N + D), 4).
+        over the extra groups, times ``loss_weight``; the predictions are
+        (num_layers, bs, (K-1) * (N + D), ...).
         """
         if self.num_extra_groups == 0:
             return {}
+        head = detector.bbox_head
         if not isinstance(head.assigner, GroupOneToOneAssigner):
             raise TypeError(
                 'GroupQueryBranch needs the head to match with '
                 "train_cfg.assigner.type='GroupOneToOneAssigner', got "
                 f'{type(head.assigner).__name__}')
-        cls_groups = cls_scores.unflatten(2, (self.num_extra_groups, -1))
-        bbox_groups = bbox_preds.unflatten(2, (self.num_extra_groups, -1))
+        cls_groups = predictions.cls_scores.unflatten(
+            2, (self.num_extra_groups, -1))
+        bbox_groups = predictions.bbox_preds.unflatten(
+            2, (self.num_extra_groups, -1))
         size = self.group_size
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
         losses = matched_set_loss(
             head, f'{self.name}_', cls_groups[:, :, :, :size].flatten(2, 3),
-            bbox_groups[:, :, :, :size].flatten(2, 3), gts,
-            with_query_groups(metas, self.num_extra_groups), self.loss_weight)
+            bbox_groups[:, :, :, :size].flatten(2, 3), gts, metas,
+            self.loss_weight, num_groups=self.num_extra_groups)
         for inputs in queries.meta['enc_losses']:  # per-group proposals
-            self._add_group_mean(losses, queries.meta['encoder_loss'](
+            self._add_group_mean(losses, detector.encoder_loss(
                 *inputs, gts, metas))
+        stride = queries.group_size  # N + D
         for g, (denoiser, dn) in enumerate(zip(self.denoisers,
                                                queries.meta['dn'])):
+            group_dn = predictions.queries(
+                slice(g * stride + size, (g + 1) * stride))
             self._add_group_mean(losses, denoiser.loss(
-                head, cls_groups[:, :, g, size:], bbox_groups[:, :, g, size:],
-                dn, batch_data_samples))
+                detector, group_dn, dn, batch_data_samples))
         return losses
 
     def _add_group_mean(self, losses, group_losses):

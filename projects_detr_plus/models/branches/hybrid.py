@@ -31,12 +31,13 @@ from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import (BranchQueries, learnable_content, matched_set_loss,
-                   top_proposals)
+from ..losses.set_losses import matched_set_loss
+from .protocol import QueryBranch
+from .queries import QuerySet, learnable_content, top_proposals
 
 
 @MODELS.register_module()
-class HybridMatchingBranch(nn.Module):
+class HybridMatchingBranch(QueryBranch):
     """One-to-many queries matched against the ground truth repeated k times.
 
     Args:
@@ -65,40 +66,29 @@ class HybridMatchingBranch(nn.Module):
         content (H-Deformable-DETR: one N(0, 1) table for both sets)."""
         return [self.content.weight]
 
-    def make_queries(self, main, batch_data_samples, enc_class=None,
-                     enc_coord_unact=None, enc_score=None,
-                     **encoder_outputs):
-        """Queries on the encoder proposals ranked N .. N + M.
-
-        Args:
-            enc_class (Tensor): encoder class logits, (bs, num_keys, C).
-            enc_coord_unact (Tensor): encoder boxes before the sigmoid,
-                (bs, num_keys, 4).
-            enc_score (Tensor): (bs, num_keys), what the main queries are
-                ranked by (DINO: best class; Deformable DETR: class 0).
-        """
-        num_keys = enc_class.shape[1]
+    def make_queries(self, main, context, detector, batch_data_samples):
+        """Queries on the encoder proposals ranked N .. N + M (by
+        ``context.enc_score``, what the main queries are ranked by)."""
+        num_keys = context.enc_class.shape[1]
         if self.num_main_queries + self.num_queries > num_keys:
             raise ValueError(
                 f'HybridMatchingBranch: {self.num_main_queries} main + '
                 f'{self.num_queries} hybrid queries need that many encoder '
                 f'proposals, but the encoder has only {num_keys} tokens; '
                 'lower num_queries')
-        _, reference = top_proposals(enc_score, enc_class, enc_coord_unact,
-                                     self.num_queries,
-                                     start=self.num_main_queries)
-        query = learnable_content(self.content, enc_class.shape[0])
-        return BranchQueries(self.name, query, reference.detach())
+        _, reference = top_proposals(
+            context.enc_score, context.enc_class, context.enc_coord_unact,
+            self.num_queries, start=self.num_main_queries)
+        query = learnable_content(self.content, context.batch_size)
+        return QuerySet(self.name, query, reference.detach())
 
-    def loss(self, head, cls_scores, bbox_preds, queries, batch_data_samples):
-        """Hungarian loss against each image's ground truth repeated k times.
-
-        Args:
-            cls_scores (Tensor): (num_layers, bs, M, num_classes).
-            bbox_preds (Tensor): (num_layers, bs, M, 4).
+    def loss(self, detector, predictions, queries, batch_data_samples):
+        """Hungarian loss against each image's ground truth repeated k
+        times, every decoder layer ((num_layers, bs, M, ...) predictions).
         """
         repeated = [InstanceData.cat([s.gt_instances] * self.k_one_to_many)
                     for s in batch_data_samples]
         return matched_set_loss(
-            head, f'{self.name}_', cls_scores, bbox_preds, repeated,
+            detector.bbox_head, f'{self.name}_', predictions.cls_scores,
+            predictions.bbox_preds, repeated,
             [s.metainfo for s in batch_data_samples], self.loss_weight)

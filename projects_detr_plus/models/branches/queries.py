@@ -1,53 +1,28 @@
-"""Query branches: extra decoder query sets with their own targets and loss.
+"""Query sets: the decoder queries of the main set and of each branch.
 
-Every training-time trick of the DETR family (DINO's denoising, Group DETR,
-H-DETR, Co-DETR's customized positive queries, DDQ's dense queries) is a set of
-decoder queries kept apart from the main, one-to-one queries by the decoder's
-self-attention mask.  A detector builds the main queries, asks each training
-branch for its :class:`BranchQueries`, runs the decoder *once* over their
-concatenation (:func:`concat_branches`: queries that may see each other share
-an attention block, equal groups are folded into the batch), splits the
-outputs (:func:`split_branches`) and lets every branch compute its own loss.
-At inference only the main queries exist, so no branch adds inference cost.
-
-A branch is a module with a ``name`` (unique in a detector) and two methods::
-
-    make_queries(main, batch_data_samples, **encoder_outputs) -> BranchQueries
-    loss(head, cls_scores, bbox_preds, queries, batch_data_samples) -> dict
-
-``encoder_outputs`` are ``memory`` (bs, num_keys, dim), ``memory_mask``,
-``spatial_shapes``, ``enc_class`` (bs, num_keys, C) and ``enc_coord_unact``
-(bs, num_keys, 4): the encoder tokens and their two-stage proposals;
-``enc_score`` (bs, num_keys): what the detector ranks proposals by (DINO:
-best class logit; Deformable DETR: class 0's); ``enc_memory``
-(bs, num_keys, dim) and ``enc_anchors`` (bs, num_keys, 4): the transformed
-tokens and anchors the proposals were predicted from; ``head``: the
-detection head; the detector's ``select_proposals(enc_class,
-enc_coord_unact)`` and ``encoder_loss(enc_cls, enc_coord, gts, metas)``
-(for a branch with proposals of its own); plus whatever the detector adds
-(DDQ: ``token_content``).
-``cls_scores`` (num_layers, bs, n, num_classes) and ``bbox_preds``
-(num_layers, bs, n, 4) are the predictions on that branch's queries only:
-of the head's per-layer branches, or of the branch's own
-(``BranchQueries.predictors``).
+A detector builds the main :class:`QuerySet`, asks each training branch
+for its own (:mod:`.protocol`), runs the decoder *once* over their
+concatenation (:func:`concat_query_sets`: queries that may see each other
+share an attention block, equal groups are folded into the batch; the
+layout itself is :mod:`..layers.attention_layout`'s), splits the outputs
+(:func:`split_query_sets`) and lets every branch compute its own loss.  At
+inference only the main queries exist, so no branch adds inference cost.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from mmdet.models.layers.transformer.utils import inverse_sigmoid
-from mmdet.models.losses import QualityFocalLoss
-from mmdet.models.utils import multi_apply
-from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
-from mmdet.utils import reduce_mean
 from torch import Tensor
+
+from ..layers.attention_layout import AttentionBlock
 
 MAIN = 'main'
 
 
 @dataclass
-class BranchQueries:
-    """The decoder queries of one branch.
+class QuerySet:
+    """The decoder queries of one branch (or the main ones).
 
     Attributes:
         name (str): branch name; also the prefix of its loss keys.
@@ -116,25 +91,7 @@ class BranchQueries:
         return mask
 
 
-@dataclass(frozen=True)
-class AttentionBlock:
-    """Queries ``[start, start + num_groups * group_size)`` of the decoder
-    input, split into ``num_groups`` groups that attend only inside
-    themselves, under ``mask`` ((group_size, group_size), True = blocked,
-    or None) and ``padding`` ((bs, num_groups * group_size), True = no query
-    attends to that one, or None)."""
-    start: int
-    num_groups: int
-    group_size: int
-    mask: Optional[Tensor] = None
-    padding: Optional[Tensor] = None
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_groups * self.group_size
-
-
-def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
+def concat_query_sets(query_sets: List[QuerySet], dense_mask: bool = False):
     """Concatenate branch queries and lay out the decoder self-attention.
 
     The main branch comes first, then the branches that see it, then the
@@ -145,7 +102,7 @@ def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
     ``(sum of all sizes)**2`` of a single masked attention).
 
     Args:
-        parts (list[BranchQueries]): main first, in the order above.
+        query_sets (list[QuerySet]): main first, in the order above.
         dense_mask (bool): lay out everything as one masked attention over
             all queries instead (what the reference implementations do; for
             checks and benchmarks).
@@ -154,129 +111,85 @@ def concat_branches(parts: List[BranchQueries], dense_mask: bool = False):
         tuple: query (bs, N, dim), reference (bs, N, 4) and the layout: None
         (one block without a mask: plain self-attention) or a list of
         :class:`AttentionBlock` covering ``[0, N)`` in order (one block with
-        a (N, N) mask for ``dense_mask``).  N is the sum of the parts'
+        a (N, N) mask for ``dense_mask``).  N is the sum of the sets'
         sizes.
     """
-    _check_order(parts)
-    query = torch.cat([p.query for p in parts], dim=1)
-    reference = torch.cat([p.reference for p in parts], dim=1)
+    _check_order(query_sets)
+    query = torch.cat([p.query for p in query_sets], dim=1)
+    reference = torch.cat([p.reference for p in query_sets], dim=1)
     if dense_mask:
         padding = None
-        if any(p.padding is not None for p in parts):
+        if any(p.padding is not None for p in query_sets):
             padding = torch.cat([
                 p.query.new_zeros(p.query.shape[:2], dtype=torch.bool)
-                if p.padding is None else _padding(p) for p in parts], dim=1)
-        return query, reference, [AttentionBlock(0, 1, query.shape[1],
-                                                 _dense_mask(parts), padding)]
-    seeing = [p for p in parts if p.name == MAIN or p.sees_main]
-    if len(seeing) == 1 and parts[0].num_groups == 1:
-        main_block = AttentionBlock(0, 1, parts[0].num_queries,
-                                    parts[0].attn_mask)
+                if p.padding is None else _padding(p)
+                for p in query_sets], dim=1)
+        return query, reference, [AttentionBlock(
+            0, 1, query.shape[1], _dense_mask(query_sets), padding)]
+    seeing = [p for p in query_sets if p.name == MAIN or p.sees_main]
+    if len(seeing) == 1 and query_sets[0].num_groups == 1:
+        main_block = AttentionBlock(0, 1, query_sets[0].num_queries,
+                                    query_sets[0].attn_mask)
     else:
         size = sum(p.num_queries for p in seeing)
         main_block = AttentionBlock(0, 1, size, _dense_mask(seeing))
     blocks, start = [main_block], main_block.end
-    for part in parts[len(seeing):]:
-        if part.num_queries:
-            blocks.append(AttentionBlock(start, part.num_groups,
-                                         part.group_size, part.attn_mask,
-                                         _padding(part)))
-        start += part.num_queries
+    for qset in query_sets[len(seeing):]:
+        if qset.num_queries:
+            blocks.append(AttentionBlock(start, qset.num_groups,
+                                         qset.group_size, qset.attn_mask,
+                                         _padding(qset)))
+        start += qset.num_queries
     if len(blocks) == 1 and main_block.mask is None:
         return query, reference, None
     return query, reference, blocks
 
 
-def _check_order(parts: List[BranchQueries]):
-    assert parts and parts[0].name == MAIN, 'the main branch comes first'
-    names = [p.name for p in parts]
+def _check_order(query_sets: List[QuerySet]):
+    assert query_sets and query_sets[0].name == MAIN, \
+        'the main queries come first'
+    names = [p.name for p in query_sets]
     if len(set(names)) != len(names):
         raise ValueError(f'query branch names must be unique, got {names}')
-    seeing = [p.sees_main for p in parts[1:]]
+    seeing = [p.sees_main for p in query_sets[1:]]
     if seeing != sorted(seeing, reverse=True):
         raise ValueError('branches that see the main queries must come '
                          f'before the others, got {names}')
 
 
-def _padding(part: BranchQueries) -> Optional[Tensor]:
-    """The part's (bs, n) key padding (None when it has none).
+def _padding(qset: QuerySet) -> Optional[Tensor]:
+    """The set's (bs, n) key padding (None when it has none).
 
     The first query of each group stays visible even when it is padding
     (an image without any real query there), so that no attention row is
     empty (softmax over nothing gives NaN); only padding queries see it.
     """
-    if part.padding is None:
+    if qset.padding is None:
         return None
-    bs = part.padding.shape[0]
-    padding = part.padding.reshape(bs, part.num_groups, -1).clone()
+    bs = qset.padding.shape[0]
+    padding = qset.padding.reshape(bs, qset.num_groups, -1).clone()
     padding[:, :, 0] = False
     return padding.reshape(bs, -1)
 
 
-def _dense_mask(parts: List[BranchQueries]) -> Tensor:
-    """One (N, N) mask, True = blocked, for all parts (main first)."""
-    total = sum(p.num_queries for p in parts)
+def _dense_mask(query_sets: List[QuerySet]) -> Tensor:
+    """One (N, N) mask, True = blocked, for all query_sets (main first)."""
+    total = sum(p.num_queries for p in query_sets)
     mask = torch.ones(total, total, dtype=torch.bool,
-                      device=parts[0].query.device)
-    start, num_main = 0, parts[0].num_queries
-    for part in parts:
-        end = start + part.num_queries
-        mask[start:end, start:end] = part.inner_mask()
-        if part.sees_main and part.name != MAIN:
+                      device=query_sets[0].query.device)
+    start, num_main = 0, query_sets[0].num_queries
+    for qset in query_sets:
+        end = start + qset.num_queries
+        mask[start:end, start:end] = qset.inner_mask()
+        if qset.sees_main and qset.name != MAIN:
             mask[start:end, :num_main] = False
         start = end
     return mask
 
 
-def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
-                         layout, **kwargs) -> Tensor:
-    """Decoder self-attention under a layout from :func:`concat_branches`.
-
-    Args:
-        self_attn (MultiheadAttention): mmcv's (batch first, residual
-            included).
-        query, query_pos (Tensor): (bs, N, dim).
-        layout: None, a (N, N) bool mask or a list of
-            :class:`AttentionBlock`.
-
-    Returns:
-        Tensor: (bs, N, dim).
-    """
-    if layout is None or isinstance(layout, Tensor):
-        return self_attn(query=query, key=query, value=query,
-                         query_pos=query_pos, key_pos=query_pos,
-                         attn_mask=layout, **kwargs)
-    outputs = []
-    for block in layout:
-        q = _fold(query[:, block.start:block.end], block.num_groups)
-        pos = _fold(query_pos[:, block.start:block.end], block.num_groups)
-        padding = None
-        if block.padding is not None:
-            padding = block.padding.reshape(q.shape[:2])
-        out = self_attn(query=q, key=q, value=q, query_pos=pos, key_pos=pos,
-                        attn_mask=_per_head(block.mask, self_attn.num_heads),
-                        key_padding_mask=padding, **kwargs)
-        outputs.append(out.reshape(query.shape[0], -1, query.shape[-1]))
-    return torch.cat(outputs, dim=1)
-
-
-def _per_head(mask: Optional[Tensor], num_heads: int) -> Optional[Tensor]:
-    """A per-image (bs, L, S) mask as torch's attention wants it:
-    (bs * num_heads, L, S), image-major."""
-    if mask is None or mask.dim() == 2:
-        return mask
-    return mask.repeat_interleave(num_heads, dim=0)
-
-
-def _fold(x: Tensor, num_groups: int) -> Tensor:
-    """(bs, G * S, dim) -> (bs * G, S, dim), group g of image b at b*G+g."""
-    bs, n, dim = x.shape
-    return x.reshape(bs * num_groups, n // num_groups, dim)
-
-
-def split_branches(tensor: Tensor, parts: List[BranchQueries], dim: int):
-    """Split ``tensor`` along its query dimension ``dim`` back into parts."""
-    return torch.split(tensor, [p.num_queries for p in parts], dim=dim)
+def split_query_sets(tensor: Tensor, query_sets: List[QuerySet], dim: int):
+    """Split ``tensor`` along its query dimension ``dim`` per query set."""
+    return torch.split(tensor, [p.num_queries for p in query_sets], dim=dim)
 
 
 class SegmentedLayers:
@@ -307,16 +220,18 @@ class SegmentedLayers:
         return apply
 
 
-def branch_layers(parts: List[BranchQueries], default, index: int):
-    """The per-layer predictors of every part: ``part.predictors[index]``
-    (0: classes, 1: box refinement) or ``default`` (the head's)."""
+def query_set_layers(query_sets: List[QuerySet], default, which: str):
+    """The per-layer predictors of every query set, ``which`` being
+    ``'cls'`` (classes) or ``'reg'`` (box refinement): the set's own
+    (``predictors``) or ``default`` (the head's)."""
+    index = ('cls', 'reg').index(which)
     return SegmentedLayers([
-        (p.num_queries, default if p.predictors is None else
-         p.predictors[index]) for p in parts])
+        (q.num_queries, default if q.predictors is None else
+         q.predictors[index]) for q in query_sets])
 
 
-def branch_predictions(head, hidden_states: Tensor, references,
-                       parts: List[BranchQueries]):
+def set_predictions(head, hidden_states: Tensor, references,
+                    query_sets: List[QuerySet]):
     """Class logits and boxes of all queries, each branch by its predictors.
 
     Args:
@@ -324,17 +239,17 @@ def branch_predictions(head, hidden_states: Tensor, references,
             predict for the branches without their own.
         hidden_states (Tensor): (num_layers, bs, N, dim).
         references (list[Tensor]): num_layers (+ 1) of (bs, N, 4) in [0, 1].
-        parts (list[BranchQueries]): the branches, in decoder order.
+        query_sets (list[QuerySet]): the branches, in decoder order.
 
     Returns:
         tuple[Tensor, Tensor]: (num_layers, bs, N, num_classes) logits and
         (num_layers, bs, N, 4) boxes (normalised cx, cy, w, h), as the
         head's ``forward``.
     """
-    if all(p.predictors is None for p in parts):
+    if all(p.predictors is None for p in query_sets):
         return head(hidden_states, references)
-    cls_layers = branch_layers(parts, head.cls_branches, 0)
-    reg_layers = branch_layers(parts, head.reg_branches, 1)
+    cls_layers = query_set_layers(query_sets, head.cls_branches, 'cls')
+    reg_layers = query_set_layers(query_sets, head.reg_branches, 'reg')
     eps = getattr(head, 'reference_eps', 1e-5)  # DINOHeadPlus's
     scores, boxes = [], []
     for layer_id, state in enumerate(hidden_states):
@@ -343,115 +258,6 @@ def branch_predictions(head, hidden_states: Tensor, references,
         boxes.append((delta + inverse_sigmoid(references[layer_id],
                                               eps=eps)).sigmoid())
     return torch.stack(scores), torch.stack(boxes)
-
-
-def layer_loss_dict(prefix: str, losses_per_layer: dict) -> dict:
-    """Name per-decoder-layer losses as mmdet does.
-
-    ``{'loss_cls': [l0, l1, l2]}`` with prefix ``'dn_'`` becomes
-    ``{'dn_loss_cls': l2, 'd0.dn_loss_cls': l0, 'd1.dn_loss_cls': l1}``.
-    """
-    named = {}
-    for key, per_layer in losses_per_layer.items():
-        named[f'{prefix}{key}'] = per_layer[-1]
-        for layer_id, value in enumerate(per_layer[:-1]):
-            named[f'd{layer_id}.{prefix}{key}'] = value
-    return named
-
-
-def matched_set_loss(head, prefix: str, cls_scores: Tensor,
-                     bbox_preds: Tensor, batch_gt_instances, batch_img_metas,
-                     loss_weight: float = 1.0) -> dict:
-    """The head's matched (DETR) loss of every decoder layer, named.
-
-    Each layer goes through ``head.loss_by_feat_single``: the head's
-    assigner matches queries to ``batch_gt_instances``, losses are
-    normalised by the number of positives.
-
-    Args:
-        head (DETRHead): the detector's head.
-        prefix (str): loss-key prefix, e.g. ``'group_'``.
-        cls_scores (Tensor): (num_layers, bs, n, num_classes).
-        bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
-        batch_gt_instances (list[InstanceData]): targets per image.
-        batch_img_metas (list[dict]): per image.
-        loss_weight (float): multiplies every loss.
-    """
-    losses_cls, losses_bbox, losses_iou = multi_apply(
-        head.loss_by_feat_single, cls_scores, bbox_preds,
-        batch_gt_instances=batch_gt_instances,
-        batch_img_metas=batch_img_metas)
-    per_layer = dict(loss_cls=losses_cls, loss_bbox=losses_bbox,
-                     loss_iou=losses_iou)
-    if loss_weight != 1.0:
-        per_layer = {key: [loss * loss_weight for loss in losses]
-                     for key, losses in per_layer.items()}
-    return layer_loss_dict(prefix, per_layer)
-
-
-def fixed_target_loss(head, prefix: str, cls_scores: Tensor,
-                      bbox_preds: Tensor, labels: Tensor, bbox_targets: Tensor,
-                      weights: Tensor, batch_img_metas,
-                      loss_weight: float = 1.0,
-                      bbox_weights: Optional[Tensor] = None) -> dict:
-    """The head's DETR losses of every decoder layer for queries whose
-    targets are fixed in advance (no matching), named.
-
-    Args:
-        head (DETRHead): gives ``loss_cls``, ``loss_bbox``, ``loss_iou``
-            and ``sync_cls_avg_factor``.
-        prefix (str): loss-key prefix.
-        cls_scores (Tensor): (num_layers, bs, n, num_classes).
-        bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
-        labels (Tensor): (bs, n) class of each query's target
-            (``num_classes``: background).
-        bbox_targets (Tensor): (bs, n, 4) normalised cxcywh.
-        weights (Tensor): (bs, n) classification weight, 0 for padding.
-        batch_img_metas (list[dict]): per image, with ``img_shape``.
-        loss_weight (float): multiplies every loss.
-        bbox_weights (Tensor, optional): (bs, n), 1 for the positives that
-            have a box loss; default ``weights`` (every query a positive).
-
-    As ``DETRHead.loss_by_feat_single``: every loss is normalised by the
-    number of positives (box losses: averaged over ranks; classification:
-    too with ``head.sync_cls_avg_factor``); with ``QualityFocalLoss`` the
-    classification target of a positive is its predicted box's IoU.
-    """
-    num_classes = cls_scores.shape[-1]
-    if bbox_weights is None:
-        bbox_weights = weights
-    labels = torch.where(weights > 0, labels,
-                         labels.new_full((), num_classes))
-    num_pos = bbox_weights.sum()
-    cls_avg = reduce_mean(num_pos) if head.sync_cls_avg_factor else num_pos
-    cls_avg = max(cls_avg.item(), 1.0)
-    box_avg = torch.clamp(reduce_mean(num_pos), min=1).item()
-    factors = torch.stack([
-        bbox_preds.new_tensor([w, h, w, h])
-        for h, w in (meta['img_shape'][:2] for meta in batch_img_metas)
-    ])[:, None]  # (bs, 1, 4)
-    target_xyxy = (bbox_cxcywh_to_xyxy(bbox_targets) * factors).reshape(-1, 4)
-    flat_weights = weights.reshape(-1)
-    flat_box_weights = bbox_weights.reshape(-1)
-    per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
-    for layer_cls, layer_bbox in zip(cls_scores, bbox_preds):
-        pred_xyxy = (bbox_cxcywh_to_xyxy(layer_bbox) * factors).reshape(-1, 4)
-        cls_target = labels.reshape(-1)
-        if isinstance(head.loss_cls, QualityFocalLoss):  # as mmdet's heads
-            quality = bbox_overlaps(pred_xyxy.detach(), target_xyxy,
-                                    is_aligned=True) * flat_box_weights
-            cls_target = (cls_target, quality)
-        per_layer['loss_cls'].append(head.loss_cls(
-            layer_cls.reshape(-1, num_classes), cls_target, flat_weights,
-            avg_factor=cls_avg) * loss_weight)
-        per_layer['loss_iou'].append(head.loss_iou(
-            pred_xyxy, target_xyxy, flat_box_weights, avg_factor=box_avg)
-            * loss_weight)
-        per_layer['loss_bbox'].append(head.loss_bbox(
-            layer_bbox.reshape(-1, 4), bbox_targets.reshape(-1, 4),
-            flat_box_weights[:, None].expand(-1, 4), avg_factor=box_avg)
-            * loss_weight)
-    return layer_loss_dict(prefix, per_layer)
 
 
 def top_proposals(enc_score, enc_class, enc_coord_unact, k, start=0):

@@ -33,7 +33,7 @@ import re
 
 from mmengine.logging import print_log
 
-from .aux_heads import CoRCNNHead
+from ..aux_heads import CoRCNNHead
 
 QUERY_HEAD = 'query_head.'
 RCNN = 'rcnn'

@@ -17,16 +17,14 @@ Same parameters and state-dict keys as mmdet's ``DDQDETR`` (with
 :class:`~..heads.DDQHeadPlus`), but no ``cache_dict``: the selection is a
 per-forward object and its masks are returned by :meth:`forward_decoder`.
 """
-import torch
 from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.models.detectors import DeformableDETR
 from mmdet.models.utils import align_tensor
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
-from mmdet.utils import reduce_mean
 from torch import nn
 
-from ..branches import MAIN, BranchQueries, DenseQueryBranch, layer_loss_dict
+from ..branches import MAIN, DenseQueryBranch, QuerySet
 from ..layers.distinct_queries import (DistinctQuerySelection,
                                        check_suppressed_mode,
                                        distinct_indices)
@@ -81,25 +79,25 @@ class DDQDETRPlus(DINOPlus):
         nn.init.normal_(self.level_embed)
         self.init_branch_contents()
 
-    def query_inputs(self, memory, memory_mask, spatial_shapes):
+    def query_context(self, memory, memory_mask, spatial_shapes):
         """DINO's, plus ``token_content`` (bs, num_keys, dim): the content
         query every encoder token would give."""
-        inputs = super().query_inputs(memory, memory_mask, spatial_shapes)
-        inputs['token_content'] = self.query_map(memory.detach())
-        return inputs
+        context = super().query_context(memory, memory_mask, spatial_shapes)
+        context.token_content = self.query_map(memory.detach())
+        return context
 
-    def main_queries(self, enc_class, enc_coord_unact, token_content,
-                     **query_inputs):
+    def main_queries(self, context):
         """The top N of the encoder proposals that survive NMS.
 
         Images with fewer survivors are padded with zero queries, as mmdet
         does.
 
         Returns:
-            tuple: the main :class:`BranchQueries` (reference detached),
+            tuple: the main :class:`QuerySet` (reference detached),
             their class logits (bs, N, C) and boxes (bs, N, 4) in [0, 1]
             (undetached, for the encoder loss).
         """
+        enc_class, enc_coord_unact = context.enc_class, context.enc_coord_unact
         boxes = bbox_cxcywh_to_xyxy(enc_coord_unact.sigmoid())
         scores = enc_class.max(-1)[0].sigmoid()
         kept = [keep[:self.num_queries] for keep in
@@ -110,10 +108,11 @@ class DDQDETRPlus(DINOPlus):
                                 self.num_queries)
 
         coords_unact = take(enc_coord_unact)
-        main = BranchQueries(MAIN, take(token_content), coords_unact.detach())
+        main = QuerySet(MAIN, take(context.token_content),
+                        coords_unact.detach())
         return main, take(enc_class), coords_unact.sigmoid()
 
-    def forward_decoder(self, branch_queries=None, **decoder_inputs):
+    def forward_decoder(self, query_sets=None, **decoder_inputs):
         """DINO's decoder with distinct query selection between layers.
 
         Returns:
@@ -122,27 +121,18 @@ class DDQDETRPlus(DINOPlus):
             decoder layers 1, 2, ...
         """
         selection = DistinctQuerySelection(
-            self.bbox_head.cls_branches, branch_queries[0].num_queries,
+            self.bbox_head.cls_branches, query_sets[0].num_queries,
             self.dqs_cfg, self.suppressed_queries)
-        outputs = super().forward_decoder(branch_queries=branch_queries,
+        outputs = super().forward_decoder(query_sets=query_sets,
                                           between_layers=selection,
                                           **decoder_inputs)
         outputs['query_keep'] = selection.keeps
         return outputs
 
-    def main_decoder_loss(self, cls_scores, bbox_preds, batch_gt_instances,
-                          batch_img_metas, query_keep=()):
-        """One-to-one loss of each layer over the queries distinct at its
-        input (all of them for the first layer)."""
-        keeps = [None] + list(query_keep)
-        per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
-        for layer_cls, layer_bbox, keep in zip(cls_scores, bbox_preds, keeps):
-            losses = kept_query_loss(self.bbox_head, layer_cls, layer_bbox,
-                                     keep, batch_gt_instances,
-                                     batch_img_metas)
-            for key, loss in zip(per_layer, losses):
-                per_layer[key].append(loss)
-        return layer_loss_dict('', per_layer)
+    def main_keep(self, decoder_outputs):
+        """Layer 0 is trained on every main query, layer l on those
+        distinct at its input (``query_keep`` of :meth:`forward_decoder`)."""
+        return [None] + list(decoder_outputs.get('query_keep', ()))
 
 
 def _drop_mmdet_decoder_alias(module, state_dict, prefix, *args):
@@ -152,49 +142,3 @@ def _drop_mmdet_decoder_alias(module, state_dict, prefix, *args):
     alias = f'{prefix}decoder.aux_reg_branches.'
     for key in [k for k in state_dict if k.startswith(alias)]:
         del state_dict[key]
-
-
-def kept_query_loss(head, cls_scores, bbox_preds, keep, batch_gt_instances,
-                    batch_img_metas):
-    """The head's one-to-one loss of one decoder layer over each image's
-    kept queries (mmdet's ``DETRHead.loss_by_feat_single`` on a ragged
-    batch).
-
-    Args:
-        head (DINOHead): assigner and losses.
-        cls_scores (Tensor): (bs, n, num_classes) logits.
-        bbox_preds (Tensor): (bs, n, 4), normalised cxcywh.
-        keep (Tensor | None): (bs, n) bool; None: all queries.
-        batch_gt_instances (list[InstanceData]), batch_img_metas (list[dict]).
-
-    Returns:
-        tuple[Tensor]: classification, L1 and IoU losses.
-    """
-    if keep is None:
-        return head.loss_by_feat_single(cls_scores, bbox_preds,
-                                        batch_gt_instances, batch_img_metas)
-    cls_list = [scores[k] for scores, k in zip(cls_scores, keep)]
-    bbox_list = [boxes[k] for boxes, k in zip(bbox_preds, keep)]
-    (labels, label_weights, bbox_targets, bbox_weights, num_pos,
-     num_neg) = head.get_targets(cls_list, bbox_list, batch_gt_instances,
-                                 batch_img_metas)
-    cls_avg_factor = num_pos * 1.0 + num_neg * head.bg_cls_weight
-    if head.sync_cls_avg_factor:
-        cls_avg_factor = reduce_mean(cls_scores.new_tensor([cls_avg_factor]))
-    loss_cls = head.loss_cls(
-        torch.cat(cls_list), torch.cat(labels), torch.cat(label_weights),
-        avg_factor=max(cls_avg_factor, 1))
-    num_pos = reduce_mean(cls_scores.new_tensor([num_pos])).clamp(min=1)
-    factors = torch.cat([
-        boxes.new_tensor([w, h, w, h]).expand(len(boxes), 4)
-        for boxes, (h, w) in zip(
-            bbox_list, (meta['img_shape'][:2] for meta in batch_img_metas))])
-    boxes, targets = torch.cat(bbox_list), torch.cat(bbox_targets)
-    bbox_weights = torch.cat(bbox_weights)
-    loss_iou = head.loss_iou(
-        bbox_cxcywh_to_xyxy(boxes) * factors,
-        bbox_cxcywh_to_xyxy(targets) * factors, bbox_weights,
-        avg_factor=num_pos.item())
-    loss_bbox = head.loss_bbox(boxes, targets, bbox_weights,
-                               avg_factor=num_pos.item())
-    return loss_cls, loss_bbox, loss_iou

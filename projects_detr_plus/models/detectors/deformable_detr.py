@@ -25,7 +25,7 @@ from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 from torch import nn
 
-from ..branches import branch_layers, learnable_content, top_proposals
+from ..branches import learnable_content, query_set_layers, top_proposals
 from ..layers.transformer import DeformableDecoderPlus, DeformableEncoderPlus
 from .query_detector import QueryBranchDetector
 
@@ -163,7 +163,7 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
 
     def forward_decoder(self, query, query_pos, memory, memory_mask,
                         reference_points, spatial_shapes, level_start_index,
-                        valid_ratios, dn_mask=None, branch_queries=None):
+                        valid_ratios, attn_layout=None, query_sets=None):
         """mmdet's, with the branches' attention layout and refinement.
 
         Returns:
@@ -173,11 +173,12 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         reg_branches = None
         if self.with_box_refine:
             reg_branches = self.bbox_head.reg_branches
-            if branch_queries is not None:
-                reg_branches = branch_layers(branch_queries, reg_branches, 1)
+            if query_sets is not None:
+                reg_branches = query_set_layers(query_sets, reg_branches,
+                                                'reg')
         hidden_states, references = self.decoder(
             query=query, query_pos=query_pos, value=memory,
-            key_padding_mask=memory_mask, self_attn_mask=dn_mask,
+            key_padding_mask=memory_mask, self_attn_mask=attn_layout,
             reference_points=reference_points,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index, valid_ratios=valid_ratios,

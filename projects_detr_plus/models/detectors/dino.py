@@ -72,10 +72,7 @@ class DINOPlus(QueryBranchDetector, DINO):
 
     def _branch_args(self, cfg):
         cfg = super()._branch_args(cfg)
-        branch_type = cfg.get('type')
-        if isinstance(branch_type, str):
-            branch_type = MODELS.get(branch_type)
-        if getattr(branch_type, 'takes_dn_cfg', False):
+        if 'type' in cfg and self.branch_class(cfg).takes_dn_cfg:
             cfg.setdefault('dn_cfg', self.dn_cfg)
         return cfg
 

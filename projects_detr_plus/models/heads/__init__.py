@@ -1,5 +1,5 @@
 """Detection heads of DETR+ (DINO's head, extended where a method needs it)."""
-from .ddq_head import DDQHeadPlus
+from .ddq_detr_head import DDQHeadPlus
 from .dino_head import DINOHeadPlus
 from .ddq_fcn_head import DDQFCNHead
 from .ddq_fcn_rpn_head import DDQFCNRPNHead

@@ -14,7 +14,7 @@ import torch
 from mmcv.ops import batched_nms
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 
-from ..branches.base import AttentionBlock
+from .attention_layout import AttentionBlock
 
 SUPPRESSED_MODES = ('isolated', 'mmdet')
 
@@ -100,7 +100,7 @@ class DistinctQuerySelection:
             query (Tensor): the layer's output, (bs, N, dim).
             reference_points (Tensor): refined boxes (bs, N, 4), cxcywh in
                 [0, 1].
-            layout: the layer's self-attention layout (``concat_branches``).
+            layout: the layer's self-attention layout (``concat_query_sets``).
         """
         n = self.num_main
         scores = self.cls_branches[layer_id](query[:, :n]).sigmoid()

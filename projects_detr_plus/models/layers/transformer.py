@@ -25,7 +25,7 @@ from mmdet.models.layers.transformer.utils import (MLP,
 from mmdet.registry import MODELS
 from torch import nn
 
-from ..branches.base import block_self_attention
+from .attention_layout import block_self_attention
 
 DEFAULT_ATTENTION = 'MultiScaleDeformableAttentionPlus'
 
@@ -82,8 +82,8 @@ class DeformableDecoderLayerPlus(CheckpointedLayer,
                 key_pos=None, self_attn_mask=None, cross_attn_mask=None,
                 key_padding_mask=None, **kwargs):
         """As mmdet's layer; ``self_attn_mask`` may also be a list of
-        :class:`~..branches.base.AttentionBlock` (query branches laid out
-        by ``concat_branches``)."""
+        :class:`~.attention_layout.AttentionBlock` (query branches laid out
+        by ``concat_query_sets``)."""
         query = block_self_attention(self.self_attn, query, query_pos,
                                      self_attn_mask, **kwargs)
         query = self.norms[0](query)
@@ -239,7 +239,7 @@ class DinoDecoderPlus(DinoTransformerDecoder):
             key_padding_mask (Tensor): (bs, num_keys), True at padding.
             self_attn_mask (Tensor | list | None): (num_queries,
                 num_queries) bool, True where attention is blocked, or the
-                attention blocks of the query branches (``concat_branches``).
+                attention blocks of the query branches (``concat_query_sets``).
             reference_points (Tensor): (bs, num_queries, 4) boxes as
                 sigmoid-space (cx, cy, w, h).
             spatial_shapes, level_start_index, valid_ratios: as mmdet.

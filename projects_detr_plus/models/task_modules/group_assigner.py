@@ -7,10 +7,9 @@ solves one Hungarian problem per (N, G) group block.  Every group matches
 ``min(N, G)`` queries, so a loss normalised by the number of positives is
 normalised by ``K`` times the number of ground truths.
 
-The number of groups travels in the image meta (``img_meta[GROUPS_KEY]``):
-that is how mmdet's ``DETRHead`` losses, which call ``assigner.assign(pred,
-gt, img_meta)`` per image, reach it unchanged.  Without the key it is the
-plain one-to-one assigner.
+The number of groups is an argument of :meth:`assign` (the set-loss core
+passes a branch's ``num_groups`` through); with one group it is the plain
+one-to-one assigner.
 """
 from typing import Optional
 
@@ -20,13 +19,6 @@ from mmdet.registry import TASK_UTILS
 from mmengine.structures import InstanceData
 
 from .one_to_one_assigner import OneToOneAssigner
-
-GROUPS_KEY = 'num_query_groups'
-
-
-def with_query_groups(img_metas, num_groups: int):
-    """Copies of ``img_metas`` telling the assigner about ``num_groups``."""
-    return [dict(meta, **{GROUPS_KEY: num_groups}) for meta in img_metas]
 
 
 @TASK_UTILS.register_module()
@@ -41,6 +33,7 @@ class GroupOneToOneAssigner(OneToOneAssigner):
                pred_instances: InstanceData,
                gt_instances: InstanceData,
                img_meta: Optional[dict] = None,
+               num_groups: int = 1,
                **kwargs) -> AssignResult:
         """Assign ``K`` groups of queries of one image.
 
@@ -48,14 +41,13 @@ class GroupOneToOneAssigner(OneToOneAssigner):
             pred_instances (InstanceData): ``scores`` (K * N, C) and
                 ``bboxes`` (K * N, 4); group k is rows ``[k*N, (k+1)*N)``.
             gt_instances (InstanceData): ``labels`` (G, ), ``bboxes`` (G, 4).
-            img_meta (dict, optional): ``img_shape`` and ``GROUPS_KEY`` (K,
-                default 1).
+            img_meta (dict, optional): with ``img_shape``.
+            num_groups (int): K.
 
         Returns:
             AssignResult: ``gt_inds`` and ``labels`` of all K * N queries;
             within each group every gt is matched at most once.
         """
-        num_groups = (img_meta or {}).get(GROUPS_KEY, 1)
         num_preds = len(pred_instances)
         if num_groups < 1 or num_preds % num_groups:
             raise ValueError(

@@ -112,6 +112,24 @@ def test_branch_loss_equals_the_core_on_main_predictions():
         torch.testing.assert_close(losses[key], value, rtol=1e-6, atol=0)
 
 
+def test_main_supervision_is_scaled_with_the_main_queries_if_it_belongs():
+    """Group DETR scales the main queries' losses by 1 / K; a branch's
+    ``supervise_main`` terms follow only with ``belongs_to_main``."""
+    group = dict(type='GroupQueryBranch', num_groups=3, shared_anchors=True,
+                 dn_cfg=None)
+    torch.manual_seed(0)
+    model = build(dino_cfg(dims=128, dn=False, branches=(group, O2M),
+                           assigner='GroupOneToOneAssigner'))
+    model.train()
+    inputs, samples = make_batch()
+    apart = losses_with_seed(model, inputs, samples)
+    model.extra_branches[-1].belongs_to_main = True
+    scaled = losses_with_seed(model, inputs, samples)
+    for key in apart:
+        factor = 1 / 3 if 'o2m' in key else 1.0
+        torch.testing.assert_close(scaled[key], apart[key] * factor)
+
+
 def test_a_module_that_is_not_a_branch_is_refused():
     cfg = dino_cfg(dims=128)
     cfg['branches'] = [dict(type='Linear', in_features=2, out_features=2)]

@@ -128,8 +128,9 @@ class QueryBranch(BaseModule):
             keys and the name of its :class:`QuerySet`.
         uses_encoder_pyramid (bool): the detector fills
             ``QueryContext.encoder_pyramid`` (Co-DETR's auxiliary heads).
-        belongs_to_main (bool): the branch's losses are scaled with the main
-            queries' by ``main_loss_weight`` (DINO's denoising).
+        belongs_to_main (bool): the branch's losses (of its queries and of
+            :meth:`supervise_main`) are scaled with the main queries' by
+            ``main_loss_weight`` (DINO's denoising).
         main_loss_weight (float): multiplies the losses of the main queries
             (decoder, encoder) and of the branches that belong to them
             (Group DETR: 1 / K).

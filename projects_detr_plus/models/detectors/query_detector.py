@@ -272,8 +272,9 @@ class QueryBranchDetector(PredictionFilter):
                 (see :meth:`main_keep`).
 
         A branch's ``main_loss_weight`` (Group DETR: 1 / K) scales the
-        losses of the main queries (decoder, encoder) and of the branches
-        that belong to them (``belongs_to_main``: DINO's denoising).
+        losses of the main queries (decoder, encoder) and those of the
+        branches that belong to them (``belongs_to_main``: DINO's
+        denoising), ``supervise_main``'s terms included.
         """
         per_set = self._split_predictions(hidden_states, references,
                                           query_sets)
@@ -293,8 +294,9 @@ class QueryBranchDetector(PredictionFilter):
             target.update(losses)
         weight = 1.0
         for branch in self.training_branches:
-            other_losses.update(branch.supervise_main(self, per_set[0],
-                                                      batch_data_samples))
+            target = main_losses if branch.belongs_to_main else other_losses
+            target.update(branch.supervise_main(self, per_set[0],
+                                                batch_data_samples))
             weight *= branch.main_loss_weight
         if weight != 1.0:
             main_losses = {k: v * weight for k, v in main_losses.items()}

@@ -2,8 +2,9 @@
 
 Losses, per-parameter gradient norms and predictions on fixed weights and
 inputs (see ``tests/golden_values.py``, which also records them), compared
-at 1e-6 relative.  The shapes configs run in ``make test``; the COCO
-configs (ResNet-18, 256 px; ~10-30 s each) are ``slow``.
+at 1e-6 relative.  The shapes configs and one COCO config per family run
+in ``make test`` (about a minute on 2 cores); the other COCO configs
+(ResNet-18, 256 px; 3-85 s each) are ``slow``.
 """
 import json
 import os.path as osp
@@ -14,11 +15,26 @@ from golden_values import (compute, config_paths, differences, golden_file,
                            make_inputs)
 
 CONFIGS = config_paths()
+# COCO configs in `make test`: one per family (the cheapest that has its
+# mechanism: two-stage refine, DINO, QFL + soft-NMS, DDQ FCN / R-CNN)
+FAST_COCO = {
+    'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+    'dino/dino-4scale_r50_8xb2-12e_coco.py',
+    'co_detr/co-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py',
+    'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py',
+    'ddq_fcn/ddq-fcn_r50_1x_coco.py',
+    'ddq_rcnn/ddq-rcnn_r50_1x_coco.py',
+}
 
 
 def _params(configs):
-    return [pytest.param(c, id=c, marks=() if c.startswith('shapes/')
-                         else pytest.mark.slow) for c in configs]
+    return [pytest.param(c, id=c, marks=() if c.startswith('shapes/') or
+                         c in FAST_COCO else pytest.mark.slow)
+            for c in configs]
+
+
+def test_fast_configs_exist():
+    assert FAST_COCO <= set(CONFIGS)
 
 
 def test_every_model_config_has_golden_values():

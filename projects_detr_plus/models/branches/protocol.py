@@ -140,6 +140,9 @@ class QueryBranch(BaseModule):
             pre-hook the detector registers (once, however many branches
             name it) to read checkpoints of the method's official layout
             (Co-DETR's).
+        replaces_main_loss (bool): :meth:`supervise_main` returns the main
+            queries' decoder loss *instead of* the detector's one-to-one
+            loss (Align-DETR's one-to-k layers); one branch at most.
     """
     name: str = ''
     uses_encoder_pyramid: bool = False
@@ -147,6 +150,7 @@ class QueryBranch(BaseModule):
     main_loss_weight: float = 1.0
     takes_dn_cfg: bool = False
     checkpoint_converter = None
+    replaces_main_loss: bool = False
 
     def content_tables(self) -> List[Tensor]:
         """Content tables the detector initialises like its main content
@@ -178,5 +182,20 @@ class QueryBranch(BaseModule):
                        batch_data_samples) -> dict:
         """Loss terms this branch adds on the *main* queries (every decoder
         layer: ``predictions.cls_scores[layer]`` ...), beside their
-        one-to-one loss; none by default.  Keys start with its name."""
+        one-to-one loss; none by default.  Keys start with its name.
+        With ``replaces_main_loss``: the main queries' whole decoder loss,
+        named as the detector's (``loss_cls``, ``d0.loss_cls``, ...)."""
         return {}
+
+    def supervise_encoder(self, detector: QueryDetector, enc_cls: Tensor,
+                          enc_coord: Tensor,
+                          batch_data_samples) -> Optional[dict]:
+        """The encoder proposals' loss instead of the detector's
+        (``enc_loss_cls``, ...), or None (the default: the detector's).
+
+        Args:
+            enc_cls (Tensor): (bs, k, num_classes) logits of the proposals
+                the detector's encoder loss covers.
+            enc_coord (Tensor): (bs, k, 4) their boxes in [0, 1].
+        """
+        return None

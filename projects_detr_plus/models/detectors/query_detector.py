@@ -16,7 +16,8 @@ adds to any of them the branches of :mod:`..branches` (each a
       -> main: one-to-one loss per layer + encoder loss
          branches: loss of their own set; supervise_main on the main set
 
-Every loss goes through the set-loss core (:mod:`..losses.set_losses`).
+Every loss goes through the set-loss core (:mod:`..losses.set_losses`,
+from :class:`~.query_losses.QueryLosses`).
 Inference runs the main queries alone, filtered by
 :class:`~.prediction_filter.PredictionFilter`.  What a detector defines:
 ``select_proposals`` (required: the main references among the proposals
@@ -29,17 +30,16 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.model import ModuleList
 
-from ..branches.protocol import QueryBranch, QueryContext, SetPredictions
+from ..branches.protocol import QueryBranch, QueryContext
 from ..branches.queries import (MAIN, QuerySet, concat_query_sets,
-                                query_set_layers, set_predictions,
-                                split_query_sets)
+                                query_set_layers, split_query_sets)
 from ..compat.finetune import drop_class_dependent_mismatches
 from ..layers.pyramid import encoder_pyramid, extra_pyramid_level
-from ..losses.set_losses import matched_set_loss, matched_targets, set_loss
 from .prediction_filter import PredictionFilter
+from .query_losses import QueryLosses
 
 
-class QueryBranchDetector(PredictionFilter):
+class QueryBranchDetector(QueryLosses, PredictionFilter):
     """Mixin for a two-stage mmdet ``DeformableDETR`` subclass.
 
     Put it first in the bases.  The detector calls :meth:`build_branches`
@@ -72,6 +72,11 @@ class QueryBranchDetector(PredictionFilter):
             drop_class_dependent_mismatches)
 
     def _check_branch_names(self):
+        replacing = [b.name for b in self.training_branches
+                     if b.replaces_main_loss]
+        if len(replacing) > 1:
+            raise ValueError('one branch at most may replace the main '
+                             f'queries\' loss, got {replacing}')
         names = [b.name for b in self.training_branches]
         if len(set(names)) != len(names):
             raise ValueError(f'query branch names must be unique: {names}')
@@ -246,100 +251,6 @@ class QueryBranchDetector(PredictionFilter):
             level_start_index=level_start_index, valid_ratios=valid_ratios,
             reg_branches=reg_branches, **kwargs)
         return dict(hidden_states=hidden_states, references=list(references))
-
-    def loss(self, batch_inputs, batch_data_samples):
-        """Losses of the main branch, the encoder proposals and each branch."""
-        img_feats = self.extract_feat(batch_inputs)
-        head_inputs = self.forward_transformer(img_feats, batch_data_samples)
-        return self.branch_losses(batch_data_samples=batch_data_samples,
-                                  **head_inputs)
-
-    def branch_losses(self, hidden_states, references, enc_outputs_class,
-                      enc_outputs_coord, query_sets, batch_data_samples,
-                      **decoder_outputs):
-        """Split the predictions by query set and sum up their losses.
-
-        Args:
-            hidden_states (Tensor): (num_layers, bs, N, dim).
-            references (list[Tensor]): num_layers + 1 of (bs, N, 4).
-            enc_outputs_class (Tensor): (bs, k, num_classes), the encoder
-                predictions of the encoder loss (DINO: the top k;
-                Deformable DETR: every token, k = num_keys).
-            enc_outputs_coord (Tensor): (bs, k, 4) in [0, 1].
-            query_sets (list[QuerySet]): main first.
-            batch_data_samples (list[DetDataSample]): the batch.
-            **decoder_outputs: the rest of :meth:`forward_decoder`'s outputs
-                (see :meth:`main_keep`).
-
-        A branch's ``main_loss_weight`` (Group DETR: 1 / K) scales the
-        losses of the main queries (decoder, encoder) and those of the
-        branches that belong to them (``belongs_to_main``: DINO's
-        denoising), ``supervise_main``'s terms included.
-        """
-        per_set = self._split_predictions(hidden_states, references,
-                                          query_sets)
-        per_set[0].keep = self.main_keep(decoder_outputs)
-        gts = [s.gt_instances for s in batch_data_samples]
-        metas = [s.metainfo for s in batch_data_samples]
-        main_losses = self.main_decoder_loss(per_set[0], gts, metas)
-        main_losses.update(self.encoder_loss(
-            enc_outputs_class, enc_outputs_coord, gts, metas))
-        other_losses = {}
-        branches = {branch.name: branch for branch in self.training_branches}
-        for queries, predictions in zip(query_sets[1:], per_set[1:]):
-            branch = branches[queries.name]
-            losses = branch.loss(self, predictions, queries,
-                                 batch_data_samples)
-            target = main_losses if branch.belongs_to_main else other_losses
-            target.update(losses)
-        weight = 1.0
-        for branch in self.training_branches:
-            target = main_losses if branch.belongs_to_main else other_losses
-            target.update(branch.supervise_main(self, per_set[0],
-                                                batch_data_samples))
-            weight *= branch.main_loss_weight
-        if weight != 1.0:
-            main_losses = {k: v * weight for k, v in main_losses.items()}
-        return dict(main_losses, **other_losses)
-
-    def _split_predictions(self, hidden_states, references, query_sets):
-        """:class:`SetPredictions` of every query set, in order."""
-        cls_scores, bbox_preds = set_predictions(
-            self.bbox_head, hidden_states, references, query_sets)
-        columns = [split_query_sets(x, query_sets, dim=2)
-                   for x in (cls_scores, bbox_preds, hidden_states)]
-        refs = [split_query_sets(r, query_sets, dim=1) for r in references]
-        return [SetPredictions(cls, bbox, states, [r[i] for r in refs])
-                for i, (cls, bbox, states) in enumerate(zip(*columns))]
-
-    def main_keep(self, decoder_outputs):
-        """Per decoder layer, the main queries it is trained on ((bs, N)
-        bool or None: all); all of them by default."""
-        return None
-
-    def encoder_loss(self, enc_cls, enc_coord, batch_gt_instances,
-                     batch_img_metas):
-        """DINO's: the one-to-one loss of the top-k proposals, with classes.
-
-        Args:
-            enc_cls (Tensor): (bs, k, num_classes) logits.
-            enc_coord (Tensor): (bs, k, 4) boxes in [0, 1].
-        """
-        targets = matched_targets(self.bbox_head, list(enc_cls),
-                                  list(enc_coord), batch_gt_instances,
-                                  batch_img_metas)
-        enc_losses = set_loss(self.bbox_head, enc_cls.flatten(0, 1),
-                              enc_coord.flatten(0, 1), targets)
-        return dict(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),
-                        enc_losses))
-
-    def main_decoder_loss(self, predictions, batch_gt_instances,
-                          batch_img_metas):
-        """Hungarian loss of the main queries in every decoder layer (over
-        the queries ``predictions.keep`` says each layer is trained on)."""
-        return matched_set_loss(self.bbox_head, '', predictions.cls_scores,
-                                predictions.bbox_preds, batch_gt_instances,
-                                batch_img_metas, keeps=predictions.keep)
 
 
 __all__ = ['QueryBranchDetector']

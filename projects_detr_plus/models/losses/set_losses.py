@@ -11,7 +11,8 @@ Deformable DETR, H-DETR and Co-DETR code share):
 
 * classification: averaged over ``num_pos + bg_cls_weight * num_neg``
   (over ranks with ``head.sync_cls_avg_factor``), at least 1; with
-  ``QualityFocalLoss`` a positive's target is its predicted box's IoU;
+  ``QualityFocalLoss`` a positive's target is its predicted box's IoU, with
+  a :class:`~.soft_target.SoftTargetLoss` the loss's quality of it;
 * L1 and IoU: averaged over the positives of all ranks, at least 1.
 
 :func:`layer_loss_dict` names per-layer losses as mmdet does.
@@ -27,6 +28,8 @@ from mmdet.utils import reduce_mean
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from .soft_target import SoftTargetLoss
+
 
 @dataclass
 class SetTargets:
@@ -41,6 +44,8 @@ class SetTargets:
         num_pos (float): positives (the box normaliser, on this rank).
         cls_avg_factor (float | Tensor): the classification normaliser on
             this rank (DETR: ``num_pos + bg_cls_weight * num_neg``).
+        matched_gt (Tensor | None): (M, ) long, the index of each query's
+            ground truth in its image (-1: none), when matched.
     """
     labels: Tensor
     label_weights: Tensor
@@ -49,6 +54,7 @@ class SetTargets:
     factors: Tensor
     num_pos: float
     cls_avg_factor: float
+    matched_gt: Optional[Tensor] = None
 
 
 def image_factors(boxes_per_image, batch_img_metas) -> Tensor:
@@ -82,7 +88,7 @@ def set_loss(head, cls_scores: Tensor, bbox_preds: Tensor,
         loss_cls = cls_scores.new_zeros(1)
     else:
         loss_cls = head.loss_cls(
-            cls_scores, _cls_target(head, bbox_preds, targets),
+            cls_scores, _cls_target(head, cls_scores, bbox_preds, targets),
             targets.label_weights, avg_factor=cls_avg_factor)
     num_pos = cls_scores.new_tensor([targets.num_pos])
     num_pos = torch.clamp(reduce_mean(num_pos), min=1).item()
@@ -95,33 +101,44 @@ def set_loss(head, cls_scores: Tensor, bbox_preds: Tensor,
     return loss_cls, loss_bbox, loss_iou
 
 
-def _cls_target(head, bbox_preds, targets):
-    """Labels, or (labels, IoU of each positive's box) for quality focal
-    loss."""
+def _cls_target(head, cls_scores, bbox_preds, targets):
+    """Labels, or (labels, soft target of each positive): its box's IoU
+    for quality focal loss, the loss's own quality for a
+    :class:`~.soft_target.SoftTargetLoss` (times the positive's weight)."""
     labels = targets.labels
-    if not isinstance(head.loss_cls, QualityFocalLoss):
+    soft = isinstance(head.loss_cls, SoftTargetLoss)
+    if not soft and not isinstance(head.loss_cls, QualityFocalLoss):
         return labels
     positive = ((labels >= 0) & (labels < head.num_classes)).nonzero()
     positive = positive.squeeze(1)
     quality = targets.label_weights.new_zeros(labels.shape)
-    quality[positive] = bbox_overlaps(
+    iou = bbox_overlaps(
         bbox_cxcywh_to_xyxy(bbox_preds[positive]).detach(),
         bbox_cxcywh_to_xyxy(targets.bbox_targets[positive]), is_aligned=True)
+    if soft:
+        prob = cls_scores[positive, labels[positive]].detach().sigmoid()
+        iou = head.loss_cls.soft_target(prob, iou) * \
+            targets.bbox_weights[positive, 0]
+    quality[positive] = iou
     return labels, quality
 
 
 def collate_targets(per_image, boxes_per_image, batch_img_metas,
                     bg_cls_weight: float = 0.0) -> SetTargets:
     """:class:`SetTargets` of per-image (labels, label_weights,
-    bbox_targets, bbox_weights (n_i, 4), num_pos, num_neg)."""
+    bbox_targets, bbox_weights (n_i, 4), num_pos, num_neg[, matched_gt]).
+    """
     labels, label_weights, bbox_targets, bbox_weights, pos, neg = zip(
-        *per_image)
+        *[image[:6] for image in per_image])
     num_pos, num_neg = sum(pos), sum(neg)
+    matched = None
+    if all(len(image) > 6 for image in per_image):
+        matched = torch.cat([image[6] for image in per_image])
     return SetTargets(
         torch.cat(labels), torch.cat(label_weights), torch.cat(bbox_targets),
         torch.cat(bbox_weights),
         image_factors(boxes_per_image, batch_img_metas), num_pos,
-        num_pos * 1.0 + num_neg * bg_cls_weight)
+        num_pos * 1.0 + num_neg * bg_cls_weight, matched)
 
 
 def matched_targets(head, cls_scores: List[Tensor], bbox_preds: List[Tensor],
@@ -167,8 +184,10 @@ def _match_image(head, cls_score, bbox_pred, gt_instances, img_meta,
     bbox_weights[pos] = 1.0
     bbox_targets[pos] = bbox_xyxy_to_cxcywh(gt_bboxes[matched.long()] /
                                             factor)
+    matched_gt = labels.new_full((len(bbox_pred), ), -1)
+    matched_gt[pos] = matched.long()
     return (labels, gt_bboxes.new_ones(len(bbox_pred)), bbox_targets,
-            bbox_weights, len(pos), len(neg))
+            bbox_weights, len(pos), len(neg), matched_gt)
 
 
 def fixed_targets(labels: Tensor, bbox_targets: Tensor, weights: Tensor,

@@ -11,9 +11,10 @@ from projects_detr_plus.models.branches import (MAIN, QuerySet,
                                                 concat_query_sets)
 from projects_detr_plus.models.layers.attention_layout import \
     block_self_attention
+from projects_detr_plus.models.layers.distinct_queries import \
+    DistinctQuerySelection
 from projects_detr_plus.models.losses import matched_set_loss
-from projects_detr_plus.models.layers.distinct_queries import (
-    DistinctQuerySelection, distinct_indices)
+from projects_detr_plus.ops.nms import distinct_indices
 
 NMS = dict(type='nms', iou_threshold=0.8)
 

@@ -18,8 +18,6 @@ from conftest import REPO_ROOT
 from detr_testing import build, make_batch, parameters_without_grad
 from projects_detr_plus.models.heads import ddq_fcn_head
 from projects_detr_plus.models.heads.ddq_fcn_head import pyramid_shuffle
-from projects_detr_plus.models.task_modules.topk_hungarian_assigner import \
-    ALLOWED_MATCHES_KEY
 
 FCN_CFG = Config.fromfile(
     osp.join(REPO_ROOT, 'configs/shapes/ddq-fcn-tiny_shapes.py'))
@@ -404,7 +402,7 @@ def test_allowed_matches_random_masks(seed):
     allowed = torch.rand(len(boxes), len(gts), generator=gen) < 0.3
     topk = 4
     result = assigner(topk=topk).assign(
-        scores, boxes, gts, labels, {**META, ALLOWED_MATCHES_KEY: allowed})
+        scores, boxes, gts, labels, dict(META), allowed=allowed)
     pos, matched = _check_result(result, allowed, boxes, gts, labels)
     assert len(pos) > 0
     assert torch.bincount(matched, minlength=len(gts)).max() <= topk
@@ -412,7 +410,7 @@ def test_allowed_matches_random_masks(seed):
     everything = torch.ones_like(allowed)
     free = assigner(topk=topk).assign(scores, boxes, gts, labels, dict(META))
     same = assigner(topk=topk).assign(
-        scores, boxes, gts, labels, {**META, ALLOWED_MATCHES_KEY: everything})
+        scores, boxes, gts, labels, dict(META), allowed=everything)
     assert torch.equal(free.gt_inds, same.gt_inds)
     torch.testing.assert_close(free.assign_metrics, same.assign_metrics)
 
@@ -424,7 +422,7 @@ def test_allowed_matches_with_fewer_allowed_than_gts_times_topk():
     for i in range(5):
         allowed[i, i % 3] = True
     result = assigner(topk=4).assign(
-        scores, boxes, gts, labels, {**META, ALLOWED_MATCHES_KEY: allowed})
+        scores, boxes, gts, labels, dict(META), allowed=allowed)
     pos, matched = _check_result(result, allowed, boxes, gts, labels)
     # the forbidden cost makes the solver use every allowed pair
     assert pos.tolist() == [0, 1, 2, 3, 4]
@@ -432,7 +430,7 @@ def test_allowed_matches_with_fewer_allowed_than_gts_times_topk():
     # and a gt with no allowed prediction gets no positive at all
     allowed[:, 2] = False
     result = assigner(topk=4).assign(
-        scores, boxes, gts, labels, {**META, ALLOWED_MATCHES_KEY: allowed})
+        scores, boxes, gts, labels, dict(META), allowed=allowed)
     pos, matched = _check_result(result, allowed, boxes, gts, labels)
     assert 2 not in matched.tolist()
     assert pos.tolist() == [0, 1, 3, 4]

@@ -4,8 +4,8 @@ Every detector is exported with ``torch.onnx.export(dynamo=True)``, run in
 ONNX Runtime and compared with PyTorch's ``predict(rescale=False)``: same
 labels, scores within 1e-4, boxes within 1e-4 of the image size, matched as
 sets (:func:`match_detections`: random-init models have near-equal scores
-that rounding may swap).  The MSDeformAttn decomposition and the NMS op are
-compared with the ops they replace.
+that rounding may swap).  The MSDeformAttn decomposition is compared with
+the op it replaces (the NMS op's lowering: ``test_distinct_nms_op.py``).
 
 Needs the deploy extra (onnx, onnxruntime, onnxscript; ``make install``
 installs it).  Without it these tests skip, or fail in CI
@@ -254,59 +254,6 @@ def test_msda_bad_mode(deploy):
 
 
 # --------------------------------------------------------------------------
-# the NMS op
-# --------------------------------------------------------------------------
-def random_boxes(bs, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    xy = torch.rand(bs, n, 2, generator=gen) * 0.7
-    wh = torch.rand(bs, n, 2, generator=gen) * 0.3 + 0.05
-    scores = torch.rand(bs, n, generator=gen)
-    candidates = torch.rand(bs, n, generator=gen) > 0.2
-    return torch.cat([xy, xy + wh], -1), scores, candidates
-
-
-def test_nms_keep_is_the_models_nms(deploy):
-    from projects_detr_plus.deployment.nms import nms_keep
-    from projects_detr_plus.models.layers.distinct_queries import \
-        distinct_indices
-    boxes, scores, candidates = random_boxes(3, 60, seed=0)
-    keep = nms_keep(boxes, scores, 0.5, candidates)
-    kept = distinct_indices(boxes, scores, dict(type='nms',
-                                                iou_threshold=0.5),
-                            candidates)
-    for image, indices in enumerate(kept):
-        assert keep[image].nonzero().flatten().tolist() == \
-            sorted(indices.tolist())
-    assert (keep <= candidates).all() and keep.sum() < candidates.sum()
-    with pytest.raises(ValueError, match='candidates'):
-        nms_keep(boxes, scores, 0.5, candidates.float())
-    with pytest.raises(ValueError, match='boxes'):
-        nms_keep(boxes[..., :3], scores, 0.5)
-
-
-def test_nms_keep_onnx_matches(deploy):
-    from projects_detr_plus.deployment.nms import nms_keep
-
-    class Keep(torch.nn.Module):
-
-        def forward(self, boxes, scores, candidates):
-            return nms_keep(boxes, scores, 0.6, candidates)
-
-    args = random_boxes(2, 40, seed=1)
-    dim = torch.export.Dim
-    axes = {0: dim('bs'), 1: dim('n')}
-    program = torch.onnx.export(
-        Keep(), args, dynamo=True, dynamic_shapes=(axes, axes, axes),
-        custom_translation_table=deploy.translation_table(), verbose=False)
-    assert 'NonMaxSuppression' in {n.op_type
-                                   for n in program.model_proto.graph.node}
-    for seed, (bs, n) in enumerate([(2, 40), (3, 75), (1, 5)]):
-        other = random_boxes(bs, n, seed=seed + 10)
-        np.testing.assert_array_equal(run_onnx(program, other),
-                                      Keep()(*other).numpy())
-
-
-# --------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------
 def test_wrapper_equals_predict(deploy):
@@ -319,7 +266,10 @@ def test_wrapper_equals_predict(deploy):
         dets, labels = deploy.ExportableDetector(model)(inputs)
     for d, l, ref in zip(dets, labels, refs):
         torch.testing.assert_close(d[:, :4], ref.bboxes, rtol=0, atol=0)
-        torch.testing.assert_close(d[:, 4], ref.scores, rtol=0, atol=0)
+        # the sigmoid of the batch and of one image (predict) may differ by
+        # an ulp where their vectorised loops split differently
+        torch.testing.assert_close(d[:, 4], ref.scores, rtol=2.4e-7,
+                                   atol=0)
         assert torch.equal(l, ref.labels)
     with pytest.raises(ValueError, match='B, C, H, W'):
         deploy.ExportableDetector(model)(inputs[0])
@@ -331,10 +281,10 @@ def test_swin_window_reverse_twin(deploy):
     """The export-time twin of mmdet's ShiftWindowMSA.window_reverse gives
     its result (the batch size inferred instead of computed in floats)."""
     from mmdet.models.backbones.swin import ShiftWindowMSA
-    from projects_detr_plus.deployment.wrapper import _window_reverse
+    from projects_detr_plus.deployment.mmdet_patches import window_reverse
     module = ShiftWindowMSA(embed_dims=8, num_heads=2, window_size=3)
     windows = torch.randn(3 * 4 * 2, 3, 3, 8)  # batch 3, 12 x 6 map
-    torch.testing.assert_close(_window_reverse(module)(windows, 12, 6),
+    torch.testing.assert_close(window_reverse(module)(windows, 12, 6),
                                module.window_reverse(windows, 12, 6),
                                rtol=0, atol=0)
 
@@ -439,7 +389,7 @@ def test_roi_align_matches_mmcv(aligned):
     """The grid_sample RoIAlign against mmcv's kernel: boxes inside, across
     and outside the map, empty and sub-pixel ones, two images."""
     from mmcv.ops import RoIAlign
-    from projects_detr_plus.deployment.ddq_rcnn_wrapper import roi_align
+    from projects_detr_plus.deployment.ddq_rcnn import roi_align
     gen = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 5, 9, 13, generator=gen)
     corners = torch.rand(2, 7, 4, generator=gen) * torch.tensor(
@@ -607,7 +557,7 @@ def test_export_options_are_checked(deploy, tmp_path):
 def test_ddq_export_refuses_nms_options_it_would_drop(deploy, config):
     """The graph's NMS takes only an IoU threshold: a distinct-query config
     with any other key (or another type) is refused, not silently cut."""
-    from projects_detr_plus.deployment.nms import exportable_iou_threshold
+    from projects_detr_plus.ops.nms import exportable_iou_threshold
     assert exportable_iou_threshold(dict(type='nms', iou_threshold=0.7)) \
         == 0.7
     model = build(config)

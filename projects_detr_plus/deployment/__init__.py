@@ -14,12 +14,12 @@ onnx, onnxruntime and onnxscript are needed only when exporting or running
 (``pip install "projects_detr_plus[deploy]"``); a clear ImportError names
 the extra when they are missing.
 """
-from .ddq_fcn_wrapper import ExportableDDQFCN
-from .ddq_rcnn_wrapper import ExportableDDQRCNN
+from .ddq_fcn import ExportableDDQFCN
+from .ddq_rcnn import ExportableDDQRCNN
+from .detr import ExportableDetector
 from .export import export_onnx, exportable, translation_table
 from .requirements import require
 from .runtime import OnnxDetector
-from .wrapper import ExportableDetector
 
 __all__ = ['ExportableDetector', 'ExportableDDQFCN', 'ExportableDDQRCNN',
            'exportable', 'export_onnx', 'translation_table', 'OnnxDetector',

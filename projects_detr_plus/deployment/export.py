@@ -6,12 +6,12 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..ops.nms import nms_translation_table
 from ..ops.onnx_lowering import MSDA_MODES, msda_translation_table
-from . import nms
+from .ddq_fcn import ExportableDDQFCN
+from .ddq_rcnn import ExportableDDQRCNN
+from .detr import ExportableDetector
 from .requirements import require
-from .ddq_fcn_wrapper import ExportableDDQFCN
-from .ddq_rcnn_wrapper import ExportableDDQRCNN
-from .wrapper import ExportableDetector
 
 __all__ = ['export_onnx', 'translation_table', 'INPUT_NAME', 'OUTPUT_NAMES']
 
@@ -32,7 +32,7 @@ def translation_table(msda: str = 'decompose') -> Dict:
             :mod:`projects_detr_plus.ops.onnx_lowering`.
     """
     table = msda_translation_table(msda)
-    table.update(nms.translation_table())
+    table.update(nms_translation_table())
     return table
 
 
@@ -196,7 +196,7 @@ def export_onnx(detector: torch.nn.Module, out: str,
 
     Inputs / outputs of the file: ``input`` (B, 3, H, W) float32, the
     preprocessed batch; ``dets`` (B, K, 5) and ``labels`` (B, K), see
-    :class:`~.wrapper.ExportableDetector`.
+    :mod:`.outputs`.
     """
     require('onnx', 'onnxscript')
     if opset < MIN_OPSET:

@@ -8,6 +8,8 @@ from mmengine.config import ConfigDict
 from mmengine.model import BaseModule
 from mmengine.structures import InstanceData
 
+from ...utils.amp import fp32_for_mmcv
+
 
 @MODELS.register_module()
 class CoStandardRoIHead(StandardRoIHead):
@@ -67,13 +69,13 @@ class CoRCNNHead(BaseModule):
         """RPN and RoI losses and, per image, the sampled proposals (the
         official Co-DETR's candidates: positives first, then negatives).
 
-        Runs in fp32 under autocast: mmcv's NMS and RoIAlign take fp32 only
-        on the CPU.
+        Runs in fp32 where bf16 would reach mmcv's NMS and RoIAlign (CPU
+        ``--amp``, see :func:`~projects_detr_plus.utils.amp.fp32_for_mmcv`);
+        under fp16 autocast on a GPU it stays mixed precision.
         """
-        device_type = feats[0].device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with fp32_for_mmcv(feats) as feats:
             losses, candidates = self._loss_and_candidates(
-                tuple(f.float() for f in feats), batch_data_samples)
+                feats, batch_data_samples)
         if not with_feats:
             for c in candidates:
                 del c.feats

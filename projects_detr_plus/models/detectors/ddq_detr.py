@@ -19,15 +19,15 @@ per-forward object and its masks are returned by :meth:`forward_decoder`.
 """
 from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.models.detectors import DeformableDETR
-from mmdet.models.utils import align_tensor
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from torch import nn
 
+from ...ops.nms import distinct_mask
 from ..branches import MAIN, DenseQueryBranch, QuerySet
 from ..layers.distinct_queries import (DistinctQuerySelection,
-                                       check_suppressed_mode,
-                                       distinct_indices)
+                                       check_suppressed_mode)
+from ..top_k import gather_rows, top_kept
 from .dino import DINOPlus
 
 
@@ -90,7 +90,8 @@ class DDQDETRPlus(DINOPlus):
         """The top N of the encoder proposals that survive NMS.
 
         Images with fewer survivors are padded with zero queries, as mmdet
-        does.
+        does.  Fixed shapes throughout (the NMS op's mask, then
+        :func:`~..top_k.top_kept`), so that export traces this very code.
 
         Returns:
             tuple: the main :class:`QuerySet` (reference detached),
@@ -100,12 +101,11 @@ class DDQDETRPlus(DINOPlus):
         enc_class, enc_coord_unact = context.enc_class, context.enc_coord_unact
         boxes = bbox_cxcywh_to_xyxy(enc_coord_unact.sigmoid())
         scores = enc_class.max(-1)[0].sigmoid()
-        kept = [keep[:self.num_queries] for keep in
-                distinct_indices(boxes, scores, self.dqs_cfg)]
+        keep = distinct_mask(boxes, scores, self.dqs_cfg)
+        index, valid = top_kept(keep, scores, self.num_queries)
 
         def take(x):
-            return align_tensor([x[b][keep] for b, keep in enumerate(kept)],
-                                self.num_queries)
+            return gather_rows(x, index, valid)
 
         coords_unact = take(enc_coord_unact)
         main = QuerySet(MAIN, take(context.token_content),

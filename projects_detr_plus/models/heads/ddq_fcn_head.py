@@ -20,15 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, Scale
 from mmdet.models.dense_heads import AnchorFreeHead
-from mmdet.models.losses import DDQAuxLoss
 from mmdet.models.utils import sigmoid_geometric_mean
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import distance2bbox
 from mmengine.model import bias_init_with_prob, normal_init
 from mmengine.structures import InstanceData
 
-from ..layers.distinct_queries import distinct_indices
-from ..task_modules.topk_hungarian_assigner import ALLOWED_MATCHES_KEY
+from ...ops.nms import distinct_indices
+from ..losses.ddq_aux_loss import DDQAuxLossPlus
+from ..top_k import gather_rows, top_class_pairs
 
 
 def _one_to_k_loss(topk):
@@ -116,15 +116,8 @@ class DDQFCNHead(AnchorFreeHead):
         if self.feat_channels < 2 * shuffle_channels:
             raise ValueError(f'feat_channels ({self.feat_channels}) must be '
                              f'at least 2 * shuffle_channels')
-        for loss in (main_loss, aux_loss):
-            metric = (loss['train_cfg'].get('alpha', 1),
-                      loss['train_cfg'].get('beta', 6))
-            if metric != (1, 6):  # mmdet 3.3 does not pass them on
-                raise ValueError('mmdet 3.3 DDQAuxLoss assigns with '
-                                 'alignment alpha=1, beta=6 whatever its '
-                                 f'train_cfg says; got {metric}')
-        self.main_loss = DDQAuxLoss(**main_loss)
-        self.aux_loss = DDQAuxLoss(**aux_loss)
+        self.main_loss = DDQAuxLossPlus(**main_loss)
+        self.aux_loss = DDQAuxLossPlus(**aux_loss)
 
     # ------------------------------------------------------------------
     # layers
@@ -242,16 +235,16 @@ class DDQFCNHead(AnchorFreeHead):
             level_dists = level_dists.flatten(2).transpose(1, 2) * stride
             k = min(self.nms_pre, level_scores.shape[1])
             top = level_scores.max(-1).values.topk(k, dim=1).indices
-            picked_scores.append(_take(level_scores, top))
+            picked_scores.append(gather_rows(level_scores, top))
             picked_boxes.append(distance2bbox(points[top],
-                                              _take(level_dists, top)))
+                                              gather_rows(level_dists, top)))
             picked_ids.append(top + first_id)
             first_id += level_scores.shape[1]
         return (torch.cat(picked_scores, 1), torch.cat(picked_boxes, 1),
                 torch.cat(picked_ids, 1))
 
     def distinct(self, scores, boxes):
-        """Class-agnostic NMS per image (DDQ-DETR's selection):
+        """Class-agnostic NMS per image (DDQ-DETR's selection, the op):
         list of (n_i, ) kept indices by descending best score."""
         return distinct_indices(boxes, scores.max(-1).values, self.dqs_cfg)
 
@@ -290,17 +283,15 @@ class DDQFCNHead(AnchorFreeHead):
         :meth:`forward`)."""
         gt_boxes = [gt.bboxes for gt in batch_gt_instances]
         gt_labels = [gt.labels for gt in batch_gt_instances]
-        main_metas = batch_img_metas
+        allowed = None
         if self.positives_near_centre:
             sizes = [s.shape[-2:] for s in aux_scores]
-            main_metas = [
-                dict(meta, **{ALLOWED_MATCHES_KEY: self.near_centre(
-                    sizes, boxes)[q.point_ids]})
-                for q, boxes, meta in zip(queries, gt_boxes,
-                                          batch_img_metas)]
+            allowed = [self.near_centre(sizes, boxes)[q.point_ids]
+                       for q, boxes in zip(queries, gt_boxes)]
         main = self.main_loss.loss([q.scores for q in queries],
                                    [q.bboxes for q in queries], gt_boxes,
-                                   gt_labels, main_metas)
+                                   gt_labels, batch_img_metas,
+                                   allowed=allowed)
         aux_scores, aux_boxes, _ = self.candidates(aux_scores, aux_distances)
         aux = self.aux_loss.loss(list(aux_scores), list(aux_boxes),
                                  gt_boxes, gt_labels, batch_img_metas)
@@ -344,20 +335,12 @@ class DDQFCNHead(AnchorFreeHead):
 
     def _top_pairs(self, queries, img_meta, rescale):
         h, w = img_meta['img_shape'][:2]
-        boxes = queries.bboxes.clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h)
+        boxes = torch.minimum(queries.bboxes.clamp(min=0),
+                              queries.bboxes.new_tensor([w, h, w, h]))
         if rescale:
             boxes = boxes / boxes.new_tensor(
                 img_meta['scale_factor']).repeat(2)
-        flat = queries.scores.flatten()
-        top_scores, top = flat.topk(min(self.num_distinct_queries,
-                                        len(flat)))
-        return InstanceData(bboxes=boxes[top // self.num_classes],
-                            scores=top_scores,
-                            labels=top % self.num_classes)
-
-
-def _take(x, index):
-    """x (B, N, D) rows ``index`` (B, k) -> (B, k, D)."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        top_scores, query, labels = top_class_pairs(
+            queries.scores, self.num_distinct_queries)
+        return InstanceData(bboxes=boxes[query], scores=top_scores,
+                            labels=labels)

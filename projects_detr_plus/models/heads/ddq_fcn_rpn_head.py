@@ -62,8 +62,7 @@ class DDQFCNRPNHead(DDQFCNHead):
         """Proposals from the distinct ``queries`` (as
         :meth:`distinct_queries`); ``cls_feats`` / ``reg_feats`` per level
         (B, feat_channels, H_l, W_l)."""
-        point_feats = torch.cat([_points_of(cls_feats), _points_of(reg_feats)],
-                                dim=-1).detach()  # (B, all points, 2 * C)
+        point_feats = self.point_features(cls_feats, reg_feats)
         kept = [q[:self.num_distinct_queries] for q in queries]
         size = max(len(q) for q in kept)
         proposals = []
@@ -78,8 +77,16 @@ class DDQFCNRPNHead(DDQFCNHead):
                 valid=valid))
         return proposals
 
+    def point_features(self, cls_feats, reg_feats):
+        """(B, all points, 2 * feat_channels), detached: the towers' last
+        classification and regression features (per level (B,
+        feat_channels, H_l, W_l)) at every point, in ``point_ids`` order;
+        :attr:`compress` maps a query's row to its proposal feature."""
+        return torch.cat([points_of(cls_feats), points_of(reg_feats)],
+                         dim=-1).detach()
 
-def _points_of(feats):
+
+def points_of(feats):
     """Per-level (B, C, H_l, W_l) maps -> (B, all points, C), level by
     level, row-major (the order of ``point_ids``)."""
     return torch.cat([f.flatten(2) for f in feats], dim=2).transpose(1, 2)

@@ -6,14 +6,15 @@ DDQ (Zhang et al., 2023) keeps queries dense (for recall) but distinct
 encoder proposals picks the main queries; after every decoder layer but the
 last, NMS over the refined boxes of the queries still distinct suppresses
 the new duplicates, which the next layer masks out of self-attention and
-whose predictions neither the loss nor inference uses.
+whose predictions neither the loss nor inference uses.  The NMS itself is
+the op :func:`~projects_detr_plus.ops.nms.distinct_mask`.
 """
 from dataclasses import replace
 
 import torch
-from mmcv.ops import batched_nms
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 
+from ...ops.nms import distinct_mask
 from .attention_layout import AttentionBlock
 
 SUPPRESSED_MODES = ('isolated', 'mmdet')
@@ -25,36 +26,6 @@ def check_suppressed_mode(mode):
         raise ValueError(f'suppressed_queries must be one of '
                          f'{SUPPRESSED_MODES}, got {mode!r}')
     return mode
-
-
-def distinct_indices(boxes, scores, nms_cfg, candidates=None):
-    """Class-agnostic NMS in every image, the whole batch in one call.
-
-    Args:
-        boxes (Tensor): (bs, n, 4) as (x1, y1, x2, y2).
-        scores (Tensor): (bs, n).
-        nms_cfg (dict): mmcv's ``batched_nms`` config, e.g.
-            ``dict(type='nms', iou_threshold=0.8)``.
-        candidates (Tensor, optional): (bs, n) bool, the boxes taking part
-            (default all).
-
-    Returns:
-        list[Tensor]: per image, the indices of the kept boxes by
-        descending score.
-    """
-    if candidates is None:
-        candidates = torch.ones_like(scores, dtype=torch.bool)
-    image_ids, box_ids = candidates.nonzero(as_tuple=True)
-    boxes = boxes[image_ids, box_ids].detach().float()  # mmcv NMS: fp32
-    # batched_nms separates the images by offsets of (max coordinate + 1),
-    # which overlap when coordinates are negative (unclipped boxes): a
-    # translation to >= 0 keeps every IoU and the images apart
-    if len(boxes):
-        boxes = boxes - boxes.min()
-    _, keep = batched_nms(boxes, scores[image_ids, box_ids].detach().float(),
-                          image_ids, dict(nms_cfg))
-    kept_images, kept_boxes = image_ids[keep], box_ids[keep]
-    return [kept_boxes[kept_images == b] for b in range(scores.shape[0])]
 
 
 class DistinctQuerySelection:
@@ -106,10 +77,8 @@ class DistinctQuerySelection:
         scores = self.cls_branches[layer_id](query[:, :n]).sigmoid()
         boxes = bbox_cxcywh_to_xyxy(reference_points[:, :n])
         previous = self.keeps[-1] if self.keeps else None
-        keep = torch.zeros_like(scores[..., 0], dtype=torch.bool)
-        for image, kept in enumerate(distinct_indices(
-                boxes, scores.max(-1).values, self.nms_cfg, previous)):
-            keep[image, kept] = True
+        keep = distinct_mask(boxes, scores.max(-1).values, self.nms_cfg,
+                             previous)
         # mmdet: row 0 of its visibility mask, keep[i] or keep[0]
         self.keeps.append(keep | keep[:, :1] if self.suppressed == 'mmdet'
                           else keep)

@@ -12,6 +12,9 @@ Two things are new against mmdet's ``SparseRoIHead``:
   the released code): before the first stage each proposal feature is
   concatenated with its RoI feature averaged to 1x1 and mapped back to the
   query width by a linear layer.
+
+mmcv's RoIAlign has no bf16 kernel: under bf16 autocast (CPU ``--amp``) the
+head runs in fp32 (:func:`~projects_detr_plus.utils.amp.fp32_for_mmcv`).
 """
 import torch
 import torch.nn as nn
@@ -20,6 +23,9 @@ from mmdet.models.utils import empty_instances
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox2roi
 from mmengine.structures import InstanceData
+
+from ...utils.amp import fp32_for_mmcv
+from ..top_k import top_class_pairs
 
 
 @MODELS.register_module()
@@ -42,31 +48,35 @@ class DDQSparseRoIHead(SparseRoIHead):
     def loss(self, x, rpn_results_list, batch_data_samples):
         """As ``SparseRoIHead.loss``; proposals (N, ) ``valid`` are ignored
         (padding is trained as background, as released)."""
-        x = _roi_align_ready(x)
-        return super().loss(x, self._fused(x, rpn_results_list),
-                            batch_data_samples)
+        with fp32_for_mmcv(x) as x:
+            return super().loss(x, self._proposals(x, rpn_results_list),
+                                batch_data_samples)
 
-    def _fused(self, x, rpn_results_list):
-        """The proposals, with fused features when ``query_roi_fusion``."""
-        if self.query_fusion is None:
-            return rpn_results_list
-        extractor = self.bbox_roi_extractor[0]
-        rois = bbox2roi([res.bboxes for res in rpn_results_list])
-        pooled = extractor(x[:extractor.num_inputs], rois).mean((2, 3))
-        fused = []
-        for image, res in enumerate(rpn_results_list):
+    def _proposals(self, x, rpn_results_list):
+        """The proposals as the stages take them: features (N, C) in the
+        pyramid's dtype and, with ``query_roi_fusion``, fused with their
+        RoI features."""
+        proposals = []
+        for res in rpn_results_list:
             res = res.clone()
+            res.features = res.features.to(x[0].dtype)
+            proposals.append(res)
+        if self.query_fusion is None:
+            return proposals
+        extractor = self.bbox_roi_extractor[0]
+        rois = bbox2roi([res.bboxes for res in proposals])
+        pooled = extractor(x[:extractor.num_inputs], rois).mean((2, 3))
+        for image, res in enumerate(proposals):
             res.features = self.query_fusion(torch.cat(
                 [res.features, pooled[rois[:, 0] == image]], dim=-1))
-            fused.append(res)
-        return fused
+        return proposals
 
     def forward(self, x, rpn_results_list, batch_data_samples):
         """As ``SparseRoIHead.forward`` (the tensors, e.g. for
         ``get_flops``), with the fusion when enabled."""
-        x = _roi_align_ready(x)
-        return super().forward(x, self._fused(x, rpn_results_list),
-                               batch_data_samples)
+        with fp32_for_mmcv(x) as x:
+            return super().forward(x, self._proposals(x, rpn_results_list),
+                                   batch_data_samples)
 
     def predict_bbox(self, x, batch_img_metas, rpn_results_list,
                      rcnn_test_cfg, rescale=False):
@@ -75,8 +85,12 @@ class DDQSparseRoIHead(SparseRoIHead):
         when the batch is padded, each image runs alone on its real
         proposals, so padding neither becomes a prediction nor enters the
         stages' self-attention (an image predicts the same in any batch)."""
-        x = _roi_align_ready(x)
-        rpn_results_list = self._fused(x, rpn_results_list)
+        with fp32_for_mmcv(x) as x:
+            return self._predict_unpadded(x, batch_img_metas, self._proposals(
+                x, rpn_results_list), rescale)
+
+    def _predict_unpadded(self, x, batch_img_metas, rpn_results_list, rescale):
+        """:meth:`predict_bbox` on the proposals as the stages take them."""
         if all(len(res) == 0 for res in rpn_results_list):
             return empty_instances(batch_img_metas, x[0].device,
                                    task_type='bbox')
@@ -117,22 +131,10 @@ class DDQSparseRoIHead(SparseRoIHead):
 
     def _top_pairs(self, scores, boxes, img_meta, rescale):
         """scores (N, C), boxes (N, 4) -> the image's detections."""
-        num_classes = scores.shape[1]
-        flat = scores.flatten()
-        top_scores, top = flat.topk(min(self.test_cfg.max_per_img,
-                                        len(flat)))
-        boxes = boxes[top // num_classes]
+        top_scores, query, labels = top_class_pairs(
+            scores, self.test_cfg.max_per_img)
+        boxes = boxes[query]
         if rescale and len(boxes):
             boxes = boxes / boxes.new_tensor(
                 img_meta['scale_factor']).repeat(2)
-        return InstanceData(bboxes=boxes, scores=top_scores,
-                            labels=top % num_classes)
-
-
-def _roi_align_ready(x):
-    """The pyramid in float32 where mmcv's RoIAlign has no kernel for its
-    dtype (bf16 on CPU, i.e. ``--amp`` without a GPU); the stages still
-    run under autocast."""
-    if x[0].dtype == torch.bfloat16 and x[0].device.type == 'cpu':
-        return tuple(level.float() for level in x)
-    return x
+        return InstanceData(bboxes=boxes, scores=top_scores, labels=labels)

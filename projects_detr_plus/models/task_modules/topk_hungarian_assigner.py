@@ -6,8 +6,8 @@ collapses (about 7x smaller) against the box costs.  The released DDQ code
 (``jshilong/DDQ``, ``projects/models/loss_module.py``) passes
 ``inverse_sigmoid(pred_scores)``; this subclass does the same.
 
-It can also restrict the matches: a ``(num_preds, num_gts)`` bool matrix in
-``img_meta[ALLOWED_MATCHES_KEY]`` (DDQ R-CNN's seed option: only the 9
+It can also restrict the matches: ``assign(..., allowed=)`` takes a
+``(num_preds, num_gts)`` bool matrix (DDQ R-CNN's seed option: only the 9
 points nearest each object's centre per level may be positives).  Pairs
 outside it get a prohibitive cost and, if the Hungarian solver still needs
 one (too few allowed predictions), the match is dropped: a forbidden pair
@@ -18,17 +18,19 @@ from mmdet.models.task_modules.assigners import TopkHungarianAssigner
 from mmdet.registry import TASK_UTILS
 from mmengine.structures import InstanceData
 
-ALLOWED_MATCHES_KEY = 'ddq_allowed_matches'
 FORBIDDEN_COST = 1e6
 
 
 class _ClassificationOnLogits:
     """A match cost called with logits instead of probabilities, plus the
-    forbidden-pair penalty of ``img_meta[ALLOWED_MATCHES_KEY]``."""
+    forbidden-pair penalty of ``allowed`` ((N, G) bool), which
+    :meth:`TopkHungarianAssignerPlus.assign` sets for the one call (mmdet's
+    ``assign`` calls its costs with ``img_meta`` only)."""
 
     def __init__(self, cost, on_logits):
         self.cost = cost
         self.on_logits = on_logits
+        self.allowed = None
 
     def __call__(self, pred_instances, gt_instances, img_meta=None, **kw):
         if self.on_logits:
@@ -36,9 +38,8 @@ class _ClassificationOnLogits:
                 scores=inverse_sigmoid(pred_instances.scores, eps=1e-5),
                 bboxes=pred_instances.bboxes)
         cost = self.cost(pred_instances, gt_instances, img_meta, **kw)
-        allowed = (img_meta or {}).get(ALLOWED_MATCHES_KEY)
-        if allowed is not None:
-            cost = cost + (~allowed).to(cost.dtype) * FORBIDDEN_COST
+        if self.allowed is not None:
+            cost = cost + (~self.allowed).to(cost.dtype) * FORBIDDEN_COST
         return cost
 
 
@@ -60,12 +61,21 @@ class TopkHungarianAssignerPlus(TopkHungarianAssigner):
                                                 cls_cost_on_logits)
 
     def assign(self, pred_scores, decode_bboxes, gt_bboxes, gt_labels,
-               img_meta, alpha=1, beta=6, **kwargs):
+               img_meta, alpha=1, beta=6, allowed=None, **kwargs):
         """As ``TopkHungarianAssigner.assign``; (N, C) probabilities,
-        (N, 4) and (G, 4) absolute xyxy boxes, (G, ) labels."""
-        result = super().assign(pred_scores, decode_bboxes, gt_bboxes,
-                                gt_labels, img_meta, alpha, beta, **kwargs)
-        allowed = img_meta.get(ALLOWED_MATCHES_KEY)
+        (N, 4) and (G, 4) absolute xyxy boxes, (G, ) labels.
+
+        Args:
+            allowed (Tensor, optional): (N, G) bool, the (prediction, gt)
+                pairs that may match; None: any pair.
+        """
+        self.cls_cost.allowed = allowed
+        try:
+            result = super().assign(pred_scores, decode_bboxes, gt_bboxes,
+                                    gt_labels, img_meta, alpha, beta,
+                                    **kwargs)
+        finally:
+            self.cls_cost.allowed = None
         if allowed is None or len(gt_labels) == 0:
             return result
         return _drop_forbidden(result, allowed)
@@ -86,4 +96,4 @@ def _drop_forbidden(result, allowed):
     return result
 
 
-__all__ = ['TopkHungarianAssignerPlus', 'ALLOWED_MATCHES_KEY']
+__all__ = ['TopkHungarianAssignerPlus']

@@ -1,19 +1,20 @@
 """DDQ FCN's inference graph as one traceable module.
 
-Same contract as :class:`~.wrapper.ExportableDetector` (preprocessed batch
-in, ``dets`` (B, K, 5) and ``labels`` (B, K) out, K the head's
+Same contract as :class:`~.detr.ExportableDetector` (preprocessed batch in,
+``dets`` (B, K, 5) and ``labels`` (B, K) out, K the head's
 ``num_distinct_queries``, empty rows score 0 / label -1).  The head's own
-code runs, with one substitution: the distinct-query NMS (mmcv's
-``batched_nms``, ragged results) becomes the fixed-shape
-:func:`~.nms.nms_keep` mask, and the top (query, class) pairs are taken
-over the kept queries of the whole batch at once (:func:`~.top_pairs.top_pairs`).
+code runs; its distinct queries are the mask of the NMS op
+(:func:`~projects_detr_plus.ops.nms.distinct_mask`, ``NonMaxSuppression``
+in ONNX) instead of ragged index lists, and the top (query, class) pairs
+are taken over the kept queries of the whole batch at once
+(:func:`~.outputs.top_detections`).
 """
 import torch
 from torch import nn
 
 from ..models.detectors.ddq_fcn import DDQFCN
-from .nms import exportable_iou_threshold, nms_keep
-from .top_pairs import top_pairs
+from ..ops.nms import distinct_mask, exportable_iou_threshold
+from .outputs import top_detections
 
 __all__ = ['ExportableDDQFCN']
 
@@ -27,7 +28,7 @@ class ExportableDDQFCN(nn.Module):
             raise TypeError('ExportableDDQFCN takes a DDQFCN, got '
                             f'{type(detector).__name__}')
         head = detector.bbox_head
-        self.iou_threshold = exportable_iou_threshold(head.dqs_cfg)
+        exportable_iou_threshold(head.dqs_cfg)  # refused before tracing
         self.detector = detector
         self.max_per_img = head.num_distinct_queries
         # torch.export fixes a size of 1 as a constant: with a dynamic size
@@ -43,10 +44,11 @@ class ExportableDDQFCN(nn.Module):
         head = self.detector.bbox_head
         scores, distances = head(self.detector.extract_feat(inputs))[:2]
         scores, boxes, _ = head.candidates(scores, distances)  # (B, n, .)
-        keep = nms_keep(boxes, scores.max(-1).values, self.iou_threshold)
+        keep = distinct_mask(boxes, scores.max(-1).values, head.dqs_cfg)
         h, w = inputs.shape[2], inputs.shape[3]
         scale = torch.tensor([w, h, w, h], dtype=boxes.dtype,
                              device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), scale)
         # suppressed queries (score 0) fill the rows predict() leaves out
-        return top_pairs(scores * keep[..., None], boxes, self.max_per_img)
+        return top_detections(scores * keep[..., None], boxes,
+                              self.max_per_img)

@@ -1,14 +1,16 @@
 """DDQ R-CNN's inference graph as one traceable module.
 
-Same contract as :class:`~.wrapper.ExportableDetector` (preprocessed batch
+Same contract as :class:`~.detr.ExportableDetector` (preprocessed batch
 in, ``dets`` (B, K, 5) and ``labels`` (B, K) out, K the RoI head's
 ``max_per_img``, empty rows score 0 / label -1). The model's own layers run,
 with three substitutions for parts that ``torch.export`` cannot trace:
 
-* the proposal stage's distinct-query NMS becomes the fixed-shape
-  :func:`~.nms.nms_keep` mask, and the proposals are its N best kept queries
-  (N = ``num_distinct_queries``), with ``valid`` False on rows an image does
-  not fill (the released code pads them with zeros);
+* the proposal stage's distinct queries are the mask of the NMS op
+  (:func:`~projects_detr_plus.ops.nms.distinct_mask`) instead of ragged
+  index lists, and the proposals are its N best kept queries
+  (N = ``num_distinct_queries``; ``top_kept`` of
+  :mod:`projects_detr_plus.models.top_k`), with ``valid`` False on rows an
+  image does not fill (the released code pads them with zeros);
 * mmcv's RoIAlign becomes :func:`roi_align` (``grid_sample``) and the
   extractor's level assignment a mask over all levels;
 * the stages' self-attention gets ``key_padding_mask = ~valid``, so padding
@@ -20,9 +22,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..models.detectors.ddq_rcnn import DDQRCNN
-from ..models.heads.ddq_fcn_rpn_head import _points_of
-from .nms import exportable_iou_threshold, nms_keep
-from .top_pairs import top_pairs
+from ..models.top_k import gather_rows, top_kept
+from ..ops.nms import distinct_mask, exportable_iou_threshold
+from .outputs import top_detections
 
 __all__ = ['ExportableDDQRCNN', 'roi_align']
 
@@ -84,7 +86,7 @@ class ExportableDDQRCNN(nn.Module):
             raise TypeError('ExportableDDQRCNN takes a DDQRCNN, got '
                             f'{type(detector).__name__}')
         rpn, roi = detector.rpn_head, detector.roi_head
-        self.iou_threshold = exportable_iou_threshold(rpn.dqs_cfg)
+        exportable_iou_threshold(rpn.dqs_cfg)  # refused before tracing
         for stage in range(roi.num_stages):
             _check_stage(roi.bbox_roi_extractor[stage], roi.bbox_head[stage])
         self.detector = detector
@@ -119,24 +121,14 @@ class ExportableDDQRCNN(nn.Module):
             feats[self.detector.rpn_start_level:])
         scores, boxes, point_ids = rpn.candidates(scores, distances)
         best = scores.max(-1).values  # in [0, 1]
-        keep = nms_keep(boxes, best, self.iou_threshold)
-        ranked = torch.where(keep, best, torch.full_like(best, -1.0))
-        # N entries of -2 appended: always N rows, invalid where unfilled
-        ranked = torch.cat([ranked, ranked.new_full(
-            (ranked.shape[0], self.num_proposals), -2.0)], dim=1)
-        top_scores, top = ranked.topk(self.num_proposals, dim=1)
-        valid = top_scores >= 0
-        top = top.clamp(max=boxes.shape[1] - 1)
-        point_feats = torch.cat([_points_of(cls_feats),
-                                 _points_of(reg_feats)], dim=-1)
+        keep = distinct_mask(boxes, best, rpn.dqs_cfg)
+        top, valid = top_kept(keep, best, self.num_proposals)
         chosen = point_ids.gather(1, top)
-        features = rpn.compress(point_feats.gather(
-            1, chosen[..., None].expand(-1, -1, point_feats.shape[-1])))
-        boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
-        zero = valid[..., None]
-        return (torch.where(zero, boxes, torch.zeros_like(boxes)),
-                torch.where(zero, features, torch.zeros_like(features)),
-                valid)
+        features = rpn.compress(gather_rows(
+            rpn.point_features(cls_feats, reg_feats), chosen))
+        features = torch.where(valid[..., None], features,
+                               torch.zeros_like(features))
+        return gather_rows(boxes, top, valid), features, valid
 
     def roi_features(self, stage, feats, boxes):
         """SingleRoIExtractor on :func:`roi_align`: every RoI pooled on
@@ -191,7 +183,7 @@ class ExportableDDQRCNN(nn.Module):
             scores = cls_score.softmax(-1)[..., :-1]
         scores = torch.where(valid[..., None], scores,
                              torch.zeros_like(scores))
-        return top_pairs(scores, boxes, self.max_per_img)
+        return top_detections(scores, boxes, self.max_per_img)
 
 
 def _check_stage(extractor, head):
@@ -209,4 +201,3 @@ def _check_stage(extractor, head):
     if type(head) is not DIIHead or not head.reg_class_agnostic:
         raise ValueError('only class-agnostic DIIHead stages export, got '
                          f'{type(head).__name__}')
-

@@ -119,7 +119,7 @@ def _cls_target(head, cls_scores, bbox_preds, targets):
         prob = cls_scores[positive, labels[positive]].detach().sigmoid()
         iou = head.loss_cls.soft_target(prob, iou) * \
             targets.bbox_weights[positive, 0]
-    quality[positive] = iou
+    quality[positive] = iou.to(quality.dtype)  # bf16 under CPU autocast
     return labels, quality
 
 

@@ -72,6 +72,8 @@ BRANCH_CONFIGS = {
     (None, ['co_rcnn', 'co_atss']),
     'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
     (None, ['co_rcnn', 'co_atss', 'co_fcos']),
+    'align_detr/align-detr-4scale_r50_8xb2-12e_coco.py':
+    ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['align']),
 }
 # DDQ FCN / R-CNN (jshilong/DDQ, mmdet 2.22; no mmdet 3 config to compare
 # with): 1x config -> its official values; 3x -> the 1x it extends
@@ -345,6 +347,42 @@ def test_co_deformable_detr_config_has_official_values():
     assert atss.head_embedding.shape == (1, )
     assert abs(atss.head_embedding.item()) <= 2 ** 0.5  # xavier of (2, 1)
     assert rcnn.feat_proj[0].in_features == 256
+
+
+# resolved config key -> the official value (IDEA-Research/detrex
+# projects/align_detr: configs/aligndetr_k=2_r50_4scale_12ep.py and
+# configs/models/aligndetr_r50.py)
+ALIGN_DETR_OFFICIAL = {
+    'model.bbox_head.loss_cls.type': 'IABCELoss',
+    'model.bbox_head.loss_cls.alpha': 0.25,  # criterion alpha
+    'model.bbox_head.loss_cls.gamma': 2.0,  # criterion gamma
+    'model.bbox_head.loss_cls.loss_weight': 1.0,  # weight_dict loss_class
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,  # loss_bbox
+    'model.bbox_head.loss_iou.loss_weight': 2.0,  # loss_giou
+    'model.branches.0.match_numbers': (2, 2, 2, 2, 2, 2, 1),  # match_num
+    'model.branches.0.tau': 1.5,  # tau
+    'model.num_queries': 900,
+    'model.dn_cfg.group_cfg.num_dn_queries': 100,  # dn_number
+    'model.dn_cfg.label_noise_scale': 0.5,  # label_noise_ratio
+    'model.dn_cfg.box_noise_scale': 1.0,  # box_noise_scale
+    'model.train_cfg.assigner.match_costs.0.weight': 2.0,  # cost_class
+    'model.train_cfg.assigner.match_costs.1.weight': 5.0,  # cost_bbox
+    'model.train_cfg.assigner.match_costs.2.weight': 2.0,  # cost_giou
+    'optim_wrapper.optimizer.lr': 1e-4,
+    'optim_wrapper.optimizer.weight_decay': 1e-4,
+    'optim_wrapper.clip_grad.max_norm': 0.1,
+    'train_cfg.max_epochs': 12,
+}
+
+
+def test_align_detr_config_has_official_values():
+    cfg = Config.fromfile(osp.join(
+        REPO_ROOT, 'configs', 'align_detr',
+        'align-detr-4scale_r50_8xb2-12e_coco.py'))
+    wrong = {key: _resolve(cfg, key)
+             for key, value in ALIGN_DETR_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
 
 
 def test_h_deformable_detr_config_has_official_values():

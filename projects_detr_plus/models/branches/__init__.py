@@ -1,5 +1,6 @@
 """Training-time query branches: the contract (:mod:`.protocol`), query
 sets (:mod:`.queries`) and one file per method."""
+from .align_detr import AlignDETRBranch, IABCELoss
 from .collaborative import CollaborativeBranch
 from .denoising import DenoisingBranch
 from .dense import DenseQueryBranch
@@ -16,4 +17,4 @@ __all__ = ['QueryBranch', 'QueryContext', 'QueryDetector', 'SetPredictions',
            'split_query_sets', 'query_set_layers', 'set_predictions',
            'top_proposals', 'learnable_content', 'CollaborativeBranch',
            'DenoisingBranch', 'DenseQueryBranch', 'GroupQueryBranch',
-           'HybridMatchingBranch']
+           'HybridMatchingBranch', 'AlignDETRBranch', 'IABCELoss']

@@ -93,6 +93,11 @@ class SetPredictions:
     def num_layers(self) -> int:
         return self.cls_scores.shape[0]
 
+    def layer_keep(self, layer: int) -> Optional[Tensor]:
+        """(bs, n) bool, the queries layer ``layer`` is trained on, or
+        None (all)."""
+        return None if self.keep is None else self.keep[layer]
+
     def queries(self, index: slice) -> 'SetPredictions':
         """The predictions of queries ``index`` (along the query axis)."""
         keep = None if self.keep is None else [
@@ -118,6 +123,10 @@ class QueryDetector(Protocol):
                      batch_gt_instances, batch_img_metas) -> dict:
         """The detector's loss of selected proposals (DINO: one-to-one
         with classes; Deformable DETR: class-agnostic over all tokens)."""
+
+    def encoder_gt_instances(self, batch_gt_instances) -> list:
+        """The ground truth its encoder proposals are trained on (DINO:
+        as it is; Deformable DETR: one class)."""
 
 
 class QueryBranch(BaseModule):

@@ -192,12 +192,10 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
             return DeformableDETR.loss(self, batch_inputs, batch_data_samples)
         return super().loss(batch_inputs, batch_data_samples)
 
-    def encoder_loss(self, enc_cls, enc_coord, batch_gt_instances,
-                     batch_img_metas):
-        """Deformable DETR's: every token's proposal matched one-to-one to
-        the ground truth as one class (labels 0)."""
-        class_agnostic = [
+    def encoder_gt_instances(self, batch_gt_instances):
+        """Deformable DETR's encoder is trained class-agnostic: every
+        token's proposal is matched to the ground truth as one class
+        (labels 0)."""
+        return [
             InstanceData(bboxes=gt.bboxes, labels=torch.zeros_like(gt.labels))
             for gt in batch_gt_instances]
-        return super().encoder_loss(enc_cls, enc_coord, class_agnostic,
-                                    batch_img_metas)

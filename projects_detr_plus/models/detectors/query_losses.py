@@ -113,13 +113,18 @@ class QueryLosses:
             enc_cls (Tensor): (bs, k, num_classes) logits.
             enc_coord (Tensor): (bs, k, 4) boxes in [0, 1].
         """
-        targets = matched_targets(self.bbox_head, list(enc_cls),
-                                  list(enc_coord), batch_gt_instances,
-                                  batch_img_metas)
+        targets = matched_targets(
+            self.bbox_head, list(enc_cls), list(enc_coord),
+            self.encoder_gt_instances(batch_gt_instances), batch_img_metas)
         enc_losses = set_loss(self.bbox_head, enc_cls.flatten(0, 1),
                               enc_coord.flatten(0, 1), targets)
         return dict(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),
                         enc_losses))
+
+    def encoder_gt_instances(self, batch_gt_instances):
+        """The ground truth the encoder proposals are trained on (DINO:
+        as it is)."""
+        return batch_gt_instances
 
     def main_decoder_loss(self, predictions, batch_gt_instances,
                           batch_img_metas):

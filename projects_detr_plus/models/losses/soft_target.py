@@ -16,7 +16,9 @@ class SoftTargetLoss(nn.Module):
 
     ``labels`` (M, ): class of each query (``num_classes``: background);
     ``quality`` (M, ): the soft target of the positives (0 elsewhere).
+    Sigmoid-based: a head predicts ``num_classes`` logits.
     """
+    use_sigmoid = True
 
     def soft_target(self, prob: Tensor, iou: Tensor) -> Tensor:
         """(P, ) soft targets of P positives from the predicted probability

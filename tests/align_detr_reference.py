@@ -1,0 +1,84 @@
+"""Load the official Align-DETR criterion from ``../shared/reference``.
+
+The reference (IDEA-Research/detrex ``projects/align_detr``, unmodified) is
+imported as the package ``align_ref`` with what it needs from detectron2 /
+detrex / torchvision stubbed at load time: ``torchvision.ops.boxes.
+box_area``, ``detrex.layers`` (detrex's own ``box_ops.py`` from the
+reference folder), ``detrex.utils`` (one process, no distribution).  The
+stubs leave ``sys.modules`` once the reference is loaded.
+"""
+import importlib
+import importlib.util
+import os.path as osp
+import sys
+import types
+from contextlib import contextmanager
+
+from conftest import REPO_ROOT
+
+REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
+                     'idea-research-detrex-align-detr')
+
+
+def available():
+    return osp.isdir(osp.join(REFERENCE, 'projects', 'align_detr'))
+
+
+def _module(name, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def _box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+@contextmanager
+def _stubbed_modules():
+    """torchvision, detrex.layers and detrex.utils, only while loading."""
+    boxes = _module('torchvision.ops.boxes', box_area=_box_area)
+    stubs = {
+        'torchvision': _module('torchvision', __path__=[]),
+        'torchvision.ops': _module('torchvision.ops', __path__=[],
+                                   boxes=boxes),
+        'torchvision.ops.boxes': boxes,
+        'detrex': _module('detrex', __path__=[]),
+        'detrex.utils': _module('detrex.utils', get_world_size=lambda: 1,
+                                is_dist_avail_and_initialized=lambda: False),
+    }
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    spec = importlib.util.spec_from_file_location(
+        'detrex.layers.box_ops',
+        osp.join(REFERENCE, 'detrex', 'layers', 'box_ops.py'))
+    box_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(box_ops)
+    layers = _module('detrex.layers', __path__=[], box_ops=box_ops,
+                     **{k: v for k, v in vars(box_ops).items()
+                        if not k.startswith('__')})
+    sys.modules.update({'detrex.layers': layers,
+                        'detrex.layers.box_ops': box_ops})
+    try:
+        yield
+    finally:
+        for name in list(stubs) + ['detrex.layers', 'detrex.layers.box_ops']:
+            if saved.get(name) is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved[name]
+
+
+def load():
+    """``(criterions, matchers, losses)`` modules of the reference."""
+    if 'align_ref' not in sys.modules:
+        with _stubbed_modules():
+            # the package's __init__ imports the model (detectron2, the
+            # CUDA op): a namespace over its folder skips it
+            sys.modules['align_ref'] = _module(
+                'align_ref', __path__=[osp.join(
+                    REFERENCE, 'projects', 'align_detr', 'modeling')])
+            for name in ('losses', 'matchers', 'criterions'):
+                importlib.import_module(f'align_ref.{name}')
+    return tuple(sys.modules[f'align_ref.{name}']
+                 for name in ('criterions', 'matchers', 'losses'))

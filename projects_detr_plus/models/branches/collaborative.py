@@ -176,7 +176,10 @@ class CollaborativeBranch(QueryBranch):
             QuerySet: (bs, P, dim) queries on the candidates' boxes,
             P = max(min_queries, the most positives of an image, at most
             ``max_queries``); ``meta`` holds the targets and the head's
-            losses.
+            losses (reported by :meth:`loss`).  The head's loss is computed
+            here, in the pass that assigns its candidates: the R-CNN head
+            samples its RoIs at random, so its loss and the queries must
+            come from the same assignment.
         """
         encoder_pyramid = context.encoder_pyramid
         if encoder_pyramid is None:

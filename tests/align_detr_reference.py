@@ -11,10 +11,10 @@ import importlib
 import importlib.util
 import os.path as osp
 import sys
-import types
 from contextlib import contextmanager
 
 from conftest import REPO_ROOT
+from reference_stubs import box_area, module
 
 REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
                      'idea-research-detrex-align-detr')
@@ -24,28 +24,18 @@ def available():
     return osp.isdir(osp.join(REFERENCE, 'projects', 'align_detr'))
 
 
-def _module(name, **attrs):
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
-def _box_area(boxes):
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
 @contextmanager
 def _stubbed_modules():
     """torchvision, detrex.layers and detrex.utils, only while loading."""
-    boxes = _module('torchvision.ops.boxes', box_area=_box_area)
+    boxes = module('torchvision.ops.boxes', box_area=box_area)
     stubs = {
-        'torchvision': _module('torchvision', __path__=[]),
-        'torchvision.ops': _module('torchvision.ops', __path__=[],
-                                   boxes=boxes),
+        'torchvision': module('torchvision', __path__=[]),
+        'torchvision.ops': module('torchvision.ops', __path__=[],
+                                  boxes=boxes),
         'torchvision.ops.boxes': boxes,
-        'detrex': _module('detrex', __path__=[]),
-        'detrex.utils': _module('detrex.utils', get_world_size=lambda: 1,
-                                is_dist_avail_and_initialized=lambda: False),
+        'detrex': module('detrex', __path__=[]),
+        'detrex.utils': module('detrex.utils', get_world_size=lambda: 1,
+                               is_dist_avail_and_initialized=lambda: False),
     }
     saved = {name: sys.modules.get(name) for name in stubs}
     sys.modules.update(stubs)
@@ -54,8 +44,8 @@ def _stubbed_modules():
         osp.join(REFERENCE, 'detrex', 'layers', 'box_ops.py'))
     box_ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(box_ops)
-    layers = _module('detrex.layers', __path__=[], box_ops=box_ops,
-                     **{k: v for k, v in vars(box_ops).items()
+    layers = module('detrex.layers', __path__=[], box_ops=box_ops,
+                    **{k: v for k, v in vars(box_ops).items()
                         if not k.startswith('__')})
     sys.modules.update({'detrex.layers': layers,
                         'detrex.layers.box_ops': box_ops})
@@ -75,7 +65,7 @@ def load():
         with _stubbed_modules():
             # the package's __init__ imports the model (detectron2, the
             # CUDA op): a namespace over its folder skips it
-            sys.modules['align_ref'] = _module(
+            sys.modules['align_ref'] = module(
                 'align_ref', __path__=[osp.join(
                     REFERENCE, 'projects', 'align_detr', 'modeling')])
             for name in ('losses', 'matchers', 'criterions'):

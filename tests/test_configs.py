@@ -74,6 +74,8 @@ BRANCH_CONFIGS = {
     (None, ['co_rcnn', 'co_atss', 'co_fcos']),
     'align_detr/align-detr-4scale_r50_8xb2-12e_coco.py':
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['align']),
+    'ms_detr/ms-dino-4scale_r50_8xb2-12e_coco.py':
+    ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['o2m']),
 }
 # DDQ FCN / R-CNN (jshilong/DDQ, mmdet 2.22; no mmdet 3 config to compare
 # with): 1x config -> its official values; 3x -> the 1x it extends
@@ -86,6 +88,7 @@ DDQ_DENSE_CONFIGS = {
 DETR_AUGMENTATION = 'ddq_fcn/detr_augmentation.py'
 H_DEFORMABLE_DETR = \
     'h_detr/h-deformable-detr-refine-twostage_r50_8xb2-12e_coco.py'
+MS_DETR_PP = 'ms_detr/ms-detr-pp_r50_8xb2-12e_coco.py'
 FINETUNE_EXAMPLE = \
     'finetune/dino-4scale_r50_8xb2-12e_my-coco-format-dataset.py'
 
@@ -96,7 +99,8 @@ def test_every_config_is_covered():
     coco = {p for p in shipped if not p.startswith('shapes/')}
     assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
         H_DEFORMABLE_DETR, FINETUNE_EXAMPLE, CO_DEFORMABLE_DETR,
-        CO_DINO_SWIN_L} | set(DDQ_DENSE_CONFIGS) | {DETR_AUGMENTATION}
+        CO_DINO_SWIN_L} | set(DDQ_DENSE_CONFIGS) | {DETR_AUGMENTATION} | {
+        STABLE_DINO, MS_DETR_PP}
 
 
 def test_finetune_example_sets_classes_everywhere():
@@ -385,6 +389,147 @@ def test_align_detr_config_has_official_values():
     assert not wrong
 
 
+STABLE_DINO = 'stable_dino/stable-dino-4scale_r50_8xb2-12e_coco.py'
+# resolved config key -> the official value (IDEA-Research/Stable-DINO
+# projects/stabledino: configs/models/stabledino_r50.py, modeling/dino.py,
+# configs/stabledino_r50_4scale_12ep.py)
+STABLE_DINO_OFFICIAL = {
+    # encoder StableDINOTransformerEncoder, multi_level_fusion="dense-fusion"
+    'model.encoder.type': 'DenseFusionEncoder',
+    'model.encoder.num_layers': 6,
+    'model.decoder.num_layers': 6,
+    'model.num_queries': 900,
+    'model.bbox_head.loss_cls.type': 'PositionSupervisedLoss',
+    'model.bbox_head.loss_cls.alpha': 0.25,  # criterion alpha
+    'model.bbox_head.loss_cls.gamma': 2.0,  # criterion gamma
+    'model.bbox_head.loss_cls.ta_alpha': 0.0,  # criterion ta_alpha
+    'model.bbox_head.loss_cls.ta_beta': 2.0,  # criterion ta_beta
+    'model.bbox_head.loss_cls.loss_weight': 6.0,  # weight_dict loss_class
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,  # loss_bbox (and _dn)
+    'model.bbox_head.loss_iou.loss_weight': 2.0,  # loss_giou (and _dn)
+    'model.dn_cfg.loss_cls_weight': 1.0,  # weight_dict loss_class_dn
+    'model.dn_cfg.negative_noise_offset': 0.0,  # neg_step_type='none'
+    'model.dn_cfg.group_cfg.num_dn_queries': 100,  # dn_number
+    'model.dn_cfg.label_noise_scale': 0.5,  # label_noise_ratio
+    'model.dn_cfg.box_noise_scale': 1.0,  # box_noise_scale
+    'model.train_cfg.assigner.match_costs.0.type':
+    'PositionModulatedFocalCost',  # StableDINOHungarianMatcher
+    'model.train_cfg.assigner.match_costs.0.weight': 2.0,  # cost_class
+    'model.train_cfg.assigner.match_costs.0.alpha': 0.25,  # alpha
+    'model.train_cfg.assigner.match_costs.0.gamma': 2.0,  # gamma
+    'model.train_cfg.assigner.match_costs.0.beta': 0.5,  # cec_beta
+    'model.train_cfg.assigner.match_costs.1.weight': 5.0,  # cost_bbox
+    'model.train_cfg.assigner.match_costs.2.weight': 2.0,  # cost_giou
+    'model.test_cfg.max_per_img': 300,  # select_box_nums_for_evaluation
+    'optim_wrapper.optimizer.lr': 1e-4,
+    'optim_wrapper.optimizer.weight_decay': 1e-4,
+    'optim_wrapper.clip_grad.max_norm': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
+    'train_cfg.max_epochs': 12,  # max_iter 90000 at batch 16
+}
+
+
+def test_stable_dino_config_has_official_values():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', STABLE_DINO))
+    wrong = {key: _resolve(cfg, key)
+             for key, value in STABLE_DINO_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    assert type(model.encoder).__name__ == 'DenseFusionEncoder'
+    assert model.dn_query_generator.negative_noise_offset == 0.0
+    dino = _shapes(_build_model(Config.fromfile(osp.join(
+        REPO_ROOT, 'configs', 'dino/dino-4scale_r50_8xb2-12e_coco.py'))))
+    ours = _shapes(model)
+    assert {k: v for k, v in ours.items() if k in dino} == dino
+    assert {k: v for k, v in ours.items() if k not in dino} == {
+        'encoder.fusion_layer.0.weight': (256, 7 * 256),
+        'encoder.fusion_layer.0.bias': (256, ),
+        'encoder.fusion_layer.1.weight': (256, ),
+        'encoder.fusion_layer.1.bias': (256, )}
+
+
+# resolved config key -> the official value (Atten4Vis/MS-DETR: [pp900]
+# scripts/train_ms_detr_pp_900.sh, [main] impl_a/main.py's argparse
+# defaults, [detr] impl_a/models/deformable_detr.py, [o2m]
+# impl_a/models/matcher_o2m.py)
+MS_DETR_OFFICIAL = {
+    'model.num_queries': 900,  # [pp900] --num_queries 900
+    'model.mixed_selection': True,  # [pp900] --mixed_selection
+    'model.decoder.look_forward_twice': True,  # [pp900] --look_forward_twice
+    'model.with_box_refine': True,  # [pp900] --with_box_refine
+    'model.as_two_stage': True,  # [pp900] --two_stage
+    'model.num_feature_levels': 4,  # [main] --num_feature_levels
+    'model.encoder.num_layers': 6,  # [main] --enc_layers
+    'model.decoder.num_layers': 6,  # [main] --dec_layers
+    'model.decoder.layer_cfg.self_attn_cfg.num_heads': 8,  # [main] --nheads
+    # [pp900] --dim_feedforward 2048, --dropout 0.0
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
+    'model.encoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
+    'model.decoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
+    'model.encoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.self_attn_cfg.dropout': 0.0,
+    'model.decoder.layer_cfg.cross_attn_cfg.dropout': 0.0,
+    'model.bbox_head.loss_cls.loss_weight': 1.0,  # [pp900] --cls_loss_coef
+    'model.bbox_head.loss_cls.alpha': 0.25,  # [main] --focal_alpha
+    'model.bbox_head.loss_bbox.loss_weight': 5.0,  # [main] --bbox_loss_coef
+    'model.bbox_head.loss_iou.loss_weight': 2.0,  # [main] --giou_loss_coef
+    'model.train_cfg.assigner.match_costs.0.weight': 2.0,  # set_cost_class
+    'model.train_cfg.assigner.match_costs.1.weight': 5.0,  # set_cost_bbox
+    'model.train_cfg.assigner.match_costs.2.weight': 2.0,  # set_cost_giou
+    'model.test_cfg.max_per_img': 300,  # [pp900] --topk_eval 300
+    'model.branches.0.type': 'MSDETRBranch',  # [pp900] --use_ms_detr
+    'model.branches.0.num_layers': 6,  # [main] --dec_layers
+    'model.branches.0.assigner.k': 6,  # [detr] o2m_matcher_k=6
+    'model.branches.0.assigner.threshold': 0.4,  # o2m_matcher_threshold
+    'model.branches.0.assigner.iou_weight': 0.7,  # [o2m] coef_box
+    'model.branches.0.assigner.cls_weight': 0.3,  # [o2m] coef_cls
+    'model.branches.0.assigner.positive_fraction': 0.25,  # [o2m]
+    'model.branches.0.loss_cls.type': 'FocalLoss',  # [detr] loss_labels
+    'model.branches.0.loss_cls.alpha': 0.25,  # [main] --focal_alpha
+    'model.branches.0.loss_cls.gamma': 2.0,  # [detr] gamma=2
+    'model.branches.0.loss_cls.loss_weight': 2.0,  # --o2m_cls_loss_coef
+    'model.branches.0.loss_bbox.loss_weight': 5.0,  # --o2m_bbox_loss_coef
+    'model.branches.0.loss_iou.loss_weight': 2.0,  # --o2m_giou_loss_coef
+    # [pp900] --enc_cls_loss_coef 2 --enc_bbox_loss_coef 5
+    # --enc_giou_loss_coef 2
+    'model.branches.0.encoder_loss_weights': (2.0, 5.0, 2.0),
+    'optim_wrapper.optimizer.type': 'AdamW',
+    'optim_wrapper.optimizer.lr': 2e-4,  # [main] --lr
+    'optim_wrapper.optimizer.weight_decay': 1e-4,  # [main] --weight_decay
+    'optim_wrapper.clip_grad.max_norm': 0.1,  # [main] --clip_max_norm
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult': 0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.reference_points.lr_mult': 0.1,
+    'train_cfg.max_epochs': 12,  # [pp900] --epochs 12
+    'param_scheduler.0.milestones': [11],  # [pp900] --lr_drop 11
+    'train_dataloader.batch_size': 2,  # [main] --batch_size 2 (x 8 GPUs)
+    'auto_scale_lr.base_batch_size': 16,
+}
+
+
+def test_ms_detr_config_has_official_values():
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', MS_DETR_PP))
+    wrong = {key: _resolve(cfg, key) for key, value in MS_DETR_OFFICIAL.items()
+             if _resolve(cfg, key) != value}
+    assert not wrong
+    model = _build_model(cfg)
+    assert type(model).__name__ == 'DeformableDETRPlus'
+    assert [b.name for b in model.extra_branches] == ['o2m']
+    # H-Deformable-DETR's model (FFN 2048, mixed selection) with 900
+    # queries and, instead of the hybrid branch, 6 o2m class heads
+    h_detr = _shapes(_build_model(Config.fromfile(
+        osp.join(REPO_ROOT, 'configs', H_DEFORMABLE_DETR))))
+    ours = _shapes(model)
+    assert {k for k in h_detr if k not in ours} == {
+        'extra_branches.0.content.weight'}
+    assert {k: v for k, v in ours.items() if k not in h_detr} == {
+        f'extra_branches.0.cls_branches.{i}.{p}': (80, 256) if p == 'weight'
+        else (80, ) for i in range(6) for p in ('weight', 'bias')}
+    assert ours['query_embedding.weight'] == (900, 256)
+
+
 def test_h_deformable_detr_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', H_DEFORMABLE_DETR))
     wrong = {key: _resolve(cfg, key) for key, value in H_DETR_OFFICIAL.items()
@@ -446,7 +591,8 @@ def test_coco_config_matches_mmdet(ours, theirs):
     'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py',
     'co-ddq-detr-tiny_shapes.py', 'ddq-detr-lean-tiny_shapes.py',
     'deformable-detr-refine-twostage-tiny_shapes.py',
-    'h-deformable-detr-tiny_shapes.py'])
+    'h-deformable-detr-tiny_shapes.py', 'stable-dino-tiny_shapes.py',
+    'align-detr-tiny_shapes.py', 'ms-detr-tiny_shapes.py'])
 def test_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)

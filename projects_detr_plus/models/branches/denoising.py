@@ -18,14 +18,21 @@ What is new here:
   at most ``2 * max_targets * num_groups`` (dynamic groups: at most
   ``2 * num_dn_queries``) denoising queries;
 * a batch without any ground truth still gives ``label_embedding`` a (zero)
-  gradient, so DDP never sees it unused (mmdet issue #10989).
+  gradient, so DDP never sees it unused (mmdet issue #10989);
+* two options, off by default, for Stable-DINO's recipe:
+  ``negative_noise_offset`` (the negatives' box noise is in
+  ``[offset, offset + 1)`` box half-sizes; Stable-DINO's
+  ``neg_step_type='none'``: 0, as the positives') and ``loss_cls_weight``
+  (the denoising classification loss's weight instead of the head's).
 """
 import torch
 from mmdet.models.layers import CdnQueryGenerator
+from mmdet.models.layers.transformer.utils import inverse_sigmoid
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
+from mmdet.structures.bbox import bbox_xyxy_to_cxcywh
 
-from ..losses.set_losses import (SetTargets, image_factors,
+from ..losses.set_losses import (SetTargets, image_factors, image_index,
                                  layer_loss_dict, layer_losses)
 from .protocol import QueryBranch
 from .queries import QuerySet
@@ -39,6 +46,13 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
         max_targets (int, optional): most ground truths per image used for
             denoising.  Defaults to ``num_dn_queries`` with dynamic groups,
             else unbounded.
+        negative_noise_offset (float): added to the negatives' random box
+            noise (uniform in [0, 1) box half-sizes): 1.0, mmdet's and
+            DINO's; 0.0, Stable-DINO's ``neg_step_type='none'``.
+        loss_cls_weight (float, optional): weight of the classification
+            loss of these queries instead of ``bbox_head.loss_cls``'s
+            (Stable-DINO: 1 while the matched sets' is 6).  None: the
+            head's.
         **kwargs: ``CdnQueryGenerator`` arguments (``num_classes``,
             ``embed_dims``, ``num_matching_queries``, ``label_noise_scale``,
             ``box_noise_scale``, ``group_cfg``).
@@ -46,8 +60,11 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
     name = 'dn'
     belongs_to_main = True  # scaled with the main queries' losses
 
-    def __init__(self, *args, max_targets=None, **kwargs):
+    def __init__(self, *args, max_targets=None, negative_noise_offset=1.0,
+                 loss_cls_weight=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.negative_noise_offset = negative_noise_offset
+        self.loss_cls_weight = loss_cls_weight
         if max_targets is None and self.dynamic_dn_groups:
             max_targets = self.num_dn_queries
         if max_targets is not None and max_targets < 1:
@@ -96,6 +113,10 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
         targets = self.targets(head, queries, metas)
         per_layer = layer_losses(head, predictions.cls_scores,
                                  predictions.bbox_preds, targets)
+        if self.loss_cls_weight is not None:
+            scale = self.loss_cls_weight / head.loss_cls.loss_weight
+            per_layer['loss_cls'] = [
+                loss * scale for loss in per_layer['loss_cls']]
         if queries.num_queries == 0:  # keep label_embedding in the graph
             tie = self.label_embedding.weight.sum() * 0.0
             per_layer['loss_cls'] = [
@@ -114,4 +135,26 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
                           torch.cat(bbox_targets), torch.cat(bbox_weights),
                           image_factors(bbox_targets, batch_img_metas),
                           num_pos,
-                          num_pos * 1.0 + num_neg * head.bg_cls_weight)
+                          num_pos * 1.0 + num_neg * head.bg_cls_weight,
+                          images=image_index([len(t) for t in labels],
+                                             labels[0].device))
+
+    def generate_dn_bbox_query(self, gt_bboxes, num_groups):
+        """mmdet's noised boxes (normalised xyxy in, inverse-sigmoid
+        cxcywh out), the negatives' noise offset by
+        ``negative_noise_offset`` instead of 1."""
+        if self.negative_noise_offset == 1.0:
+            return super().generate_dn_bbox_query(gt_bboxes, num_groups)
+        expand = gt_bboxes.repeat(2 * num_groups, 1)
+        negative = torch.arange(len(expand), device=gt_bboxes.device) // \
+            len(gt_bboxes) % 2 == 1  # the second half of every group
+        # the random draws in mmdet's order
+        sign = torch.randint_like(expand, low=0, high=2,
+                                  dtype=torch.float32) * 2.0 - 1.0
+        noise = torch.rand_like(expand)
+        noise[negative] += self.negative_noise_offset
+        noise *= sign
+        whwh = bbox_xyxy_to_cxcywh(expand)[:, 2:].repeat(1, 2)
+        noised = expand + noise * whwh * self.box_noise_scale / 2
+        noised = bbox_xyxy_to_cxcywh(noised.clamp(min=0.0, max=1.0))
+        return inverse_sigmoid(noised, eps=1e-3)

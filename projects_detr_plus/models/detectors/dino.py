@@ -1,7 +1,7 @@
 """DINO on the query-branch architecture.
 
 Same model as mmdet's ``DINO`` (parameters, state-dict keys, predictions,
-losses) with three differences:
+losses) with four differences:
 
 * layers from :mod:`..layers.transformer` (attention from config, any width);
 * the decoder input is the main queries (mixed query selection: encoder top-k
@@ -10,7 +10,10 @@ losses) with three differences:
   branch computes its own loss.  DINO's denoising is one such branch, and
   ``branches=[...]`` adds more (group, hybrid, ...);
 * ``dn_cfg=None`` builds DINO without denoising; inference never runs any
-  branch but the main one.
+  branch but the main one;
+* ``encoder=dict(type=...)`` may name another registered encoder class
+  (Stable-DINO's :class:`~..layers.memory_fusion.DenseFusionEncoder`);
+  without a ``type``, our :class:`DeformableEncoderPlus`.
 
 Group DETR (``GroupQueryBranch``) and H-DETR (``HybridMatchingBranch``) are
 such branches: Group-DINO and H-DINO are this detector with a ``branches``
@@ -77,6 +80,15 @@ class DINOPlus(QueryBranchDetector, DINO):
         return cfg
 
     def _init_layers(self):
+        encoder = dict(self.encoder)
+        encoder_type = encoder.pop('type', None)
+        if encoder_type is not None:  # the config's encoder class
+            self.encoder_type = MODELS.get(encoder_type) if isinstance(
+                encoder_type, str) else encoder_type
+            if self.encoder_type is None:
+                raise KeyError(f'encoder type {encoder_type!r} is not '
+                               'registered in mmdet.registry.MODELS')
+            self.encoder = encoder
         init_transformer_modules(self)
         self.query_embedding = nn.Embedding(self.num_queries, self.embed_dims)
         self.memory_trans_fc = nn.Linear(self.embed_dims, self.embed_dims)

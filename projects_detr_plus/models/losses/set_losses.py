@@ -46,6 +46,8 @@ class SetTargets:
             this rank (DETR: ``num_pos + bg_cls_weight * num_neg``).
         matched_gt (Tensor | None): (M, ) long, the index of each query's
             ground truth in its image (-1: none), when matched.
+        images (Tensor | None): (M, ) long, the image of each query (a
+            soft target normalised per image needs it).
     """
     labels: Tensor
     label_weights: Tensor
@@ -55,6 +57,15 @@ class SetTargets:
     num_pos: float
     cls_avg_factor: float
     matched_gt: Optional[Tensor] = None
+    images: Optional[Tensor] = None
+
+
+def image_index(sizes, device=None) -> Tensor:
+    """(sum sizes, ) long: the image of each row, images of ``sizes``
+    rows one after the other."""
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device),
+        torch.tensor(list(sizes), dtype=torch.long, device=device))
 
 
 def image_factors(boxes_per_image, batch_img_metas) -> Tensor:
@@ -117,7 +128,10 @@ def _cls_target(head, cls_scores, bbox_preds, targets):
         bbox_cxcywh_to_xyxy(targets.bbox_targets[positive]), is_aligned=True)
     if soft:
         prob = cls_scores[positive, labels[positive]].detach().sigmoid()
-        iou = head.loss_cls.soft_target(prob, iou) * \
+        iou = head.loss_cls.soft_target(prob, iou)
+        images = targets.images
+        iou = head.loss_cls.image_target(
+            iou, None if images is None else images[positive]) * \
             targets.bbox_weights[positive, 0]
     quality[positive] = iou.to(quality.dtype)  # bf16 under CPU autocast
     return labels, quality
@@ -138,7 +152,8 @@ def collate_targets(per_image, boxes_per_image, batch_img_metas,
         torch.cat(labels), torch.cat(label_weights), torch.cat(bbox_targets),
         torch.cat(bbox_weights),
         image_factors(boxes_per_image, batch_img_metas), num_pos,
-        num_pos * 1.0 + num_neg * bg_cls_weight, matched)
+        num_pos * 1.0 + num_neg * bg_cls_weight, matched,
+        image_index([len(b) for b in boxes_per_image], labels[0].device))
 
 
 def matched_targets(head, cls_scores: List[Tensor], bbox_preds: List[Tensor],
@@ -213,7 +228,8 @@ def fixed_targets(labels: Tensor, bbox_targets: Tensor, weights: Tensor,
     return SetTargets(
         labels.reshape(-1), weights.reshape(-1), bbox_targets.reshape(-1, 4),
         bbox_weights.reshape(-1, 1).expand(-1, 4),
-        image_factors(list(bbox_targets), batch_img_metas), num_pos, num_pos)
+        image_factors(list(bbox_targets), batch_img_metas), num_pos, num_pos,
+        images=image_index([labels.shape[1]] * len(labels), labels.device))
 
 
 def layer_losses(head, cls_scores: Tensor, bbox_preds: Tensor, targets,

@@ -53,6 +53,10 @@ METHODS = {
     'ddq-fcn': 'configs/shapes/ddq-fcn-tiny_shapes.py',
     'sparse-rcnn': 'configs/shapes/sparse-rcnn-tiny_shapes.py',
     'ddq-rcnn': 'configs/shapes/ddq-rcnn-tiny_shapes.py',
+    # supervision tricks beyond the seeds (issue #31)
+    'align-dino': 'configs/shapes/align-detr-tiny_shapes.py',
+    'stable-dino': 'configs/shapes/stable-dino-tiny_shapes.py',
+    'ms-detr': 'configs/shapes/ms-detr-tiny_shapes.py',
 }
 # the tiny backbone's four ResNet stages (strides 4-32) as the 4 levels
 P2_LEVELS = {'model.backbone.out_indices': (0, 1, 2, 3),
@@ -95,6 +99,8 @@ BASES = {
     'h-deformable-detr': 'deformable-detr-2stage',
     'co-deformable-detr': 'deformable-detr-2stage',
     'ddq-fcn': 'atss', 'ddq-rcnn': 'sparse-rcnn',
+    'align-dino': 'dino', 'stable-dino': 'dino',
+    'ms-detr': 'deformable-detr-2stage',
 }
 BASES.update({name: base for name, (base, _) in VARIANTS.items()})
 

@@ -146,7 +146,6 @@ class AlignDETRBranch(QueryBranch):
         targets = matched_targets(head, cls_list, box_list, repeated, metas)
         flat_cls, flat_box = torch.cat(cls_list), torch.cat(box_list)
         weight = self._match_weights(head, flat_cls, flat_box, targets,
-                                     [len(c) for c in cls_list],
                                      [len(gt) for gt in gts], k)
         targets.bbox_weights = weight[:, None].expand(-1, 4)
         targets.num_pos = targets.cls_avg_factor = float(
@@ -159,15 +158,13 @@ class AlignDETRBranch(QueryBranch):
         return max(1, min(int(num_queries * 0.5 / len(gt)), k)) if len(
             gt) else k
 
-    def _match_weights(self, head, cls_scores, bbox_preds, targets, sizes,
+    def _match_weights(self, head, cls_scores, bbox_preds, targets,
                        num_gts, k):
         """(M, ) rank weight of each match (0 for the unmatched): the k
         matches of a ground truth ranked by their quality ``t``."""
         matched = targets.matched_gt
         positive = (matched >= 0).nonzero().squeeze(1)
-        image = torch.repeat_interleave(
-            torch.arange(len(sizes), device=matched.device),
-            torch.tensor(sizes, device=matched.device))[positive]
+        image = targets.images[positive]
         gt = matched[positive] % torch.tensor(
             num_gts, device=matched.device).clamp(min=1)[image]
         key = image * (max(num_gts) + 1) + gt

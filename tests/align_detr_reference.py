@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 
 from conftest import REPO_ROOT
-from reference_stubs import box_area, module
+from reference_stubs import detrex_stubs, module
 
 REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
                      'idea-research-detrex-align-detr')
@@ -27,16 +27,7 @@ def available():
 @contextmanager
 def _stubbed_modules():
     """torchvision, detrex.layers and detrex.utils, only while loading."""
-    boxes = module('torchvision.ops.boxes', box_area=box_area)
-    stubs = {
-        'torchvision': module('torchvision', __path__=[]),
-        'torchvision.ops': module('torchvision.ops', __path__=[],
-                                  boxes=boxes),
-        'torchvision.ops.boxes': boxes,
-        'detrex': module('detrex', __path__=[]),
-        'detrex.utils': module('detrex.utils', get_world_size=lambda: 1,
-                               is_dist_avail_and_initialized=lambda: False),
-    }
+    stubs = detrex_stubs()
     saved = {name: sys.modules.get(name) for name in stubs}
     sys.modules.update(stubs)
     spec = importlib.util.spec_from_file_location(

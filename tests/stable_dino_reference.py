@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from conftest import REPO_ROOT
-from reference_stubs import box_area, module
+from reference_stubs import detrex_stubs, module
 
 SHARED = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference')
 REFERENCE = osp.join(SHARED, 'idea-research-stable-dino')
@@ -67,19 +67,9 @@ class TransformerLayerSequence(nn.Module):
 def _stubbed_modules():
     """torchvision, detrex.{utils,layers,modeling.criterion}, only while
     loading."""
-    boxes = module('torchvision.ops.boxes', box_area=box_area)
-    stubs = {
-        'torchvision': module('torchvision', __path__=[]),
-        'torchvision.ops': module('torchvision.ops', __path__=[],
-                                  boxes=boxes),
-        'torchvision.ops.boxes': boxes,
-        'detrex': module('detrex', __path__=[]),
-        'detrex.utils': module(
-            'detrex.utils', get_world_size=lambda: 1,
-            is_dist_avail_and_initialized=lambda: False,
-            inverse_sigmoid=None),
-        'detrex.modeling': module('detrex.modeling', __path__=[]),
-    }
+    stubs = dict(detrex_stubs(inverse_sigmoid=None),
+                 **{'detrex.modeling': module('detrex.modeling',
+                                              __path__=[])})
     names = list(stubs) + ['detrex.layers', 'detrex.layers.box_ops',
                            'detrex.modeling.criterion',
                            'detrex.modeling.criterion.criterion']

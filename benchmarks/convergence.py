@@ -57,6 +57,11 @@ METHODS = {
     'align-dino': 'configs/shapes/align-detr-tiny_shapes.py',
     'stable-dino': 'configs/shapes/stable-dino-tiny_shapes.py',
     'ms-detr': 'configs/shapes/ms-detr-tiny_shapes.py',
+    # their combinations with the seeds' detectors (issue #31)
+    'co-dino+stable': 'configs/shapes/co-dino-stable-tiny_shapes.py',
+    'ddq-detr+align': 'configs/shapes/ddq-detr-align-tiny_shapes.py',
+    'h-deformable+ms-detr':
+    'configs/shapes/h-deformable-ms-detr-tiny_shapes.py',
 }
 # the tiny backbone's four ResNet stages (strides 4-32) as the 4 levels
 P2_LEVELS = {'model.backbone.out_indices': (0, 1, 2, 3),
@@ -101,6 +106,10 @@ BASES = {
     'ddq-fcn': 'atss', 'ddq-rcnn': 'sparse-rcnn',
     'align-dino': 'dino', 'stable-dino': 'dino',
     'ms-detr': 'deformable-detr-2stage',
+    # a combination's base is its detector; its trick's own run is the
+    # other part it is compared with (README)
+    'co-dino+stable': 'co-dino', 'ddq-detr+align': 'ddq-detr',
+    'h-deformable+ms-detr': 'h-deformable-detr',
 }
 BASES.update({name: base for name, (base, _) in VARIANTS.items()})
 

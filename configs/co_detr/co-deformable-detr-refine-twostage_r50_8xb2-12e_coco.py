@@ -16,7 +16,7 @@
 # at test without NMS).
 _base_ = ('../deformable_detr/'
           'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py')
-custom_hooks = [dict(type='RandomStateHook')]
+custom_hooks = [dict(type='RandomStateHook'), dict(type='NonFiniteGuardHook')]
 
 num_dec_layer = 6  # [cfg] num_dec_layer = 6
 lambda_2 = 2.0  # [cfg] lambda_2 = 2.0

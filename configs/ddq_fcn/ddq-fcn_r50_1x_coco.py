@@ -9,6 +9,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py'
 ]
 custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+# a NaN / Inf loss or gradient skips its step and is named (DETR+)
+custom_hooks = [dict(type='NonFiniteGuardHook')]
 
 model = dict(
     type='DDQFCN',  # cfg: SingleStageDetector

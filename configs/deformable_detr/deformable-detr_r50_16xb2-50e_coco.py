@@ -4,7 +4,7 @@ _base_ = 'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'
 
 custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
 # checkpoints carry the random generators: resume continues the same run
-custom_hooks = [dict(type='RandomStateHook')]
+custom_hooks = [dict(type='RandomStateHook'), dict(type='NonFiniteGuardHook')]
 
 model = dict(
     type='DeformableDETRPlus',

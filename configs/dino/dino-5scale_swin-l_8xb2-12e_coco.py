@@ -7,7 +7,7 @@ _base_ = 'mmdet::dino/dino-5scale_swin-l_8xb2-12e_coco.py'
 
 custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
 # checkpoints carry the random generators: resume continues the same run
-custom_hooks = [dict(type='RandomStateHook')]
+custom_hooks = [dict(type='RandomStateHook'), dict(type='NonFiniteGuardHook')]
 
 model = dict(
     type='DINOPlus',

@@ -35,4 +35,7 @@ val_evaluator = dict(ann_file=data_root + 'annotations/val.json')
 test_evaluator = val_evaluator
 # before training and validation: the heads' num_classes must equal the
 # number of classes in metainfo (mmdet's check, error otherwise)
-custom_hooks = [dict(type='RandomStateHook'), dict(type='NumClassCheckHook')]
+custom_hooks = [
+    dict(type='RandomStateHook'), dict(type='NumClassCheckHook'),
+    dict(type='NonFiniteGuardHook')
+]

@@ -22,5 +22,6 @@ default_hooks = dict(checkpoint=dict(interval=max_iters))
 custom_hooks = [
     dict(type='RandomStateHook'),
     dict(type='NumClassCheckHook'),
+    dict(type='NonFiniteGuardHook'),
     dict(type='TrainTimeBudgetHook', seconds=12 * 60),
 ]

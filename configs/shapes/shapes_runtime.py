@@ -83,8 +83,12 @@ default_hooks = dict(
         type='CheckpointHook', by_epoch=False, interval=max_iters,
         max_keep_ckpts=2))
 # checkpoints carry the random generators: resume continues the same run;
-# mmdet's NumClassCheckHook stops a num_classes / dataset classes mismatch
-custom_hooks = [dict(type='RandomStateHook'), dict(type='NumClassCheckHook')]
+# mmdet's NumClassCheckHook stops a num_classes / dataset classes mismatch;
+# a NaN / Inf loss or gradient skips its step and is named
+custom_hooks = [
+    dict(type='RandomStateHook'), dict(type='NumClassCheckHook'),
+    dict(type='NonFiniteGuardHook')
+]
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
 auto_scale_lr = dict(base_batch_size=4, enable=False)

@@ -4,6 +4,7 @@ from .checkpoint import install_local_checkpoint_loader, load_from_local_trusted
 from .distributed import (install_cpu_distributed_fallback,
                           leave_process_group)
 from .flops import install_flop_handle
+from .non_finite import NonFiniteGuardHook, NonFiniteTrainingError
 from .random_state import RandomStateHook, get_rng_state, set_rng_state
 from .time_budget import TrainTimeBudgetHook
 
@@ -15,6 +16,7 @@ __all__ = [
     'CPUBF16AutocastOptimWrapper', 'install_local_checkpoint_loader',
     'install_cpu_distributed_fallback', 'install_flop_handle',
     'leave_process_group',
-    'load_from_local_trusted', 'RandomStateHook', 'get_rng_state',
+    'load_from_local_trusted', 'NonFiniteGuardHook',
+    'NonFiniteTrainingError', 'RandomStateHook', 'get_rng_state',
     'set_rng_state', 'TrainTimeBudgetHook'
 ]

@@ -1,6 +1,6 @@
 """Loading runner checkpoints with torch >= 2.6.
 
-torch 2.6 made ``torch.load`` default to ``weights_only=True``.  mmengine 0.10.x
+torch 2.6 made ``torch.load`` default to ``weights_only=True``. mmengine 0.10.x
 calls ``torch.load(filename, map_location=...)`` for local files, and its
 runner checkpoints hold more than tensors (the message hub's history buffers,
 numpy scalars, the config), so ``--resume`` and ``load_from`` fail with an
@@ -23,6 +23,9 @@ import os.path as osp
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from .checkpoint_files import (IncompleteCheckpointError,
+                               is_incomplete_checkpoint)
+
 LOCAL_SCHEME = ''
 
 
@@ -32,8 +35,16 @@ def load_from_local_trusted(filename, map_location=None):
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     weights_only = os.getenv('DETR_PLUS_WEIGHTS_ONLY', '0') == '1'
-    return torch.load(filename, map_location=map_location,
-                      weights_only=weights_only)
+    try:
+        return torch.load(filename, map_location=map_location,
+                          weights_only=weights_only)
+    except Exception as error:
+        if not is_incomplete_checkpoint(filename):
+            raise
+        raise IncompleteCheckpointError(
+            f'{filename} is not a complete checkpoint (cut off while being '
+            f'written?): {error}. `--resume` without a path continues from '
+            f'the newest complete checkpoint of the work dir.') from error
 
 
 def install_local_checkpoint_loader():

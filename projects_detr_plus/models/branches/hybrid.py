@@ -44,17 +44,27 @@ class HybridMatchingBranch(QueryBranch):
         num_queries (int): M, the size of the set (1500 in H-DETR).
         k_one_to_many (int): copies of each ground truth (6 in H-DETR).
         loss_weight (float): the branch's loss weight (lambda, 1.0).
+        normalise_by (str): what divides the losses: ``'targets'``, the
+            number of repeated ground truths (k x objects; the official
+            ``SetCriterion``'s ``num_boxes``), or ``'matches'``, the number
+            of matched queries (mmdet's convention).  They differ when an
+            image has more than M / k objects.
         num_classes, embed_dims, num_matching_queries (int): filled in by the
             detector; ``num_matching_queries`` is the main set's N.
     """
     name = 'hybrid'
 
     def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 num_queries=1500, k_one_to_many=6, loss_weight=1.0):
+                 num_queries=1500, k_one_to_many=6, loss_weight=1.0,
+                 normalise_by='targets'):
         super().__init__()
         if num_queries < 1 or k_one_to_many < 1:
             raise ValueError('num_queries and k_one_to_many must be >= 1, '
                              f'got {num_queries} and {k_one_to_many}')
+        if normalise_by not in ('targets', 'matches'):
+            raise ValueError("normalise_by must be 'targets' or 'matches', "
+                             f'got {normalise_by!r}')
+        self.normalise_by = normalise_by
         self.num_queries = num_queries
         self.num_main_queries = num_matching_queries
         self.k_one_to_many = k_one_to_many
@@ -88,7 +98,11 @@ class HybridMatchingBranch(QueryBranch):
         """
         repeated = [InstanceData.cat([s.gt_instances] * self.k_one_to_many)
                     for s in batch_data_samples]
+        normaliser = None
+        if self.normalise_by == 'targets':
+            normaliser = sum(len(gt) for gt in repeated)
         return matched_set_loss(
             detector.bbox_head, f'{self.name}_', predictions.cls_scores,
             predictions.bbox_preds, repeated,
-            [s.metainfo for s in batch_data_samples], self.loss_weight)
+            [s.metainfo for s in batch_data_samples], self.loss_weight,
+            normaliser=normaliser)

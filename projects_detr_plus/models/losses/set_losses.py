@@ -273,7 +273,7 @@ def per_image(x: Tensor, keep: Optional[Tensor]) -> List[Tensor]:
 def matched_set_loss(head, prefix: str, cls_scores: Tensor,
                      bbox_preds: Tensor, batch_gt_instances, batch_img_metas,
                      loss_weight: float = 1.0, keeps=None,
-                     **assign_args) -> dict:
+                     normaliser=None, **assign_args) -> dict:
     """``head.assigner``'s matching and the set loss, every layer, named.
 
     Args:
@@ -282,13 +282,20 @@ def matched_set_loss(head, prefix: str, cls_scores: Tensor,
         bbox_preds (Tensor): (num_layers, bs, n, 4), normalised cxcywh.
         loss_weight (float): multiplies every loss.
         keeps (list[Tensor | None], optional): see :func:`layer_losses`.
+        normaliser (float, optional): divides every loss instead of the
+            number of matched queries (mmdet's): e.g. the number of targets,
+            as the official DETR criteria (they differ when an image has
+            more targets than queries).
         **assign_args: see :func:`matched_targets`.
     """
     def match(layer_cls, layer_bbox, keep):
-        return matched_targets(head, per_image(layer_cls, keep),
-                               per_image(layer_bbox, keep),
-                               batch_gt_instances, batch_img_metas,
-                               **assign_args)
+        targets = matched_targets(head, per_image(layer_cls, keep),
+                                  per_image(layer_bbox, keep),
+                                  batch_gt_instances, batch_img_metas,
+                                  **assign_args)
+        if normaliser is not None:
+            targets.num_pos = targets.cls_avg_factor = float(normaliser)
+        return targets
     per_layer = layer_losses(head, cls_scores, bbox_preds, match, keeps)
     return layer_loss_dict(prefix, per_layer, loss_weight)
 

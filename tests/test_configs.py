@@ -64,7 +64,7 @@ def _shapes(model):
 # our COCO config with query branches -> (the DINO config it extends or
 # None, the branch names it adds)
 BRANCH_CONFIGS = {
-    'group_detr/group-dino-4scale_r50_8xb2-12e_coco.py':
+    'group_detr/group-dino-4scale_r50_4xb2-12e_coco.py':
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['group']),
     'h_detr/h-dino-4scale_r50_8xb2-12e_coco.py':
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['hybrid']),

@@ -161,11 +161,11 @@ def test_finetuning_from_an_official_checkpoint(official,
     """3 classes: the class-dependent weights (found under our names, so
     after the conversion) keep their initialisation, the rest loads."""
     from projects_detr_plus.models.compat.co_detr_checkpoints import (
-        ONE_STAGE, RCNN, branch_kinds)
+        RCNN, branch_kinds)
     model = with_official_hook(build_ours(num_classes=3))
     kinds = branch_kinds(model)
     rcnn = f'extra_branches.{kinds.index(RCNN)}.aux_head.'
-    atss = f'extra_branches.{kinds.index(ONE_STAGE)}.aux_head.'
+    atss = f'extra_branches.{kinds.index("atss")}.aux_head.'
     init = {k: v.clone() for k, v in model.state_dict().items()}
     load_checkpoint(model, official['checkpoint'], map_location='cpu')
     own = model.state_dict()
@@ -268,9 +268,27 @@ def test_sense_x_label_embedding_key_loads(ours, official_state_dict):
 def test_unmappable_official_keys_are_named(built):
     model = with_official_hook(built[0])
     extra = 'query_head.transformer.pos_feats_trans.0.weight'
-    state_dict = {'query_head.cls_branches.0.weight': torch.zeros(80, 256),
-                  extra: torch.zeros(256, 256)}
+    state_dict = {k: v for k, v in model.state_dict().items()
+                  if k.startswith('backbone.')}
+    state_dict.update({
+        'query_head.cls_branches.0.weight': torch.zeros(80, 256),
+        extra: torch.zeros(256, 256)})
     with pytest.raises(ValueError, match=extra.replace('.', r'\.')):
+        model.load_state_dict(state_dict)
+
+
+def test_a_backbone_that_does_not_fit_is_named(built):
+    """Never a backbone left at its initialisation with a warning."""
+    model = with_official_hook(built[0])
+    backbone = {k: v for k, v in model.state_dict().items()
+                if k.startswith('backbone.')}
+    state_dict = dict(backbone, **{
+        'query_head.cls_branches.0.weight': torch.zeros(80, 256)})
+    del state_dict['backbone.layer4.2.conv3.weight']
+    state_dict['backbone.conv1.weight'] = torch.zeros(64, 3, 3, 3)
+    with pytest.raises(ValueError, match=r'1 of \d+ backbone weights '
+                       r'missing \(backbone\.layer4\.2\.conv3\.weight\), 1 '
+                       r'of another shape \(backbone\.conv1\.weight\)'):
         model.load_state_dict(state_dict)
 
 
@@ -295,13 +313,14 @@ def test_prefixed_keys_are_renamed_under_their_prefix():
                                 'det.backbone.conv1.weight', 'head.x']
 
 
-@pytest.mark.parametrize('kinds', [('rcnn', 'one-stage'),
-                                   ('one-stage', None, 'rcnn')])
+@pytest.mark.parametrize('kinds', [('rcnn', 'atss'),
+                                   ('atss', None, 'rcnn'),
+                                   ('fcos', 'atss', None, 'rcnn')])
 def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
     """Official aux index: RoI heads first, then one-stage heads."""
     from projects_detr_plus.models.compat.co_detr_checkpoints import \
         official_key_map
-    rcnn, atss = kinds.index('rcnn'), kinds.index('one-stage')
+    rcnn, atss = kinds.index('rcnn'), kinds.index('atss')
     mapping, unmapped = official_key_map(
         list(RCNN_KEYS + ATSS_KEYS + CONTENT_KEYS), list(kinds))
     assert not unmapped
@@ -318,10 +337,40 @@ def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
         CONTENT_KEYS[3]: f'extra_branches.{atss}.content.1.weight'}
 
 
+def test_one_stage_heads_map_by_their_own_kind():
+    """Official ATSS then FCOS (``bbox_head.0``, ``.1``; aux indices 1, 2
+    after the RoI head) into a config that lists FCOS first: each keeps
+    its own weights, ``aux_pos_trans`` included."""
+    from projects_detr_plus.models.compat.co_detr_checkpoints import \
+        official_key_map
+    names = ['bbox_head.0.atss_cls.weight', 'bbox_head.0.cls_convs.0.w',
+             'bbox_head.1.conv_centerness.weight', 'bbox_head.1.cls_convs.0.w',
+             'roi_head.0.bbox_head.fc_cls.weight',
+             'query_head.transformer.aux_pos_trans.1.weight',
+             'query_head.transformer.aux_pos_trans.2.weight']
+    mapping, unmapped = official_key_map(names, ['fcos', 'rcnn', 'atss'])
+    assert not unmapped
+    assert mapping['bbox_head.0.atss_cls.weight'] == \
+        'extra_branches.2.aux_head.atss_cls.weight'
+    assert mapping['bbox_head.0.cls_convs.0.w'] == \
+        'extra_branches.2.aux_head.cls_convs.0.w'
+    assert mapping['bbox_head.1.conv_centerness.weight'] == \
+        'extra_branches.0.aux_head.conv_centerness.weight'
+    assert mapping['query_head.transformer.aux_pos_trans.1.weight'] == \
+        'extra_branches.2.content.0.weight'
+    assert mapping['query_head.transformer.aux_pos_trans.2.weight'] == \
+        'extra_branches.0.content.0.weight'
+    # an official FCOS head has no FCOS branch to go to
+    _, unmapped = official_key_map(names, ['rcnn', 'atss', 'atss'])
+    assert unmapped == ['bbox_head.1.cls_convs.0.w',
+                        'bbox_head.1.conv_centerness.weight',
+                        'query_head.transformer.aux_pos_trans.2.weight']
+
+
 def test_heads_without_branch_of_their_kind_are_unmapped():
     from projects_detr_plus.models.compat.co_detr_checkpoints import \
         official_key_map
-    _, unmapped = official_key_map(list(RCNN_KEYS + ATSS_KEYS), ['one-stage'])
+    _, unmapped = official_key_map(list(RCNN_KEYS + ATSS_KEYS), ['atss'])
     assert unmapped == sorted(RCNN_KEYS)
     _, unmapped = official_key_map(['rpn_head.rpn_cls.weight'],
                                    ['rcnn', 'rcnn'])

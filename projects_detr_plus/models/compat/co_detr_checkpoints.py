@@ -22,12 +22,16 @@ Where the two official layouts differ:
 The auxiliary heads map by kind, not by our branch order: the official
 model numbers them RoI heads first (``rpn_head`` + ``roi_head.0`` = aux
 index 0, the index of ``transformer.aux_pos_trans.0``), then the one-stage
-heads (``bbox_head.0``, ATSS = aux index 1); our branches are matched in
-their order among those with an R-CNN head (:class:`~.aux_heads.CoRCNNHead`)
-and among the others.  A branch's ``content`` (Linear, LayerNorm) is the
-official ``aux_pos_trans`` / ``aux_pos_trans_norm`` of its head, and the
-extra stride-2 pyramid level shared by the heads (official
-``query_head.downsample``) is the detector's ``encoder_extra_level``.
+heads (``bbox_head.0``, ATSS = aux index 1). A kind is ``'rcnn'`` (an R-CNN
+head, :class:`~.aux_heads.CoRCNNHead`) or a one-stage head's kind, told
+apart by the layers its checkpoint carries (:data:`ONE_STAGE_KINDS`: ATSS
+has ``atss_cls``, FCOS ``conv_centerness``, ...), so a config that lists
+FCOS before ATSS still gets each head's own weights; official heads of one
+kind go to our branches of that kind in order. A branch's ``content``
+(Linear, LayerNorm) is the official ``aux_pos_trans`` /
+``aux_pos_trans_norm`` of its head, and the extra stride-2 pyramid level
+shared by the heads (official ``query_head.downsample``) is the detector's
+``encoder_extra_level``.
 """
 import re
 
@@ -37,7 +41,10 @@ from ..aux_heads import CoRCNNHead
 
 QUERY_HEAD = 'query_head.'
 RCNN = 'rcnn'
-ONE_STAGE = 'one-stage'
+ONE_STAGE = 'one-stage'  # a one-stage head of no kind below
+#: one-stage kind -> a layer name that only that head's state dict has
+ONE_STAGE_KINDS = {'atss': 'atss_cls.', 'fcos': 'conv_centerness.',
+                   'retina': 'retina_cls.'}
 
 #: official ``query_head.`` names -> ours: (regex matched at the start of
 #: the name after ``query_head.``, replacement of the matched part)
@@ -80,32 +87,51 @@ def is_official_layout(names):
     return any(name.startswith(QUERY_HEAD) for name in names)
 
 
+def one_stage_kind(names):
+    """The kind of a one-stage head from its state-dict keys (without
+    its prefix): a key of :data:`ONE_STAGE_KINDS`, else
+    :data:`ONE_STAGE`."""
+    for kind, layer in ONE_STAGE_KINDS.items():
+        if any(name.startswith(layer) for name in names):
+            return kind
+    return ONE_STAGE
+
+
+def head_kind(head):
+    """The kind of an auxiliary head module (None: no head)."""
+    if head is None:
+        return None
+    if isinstance(head, CoRCNNHead):
+        return RCNN
+    return one_stage_kind(list(head.state_dict()))
+
+
 def branch_kinds(detector):
-    """Per ``detector.extra_branches`` entry: :data:`RCNN`,
-    :data:`ONE_STAGE` or None (a branch without auxiliary head)."""
-    kinds = []
-    for branch in getattr(detector, 'extra_branches', ()):
-        head = getattr(branch, 'aux_head', None)
-        kinds.append(None if head is None else
-                     RCNN if isinstance(head, CoRCNNHead) else ONE_STAGE)
-    return kinds
+    """Per ``detector.extra_branches`` entry: its auxiliary head's kind
+    (:func:`head_kind`; None for a branch without one)."""
+    return [head_kind(getattr(branch, 'aux_head', None))
+            for branch in getattr(detector, 'extra_branches', ())]
 
 
 def branch_kinds_from_config(branches):
     """:func:`branch_kinds` of a detector config's ``branches`` list,
-    without building it (``aux_head.type`` decides)."""
+    without building it (``aux_head.type`` decides: mmdet's ATSS, FCOS and
+    RetinaNet heads and their subclasses have the layers of their kind)."""
+    from mmdet.models.dense_heads import ATSSHead, FCOSHead, RetinaHead
     from mmdet.registry import MODELS
+    classes = {'atss': ATSSHead, 'fcos': FCOSHead, 'retina': RetinaHead}
     kinds = []
     for cfg in branches:
-        head = cfg.get('aux_head')
-        if head is None:
-            kinds.append(None)
-            continue
-        head_type = head['type']
+        head_type = (cfg.get('aux_head') or {}).get('type')
         if isinstance(head_type, str):
             head_type = MODELS.get(head_type)
-        kinds.append(RCNN if issubclass(head_type, CoRCNNHead)
-                     else ONE_STAGE)
+        if head_type is None:
+            kinds.append(None)
+        elif issubclass(head_type, CoRCNNHead):
+            kinds.append(RCNN)
+        else:
+            kinds.append(next((kind for kind, cls in classes.items()
+                               if issubclass(head_type, cls)), ONE_STAGE))
     return kinds
 
 
@@ -114,10 +140,28 @@ class _AuxLayout:
 
     def __init__(self, names, kinds):
         self.rcnn = [i for i, k in enumerate(kinds) if k == RCNN]
-        self.one_stage = [i for i, k in enumerate(kinds) if k == ONE_STAGE]
         # official aux index j: RoI heads first, then one-stage heads
         self.num_roi = len({int(m.group(1)) for m in (
             re.match(r'roi_head\.(\d+)\.', n) for n in names) if m})
+        self.one_stage = self._one_stage_branches(names, kinds)
+
+    @staticmethod
+    def _one_stage_branches(names, kinds):
+        """{official ``bbox_head`` index: our branch}: the n-th official
+        head of a kind goes to our n-th branch of that kind."""
+        keys = {}
+        for name in names:
+            match = re.match(r'bbox_head\.(\d+)\.(.*)$', name)
+            if match:
+                keys.setdefault(int(match.group(1)), []).append(
+                    match.group(2))
+        taken, branches = {}, {}
+        for index in sorted(keys):
+            kind = one_stage_kind(keys[index])
+            ours = [i for i, k in enumerate(kinds) if k == kind]
+            branches[index] = _at(ours, taken.get(kind, 0))
+            taken[kind] = taken.get(kind, 0) + 1
+        return branches
 
     def roi(self, index):
         """Our branch of official ``roi_head.{index}`` (None: none)."""
@@ -125,7 +169,7 @@ class _AuxLayout:
 
     def one_stage_head(self, index):
         """Our branch of official ``bbox_head.{index}``."""
-        return _at(self.one_stage, index)
+        return self.one_stage.get(index)
 
     def rpn(self):
         """Our branch of the official ``rpn_head`` (one R-CNN branch)."""
@@ -225,6 +269,44 @@ def unmapped_error(unmapped, kinds):
         'tools/convert_co_detr_checkpoint.py --drop-unmapped.')
 
 
+def convert_backbone(module, state_dict, prefix):
+    """Check, and where needed rename, the backbone of an official
+    checkpoint in place: Sense-X's Swin checkpoints carry the original Swin
+    implementation's names (``backbone.layers.N``, ``patch_embed.proj``),
+    which mmdet's ``swin_converter`` turns into its ``SwinTransformer``'s
+    (the patch-merging channel order included).  Then every backbone weight
+    of ``module`` must be in the checkpoint, with its shape.
+
+    Raises:
+        ValueError: naming the backbone weights that are missing or do not
+            fit, instead of leaving the backbone at its initialisation.
+    """
+    ours = {k: v for k, v in module.state_dict().items()
+            if k.startswith('backbone.')}
+    start = len(prefix)
+    theirs = [k for k in state_dict if k.startswith(prefix + 'backbone.')]
+    if any(k[start:].startswith('backbone.layers.') for k in theirs) and any(
+            k.startswith('backbone.stages.') for k in ours):
+        from mmdet.models.backbones.swin import swin_converter
+        converted = swin_converter({
+            k[start + len('backbone.'):]: state_dict.pop(k) for k in theirs})
+        state_dict.update({prefix + k: v for k, v in converted.items()})
+        print_log(f'Official Co-DETR checkpoint: {len(converted)} Swin '
+                  'backbone keys renamed into mmdet\'s SwinTransformer',
+                  logger='current')
+    missing = [k for k in ours if prefix + k not in state_dict]
+    misfit = [k for k in ours if prefix + k in state_dict and
+              state_dict[prefix + k].shape != ours[k].shape]
+    if missing or misfit:
+        raise ValueError(
+            f'official Co-DETR checkpoint: its backbone does not fit this '
+            f'detector\'s ({type(module.backbone).__name__}): '
+            f'{len(missing)} of {len(ours)} backbone weights missing '
+            f'({", ".join(missing[:5])}{", ..." if len(missing) > 5 else ""})'
+            f', {len(misfit)} of another shape ({", ".join(misfit[:5])}); '
+            'the config\'s backbone must be the checkpoint\'s')
+
+
 def convert_official_co_detr(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of a DETR+ detector: an official
     Co-DETR state dict (keys ``{prefix}query_head.*``) is renamed in place
@@ -236,6 +318,8 @@ def convert_official_co_detr(module, state_dict, prefix, *args):
     names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
     if not is_official_layout(names):
         return
+    convert_backbone(module, state_dict, prefix)
+    names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
     kinds = branch_kinds(module)
     mapping, unmapped = official_key_map(names, kinds)
     if unmapped:

@@ -94,6 +94,9 @@ VARIANTS = {
     'ddq-detr+2dec': ('ddq-detr', dict(FUSED_ADAMW, **{
         'model.decoder.num_layers': 2})),
     'ddq-detr+lean': ('ddq-detr', dict(FUSED_ADAMW, **LEAN_QUERIES)),
+    # MS-DETR below its base: its recipe's one-to-one classification
+    # weight 1 replaced by the base's 2, to tell the weight from the branch
+    'ms-detr+cls2': ('ms-detr', {'model.bbox_head.loss_cls.loss_weight': 2.0}),
 }
 METHODS.update({name: METHODS[base] for name, (base, _) in VARIANTS.items()})
 # what each method is compared with: the model it adds its idea to
@@ -334,7 +337,8 @@ def parse_args(argv=None):
                         'and 8 val images')
     parser.add_argument('--combine', nargs='+', metavar='JSON',
                         help='merge the runs of earlier result files (same '
-                        'iterations) into OUT instead of training')
+                        'iterations) into OUT instead of training; with '
+                        '--methods, only those methods')
     parser.add_argument('--run-one', help=argparse.SUPPRESS)
     parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
@@ -368,6 +372,8 @@ def main(argv=None):
             args.recheck = earlier.get('recheck')
             args.interval, args.jobs = earlier['interval'], earlier['jobs']
         args.seeds = sorted(seeds)
+        if args.methods != list(METHODS):  # --methods picks among them
+            runs = {m: r for m, r in runs.items() if m in args.methods}
     else:
         workdir = args.workdir or tempfile.mkdtemp(prefix='convergence_runs_')
         os.makedirs(workdir, exist_ok=True)

@@ -6,7 +6,7 @@ DEMO_CONFIG ?= configs/shapes/ddq-detr-12min_shapes.py
 DEMO_WORK_DIR ?= work_dirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all build-ext clean
+.PHONY: install demo test test-all build-ext docs clean
 
 install:
 	PYTHON=$(PYTHON) bash tools/install.sh
@@ -19,6 +19,10 @@ test: install
 
 test-all: install
 	DETR_PLUS_REQUIRE_EXT=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# the documentation site (mkdocs.yml; strict: any warning fails)
+docs:
+	$(PYTHON) -m mkdocs build --strict -d build/docs
 
 build-ext:
 	$(PYTHON) setup.py build_ext --inplace

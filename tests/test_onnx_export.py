@@ -98,8 +98,8 @@ def assert_same_detections(model, session, shape, seed=0,
     """ONNX Runtime and PyTorch predict on one random batch of ``shape``;
     returns the number of valid detections per image. ``near_ties``: how
     many PyTorch detections of an image may lack an exported twin (a query
-    whose score is within float noise of another's, see README "Known
-    limits"); every other check stays exact."""
+    whose score is within float noise of another's, see docs/deployment.md,
+    "Known limits"); every other check stays exact."""
     from projects_detr_plus.deployment.utils import reference_predictions
     from projects_detr_plus.deployment.verify import match_detections
     inputs = random_batch(shape, seed)

@@ -8,6 +8,7 @@
 #     ~20 minutes on 2 cores);
 #   - mmdet==3.3.0, mmengine 0.10.x, pycocotools, scipy, openmim;
 #   - the optional deploy extra (onnx, onnxruntime, onnxscript);
+#   - the docs requirements (mkdocs, mkdocstrings-python);
 #   - this package (editable, with its compiled MSDeformAttn extension).
 set -euo pipefail
 PYTHON=${PYTHON:-python}
@@ -69,6 +70,13 @@ fi
 if ! have "import onnx, onnxruntime, onnxscript"; then
     say "installing the deploy extra (onnx, onnxruntime, onnxscript)"
     $PIP install -r "$ROOT/requirements-deploy.txt"
+fi
+
+# the documentation tools (requirements-docs.txt): installed here so that
+# `make docs` works and `make test` runs tests/test_docs.py
+if ! have "import mkdocs, mkdocstrings_handlers.python"; then
+    say "installing the docs requirements (mkdocs, mkdocstrings-python)"
+    $PIP install -r "$ROOT/requirements-docs.txt"
 fi
 
 if ! have "import pytest, hypothesis"; then

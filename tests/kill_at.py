@@ -6,7 +6,9 @@ POINT is ``iteration:N`` (before training iteration N, 1-based),
 ``write:NAME`` (halfway through writing the checkpoint file NAME: its
 ``NAME.part``) or ``record:NAME`` (right after ``last_checkpoint`` was
 opened, hence emptied, to record NAME).  The process kills itself, as the
-kernel's SIGKILL would: no handler, no cleanup.
+kernel's SIGKILL would: no handler, no cleanup.  ``raise:R:N`` instead
+raises ``RuntimeError`` on distributed rank R before iteration N (the
+other ranks go on into that iteration's collectives).
 """
 import builtins
 import os
@@ -51,6 +53,19 @@ def _kill_at_iteration(number):
     IterBasedTrainLoop.run_iter = dying_run_iter
 
 
+def _raise_at(rank, number):
+    run_iter = IterBasedTrainLoop.run_iter
+
+    def failing_run_iter(self, data_batch):
+        from mmengine.dist import get_rank
+        if self._iter + 1 == number and get_rank() == rank:
+            raise RuntimeError(f'injected failure on rank {rank} before '
+                               f'iteration {number}')
+        return run_iter(self, data_batch)
+
+    IterBasedTrainLoop.run_iter = failing_run_iter
+
+
 def _kill_in_open(kind, name):
     real_open = builtins.open
 
@@ -82,6 +97,9 @@ def main():
         _kill_at_iteration(int(value))
     elif kind in ('write', 'record'):
         _kill_in_open(kind, value)
+    elif kind == 'raise':
+        rank, _, number = value.partition(':')
+        _raise_at(int(rank), int(number))
     else:
         raise ValueError(f'unknown kill point {point!r}')
     sys.argv = argv

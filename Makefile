@@ -6,7 +6,7 @@ DEMO_CONFIG ?= configs/shapes/ddq-detr-12min_shapes.py
 DEMO_WORK_DIR ?= work_dirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all build-ext docs clean
+.PHONY: install demo test test-all build-ext docs lint clean
 
 install:
 	PYTHON=$(PYTHON) bash tools/install.sh
@@ -19,6 +19,10 @@ test: install
 
 test-all: install
 	DETR_PLUS_REQUIRE_EXT=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# the style check (flake8, isort, yapf, codespell; also a test in make test)
+lint:
+	PYTHON=$(PYTHON) bash tools/lint.sh
 
 # the documentation site (mkdocs.yml; strict: any warning fails)
 docs:

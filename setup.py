@@ -1,7 +1,7 @@
 """Build and install DETR+.
 
-The compiled MSDeformAttn extension (``projects_detr_plus.ops._C``) is built from
-the top-level ``ops/`` folder:
+The compiled MSDeformAttn extension (``projects_detr_plus.ops._C``) is built
+from the top-level ``ops/`` folder:
 
 * the CPU kernel whenever torch and a C++ compiler are available;
 * the CUDA kernel as well when torch has CUDA and a CUDA toolkit is found, or
@@ -20,7 +20,6 @@ import os.path as osp
 import shutil
 import sys
 import warnings
-
 from setuptools import find_packages, setup
 
 ROOT = osp.dirname(osp.abspath(__file__))
@@ -81,17 +80,23 @@ def make_extensions():
     if cuda_sources and _want_cuda(torch, CUDA_HOME):
         define_macros.append(('WITH_CUDA', None))
         ext = CUDAExtension(
-            EXT_NAME, cpp_sources + cuda_sources,
+            EXT_NAME,
+            cpp_sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={'cxx': cxx_flags,
-                                'nvcc': ['-O3', '--use_fast_math',
-                                         '-std=c++17']},
-            extra_link_args=extra_link_args, **kwargs)
+            extra_compile_args={
+                'cxx': cxx_flags,
+                'nvcc': ['-O3', '--use_fast_math', '-std=c++17']
+            },
+            extra_link_args=extra_link_args,
+            **kwargs)
     else:
         ext = CppExtension(
-            EXT_NAME, cpp_sources, define_macros=define_macros,
+            EXT_NAME,
+            cpp_sources,
+            define_macros=define_macros,
             extra_compile_args={'cxx': cxx_flags},
-            extra_link_args=extra_link_args, **kwargs)
+            extra_link_args=extra_link_args,
+            **kwargs)
 
     class TolerantBuildExtension(BuildExtension):
         """Builds the extension, but degrades to the PyTorch path on error."""
@@ -104,8 +109,11 @@ def make_extensions():
                       'installs without it and runs MSDeformAttn on the '
                       'pure-PyTorch path (slower; results are the same).')
 
-    return [ext], {'build_ext': TolerantBuildExtension.with_options(
-        use_ninja=shutil.which('ninja') is not None)}
+    return [ext], {
+        'build_ext':
+        TolerantBuildExtension.with_options(
+            use_ninja=shutil.which('ninja') is not None)
+    }
 
 
 def mim_files():
@@ -120,14 +128,16 @@ def mim_files():
             os.remove(dst)
         elif osp.isdir(dst):
             shutil.rmtree(dst)
-        shutil.copytree(osp.join(ROOT, name), dst,
-                        ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+        shutil.copytree(
+            osp.join(ROOT, name),
+            dst,
+            ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
     shutil.copy(osp.join(ROOT, 'model-index.yml'), mim_dir)
     files = []
     for path in glob.glob(osp.join(mim_dir, '**', '*'), recursive=True):
         if osp.isfile(path):
-            files.append(osp.relpath(path, osp.join(ROOT,
-                                                    'projects_detr_plus')))
+            files.append(
+                osp.relpath(path, osp.join(ROOT, 'projects_detr_plus')))
     return files
 
 
@@ -143,13 +153,15 @@ if __name__ == '__main__':
         long_description=open(osp.join(ROOT, 'README.md')).read(),
         long_description_content_type='text/markdown',
         python_requires='>=3.8',
-        packages=find_packages(include=['projects_detr_plus',
-                                        'projects_detr_plus.*']),
+        packages=find_packages(
+            include=['projects_detr_plus', 'projects_detr_plus.*']),
         package_data={'projects_detr_plus': mim_files()},
         include_package_data=False,
         install_requires=read_requirements(),
         # ONNX export / ONNX Runtime: pip install "projects_detr_plus[deploy]"
-        extras_require={'deploy': read_requirements('requirements-deploy.txt')},
+        extras_require={
+            'deploy': read_requirements('requirements-deploy.txt')
+        },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

@@ -53,8 +53,8 @@ def measure(args):
     """Train ``args.setting``; print peak MB and seconds per step."""
     torch.manual_seed(0)
     model, optim = build(load_config(args.config, args.setting), args.device)
-    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
-                            0, args.device)
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts, 0,
+                            args.device)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -65,17 +65,21 @@ def measure(args):
         if args.device.startswith('cuda'):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20
-            if args.device.startswith('cuda') else peak_rss_mb())
+    peak = (
+        torch.cuda.max_memory_allocated() /
+        2**20 if args.device.startswith('cuda') else peak_rss_mb())
     print(json.dumps(dict(peak_mb=peak, seconds=min(times[1:] or times))))
 
 
 def run_setting(args, setting):
-    cmd = [sys.executable, __file__, '--measure', '--setting', setting,
-           '--config', args.config, '--image-size', str(args.image_size),
-           '--batch-size', str(args.batch_size), '--num-gts',
-           str(args.num_gts), '--steps', str(args.steps), '--device',
-           args.device]
+    cmd = [
+        sys.executable, __file__, '--measure', '--setting', setting,
+        '--config', args.config, '--image-size',
+        str(args.image_size), '--batch-size',
+        str(args.batch_size), '--num-gts',
+        str(args.num_gts), '--steps',
+        str(args.steps), '--device', args.device
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f'{setting} failed:\n{out.stderr[-3000:]}')
@@ -84,18 +88,18 @@ def run_setting(args, setting):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--config', choices=list(CONFIGS),
-                        default='co-dino-r50')
+    parser.add_argument(
+        '--config', choices=list(CONFIGS), default='co-dino-r50')
     parser.add_argument('--image-size', type=int, default=512)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--num-gts', type=int, default=10)
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', help='write the result here')
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny model, 128 px, 1 step')
-    parser.add_argument('--measure', action='store_true',
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--quick', action='store_true', help='tiny model, 128 px, 1 step')
+    parser.add_argument(
+        '--measure', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--setting', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -112,9 +116,13 @@ def main(argv=None):
     for r in results.values():
         r['memory_ratio'] = r['peak_mb'] / base['peak_mb']
         r['time_ratio'] = r['seconds'] / base['seconds']
-    result = dict(config=CONFIGS[args.config], image_size=args.image_size,
-                  batch_size=args.batch_size, device=args.device,
-                  machine=machine(args.device), settings=results)
+    result = dict(
+        config=CONFIGS[args.config],
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        machine=machine(args.device),
+        settings=results)
     print('| checkpointing | peak MB | vs none | s/step | vs none |')
     print('|---|---|---|---|---|')
     for name, r in results.items():

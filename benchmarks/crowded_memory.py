@@ -6,7 +6,8 @@ with hundreds of boxes blows up the decoder; ours caps the denoised boxes
 fresh process on a synthetic batch (tiny shapes DINO widened to 256, as
 ``train_step.py --pair dino-tiny``) and its peak memory is reported.
 
-    python benchmarks/crowded_memory.py --json benchmarks/results/crowded_memory_cpu.json
+    python benchmarks/crowded_memory.py \\
+        --json benchmarks/results/crowded_memory_cpu.json
 """
 import argparse
 import sys
@@ -27,22 +28,31 @@ def main(argv=None):
     memory = {}
     for num_gts in args.num_gts:
         step_args = train_step.parse_args([
-            '--pair', 'dino-tiny', '--num-gts', str(num_gts),
-            '--batch-size', str(args.batch_size), '--warmup', '1',
-            '--device', args.device])
-        memory[num_gts] = {which: train_step.peak_memory_mb(step_args, which)
-                           for which in ('ours', 'mmdet')}
+            '--pair', 'dino-tiny', '--num-gts',
+            str(num_gts), '--batch-size',
+            str(args.batch_size), '--warmup', '1', '--device', args.device
+        ])
+        memory[num_gts] = {
+            which: train_step.peak_memory_mb(step_args, which)
+            for which in ('ours', 'mmdet')
+        }
         print(f"{num_gts:4d} boxes/image: ours {memory[num_gts]['ours']:.0f}"
               f" MB, mmdet {memory[num_gts]['mmdet']:.0f} MB")
     low, high = min(memory), max(memory)
-    growth = {which: memory[high][which] / memory[low][which]
-              for which in ('ours', 'mmdet')}
+    growth = {
+        which: memory[high][which] / memory[low][which]
+        for which in ('ours', 'mmdet')
+    }
     print(f'growth from {low} to {high} boxes: ours x{growth["ours"]:.2f}, '
           f'mmdet x{growth["mmdet"]:.2f}')
-    result = dict(device=args.device, machine=train_step.machine(args.device),
-                  batch_size=args.batch_size, image_size=128,
-                  peak_memory_mb=memory, growth=growth,
-                  date=time.strftime('%Y-%m-%d'))
+    result = dict(
+        device=args.device,
+        machine=train_step.machine(args.device),
+        batch_size=args.batch_size,
+        image_size=128,
+        peak_memory_mb=memory,
+        growth=growth,
+        date=time.strftime('%Y-%m-%d'))
     train_step.write_json(result, args.json)
     return result
 

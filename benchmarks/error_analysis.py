@@ -92,11 +92,12 @@ def breakdown(gt_dataset, detections, img_ids, nms_iou):
 
 def predict_val(config, checkpoint, num_images):
     """COCO-format detections of the config's model on its val split."""
+    from mmdet.registry import DATASETS, MODELS
+    from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from mmengine.dataset import pseudo_collate
     from mmengine.runner import load_checkpoint
-    from mmdet.registry import DATASETS, MODELS
-    from mmdet.utils import register_all_modules
+
     import projects_detr_plus  # noqa: F401
     register_all_modules()
     cfg = Config.fromfile(config)
@@ -117,10 +118,12 @@ def predict_val(config, checkpoint, num_images):
         for box, score, label in zip(pred.bboxes.tolist(),
                                      pred.scores.tolist(),
                                      pred.labels.tolist()):
-            detections.append(dict(
-                image_id=sample.img_id, category_id=cat_ids[label],
-                bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                score=score))
+            detections.append(
+                dict(
+                    image_id=sample.img_id,
+                    category_id=cat_ids[label],
+                    bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    score=score))
     with open(cfg.val_evaluator.ann_file) as f:
         gt_dataset = json.load(f)
     return gt_dataset, detections, img_ids
@@ -129,14 +132,21 @@ def predict_val(config, checkpoint, num_images):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
-    parser.add_argument('checkpoint', nargs='?',
-                        help='trained weights (required unless --quick)')
+    parser.add_argument(
+        'checkpoint',
+        nargs='?',
+        help='trained weights (required unless --quick)')
     parser.add_argument('--nms-iou', type=float, default=0.6)
-    parser.add_argument('--num-images', type=int, default=None,
-                        help='the first N val images (default: all)')
+    parser.add_argument(
+        '--num-images',
+        type=int,
+        default=None,
+        help='the first N val images (default: all)')
     parser.add_argument('--json', help='write the result here')
-    parser.add_argument('--quick', action='store_true',
-                        help='smoke run: untrained model, 8 val images')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smoke run: untrained model, 8 val images')
     args = parser.parse_args(argv)
     if args.quick:
         args.num_images = 8
@@ -147,12 +157,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    gt_dataset, detections, img_ids = predict_val(
-        args.config, args.checkpoint, args.num_images)
-    result = dict(config=args.config, checkpoint=args.checkpoint,
-                  images=len(img_ids), nms_iou=args.nms_iou,
-                  scores=breakdown(gt_dataset, detections, img_ids,
-                                   args.nms_iou))
+    gt_dataset, detections, img_ids = predict_val(args.config, args.checkpoint,
+                                                  args.num_images)
+    result = dict(
+        config=args.config,
+        checkpoint=args.checkpoint,
+        images=len(img_ids),
+        nms_iou=args.nms_iou,
+        scores=breakdown(gt_dataset, detections, img_ids, args.nms_iou))
     for name, score in result['scores'].items():
         print(f"{name:14s} mAP {score['mAP']:.3f}  AP50 {score['AP50']:.3f}"
               f"  AR@100 {score['AR100']:.3f}")

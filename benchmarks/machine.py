@@ -25,7 +25,10 @@ def describe(packages=('torch', 'mmdet', 'mmcv', 'mmengine', 'numpy')):
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return dict(cpu=cpu_model(), cores=os.cpu_count(),
-                torch_threads=torch.get_num_threads(),
-                platform=platform.platform(),
-                python=platform.python_version(), versions=versions)
+    return dict(
+        cpu=cpu_model(),
+        cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        versions=versions)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Benchmark of the MSDeformAttn op: DETR+ (compiled), mmcv, plain PyTorch.
 
-    python benchmarks/msda_op.py --device cpu --json benchmarks/results/msda_op_cpu.json
-    python benchmarks/msda_op.py --device cuda --json out.json [--mmcv-src mmcv-2.1.0.tar.gz]
-    python benchmarks/msda_op.py --device cpu --json /tmp/x.json --quick   # smoke test
+    python benchmarks/msda_op.py --device cpu \\
+        --json benchmarks/results/msda_op_cpu.json
+    python benchmarks/msda_op.py --device cuda --json out.json \\
+        [--mmcv-src mmcv-2.1.0.tar.gz]
+    python benchmarks/msda_op.py --device cpu --json /tmp/x.json --quick
 
 Times forward (no_grad) and forward+backward (median over --repeats after
 --warmup untimed runs) and the peak memory of one forward+backward:
@@ -55,7 +57,6 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from machine import cpu_model  # noqa: E402  benchmarks/machine.py
-
 from projects_detr_plus import ops  # noqa: E402
 
 IMPLS = ('ours', 'mmcv', 'pytorch')
@@ -74,19 +75,28 @@ def level_shapes(height, width):
 def case_specs(device, quick):
     """List of case dicts (JSON-serialisable)."""
     if quick:
-        return [dict(name='quick-encoder-realistic', image=[64, 64],
-                     role='encoder', locations='realistic', batch=1,
-                     shapes=[[8, 8], [4, 4], [2, 2], [1, 1]])]
+        return [
+            dict(
+                name='quick-encoder-realistic',
+                image=[64, 64],
+                role='encoder',
+                locations='realistic',
+                batch=1,
+                shapes=[[8, 8], [4, 4], [2, 2], [1, 1]])
+        ]
     images = [(512, 512)] + ([(800, 1333)] if device == 'cuda' else [])
     specs = []
     for height, width in images:
         for role in ('encoder', 'decoder'):
             for locations in ('realistic', 'uniform'):
-                specs.append(dict(
-                    name=f'{role}-{height}x{width}-{locations}',
-                    image=[height, width], role=role, locations=locations,
-                    batch=2, shapes=[list(s) for s in
-                                     level_shapes(height, width)]))
+                specs.append(
+                    dict(
+                        name=f'{role}-{height}x{width}-{locations}',
+                        image=[height, width],
+                        role=role,
+                        locations=locations,
+                        batch=2,
+                        shapes=[list(s) for s in level_shapes(height, width)]))
     return specs
 
 
@@ -96,8 +106,9 @@ def reference_points(spec, num_queries, gen):
         return torch.rand(num_queries, 2, generator=gen)
     points = []
     for h, w in spec['shapes']:  # encoder: one query per pixel, its centre
-        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h,
-                                (torch.arange(w) + 0.5) / w, indexing='ij')
+        ys, xs = torch.meshgrid(
+            (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
+            indexing='ij')
         points.append(torch.stack([xs, ys], -1).reshape(-1, 2))
     return torch.cat(points)
 
@@ -123,15 +134,17 @@ def make_inputs(spec, device, seed=0, dtype=torch.float32):
         direction = direction / direction.abs().max(-1, keepdim=True)[0]
         pixels = direction[:, None, None] * \
             torch.arange(1, NUM_POINTS + 1)[None, None, :, None]
-        pixels = pixels + torch.randn(bs, nq, NUM_HEADS, nl, NUM_POINTS, 2,
-                                      generator=gen)
+        pixels = pixels + torch.randn(
+            bs, nq, NUM_HEADS, nl, NUM_POINTS, 2, generator=gen)
         wh = shapes.flip(1).float()[None, None, None, :, None]
         loc = ref + pixels / wh
     logits = torch.randn(bs, nq, NUM_HEADS, nl * NUM_POINTS, generator=gen)
     attn = logits.softmax(-1).view(bs, nq, NUM_HEADS, nl, NUM_POINTS)
     spec.update(num_keys=num_keys, num_queries=nq)
-    return [t.to(device, dtype if t.is_floating_point() else t.dtype)
-            for t in (value, shapes, starts, loc, attn)]
+    return [
+        t.to(device, dtype if t.is_floating_point() else t.dtype)
+        for t in (value, shapes, starts, loc, attn)
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -195,8 +208,10 @@ def build_mmcv_cuda(src, build_dir=None):
             with tarfile.open(src) as tar:
                 tar.extractall(tree)
         src = tree
-    found = glob.glob(osp.join(src, '**', 'ops', 'csrc', 'pytorch', 'cuda',
-                               'ms_deform_attn_cuda.cu'), recursive=True)
+    found = glob.glob(
+        osp.join(src, '**', 'ops', 'csrc', 'pytorch', 'cuda',
+                 'ms_deform_attn_cuda.cu'),
+        recursive=True)
     if not found:
         raise FileNotFoundError(f'no mmcv/ops/csrc in {src}')
     csrc = osp.dirname(osp.dirname(osp.dirname(found[0])))
@@ -208,12 +223,16 @@ def build_mmcv_cuda(src, build_dir=None):
     with open(binding, 'w') as f:
         f.write(BINDING)
     return load(
-        name='mmcv_msda_bench', sources=[binding, found[0]],
-        extra_include_paths=[osp.join(csrc, 'common'),
-                             osp.join(csrc, 'common', 'cuda'),
-                             osp.dirname(shim)],
+        name='mmcv_msda_bench',
+        sources=[binding, found[0]],
+        extra_include_paths=[
+            osp.join(csrc, 'common'),
+            osp.join(csrc, 'common', 'cuda'),
+            osp.dirname(shim)
+        ],
         extra_cuda_cflags=['-O3', '-DMMCV_WITH_CUDA'],
-        build_directory=work, verbose=False)
+        build_directory=work,
+        verbose=False)
 
 
 def mmcv_impl(device, mmcv_src, build_dir=None):
@@ -225,7 +244,7 @@ def mmcv_impl(device, mmcv_src, build_dir=None):
         except ImportError as error:
             print(f'mmcv unavailable: {error}')
             return None
-        return lambda v, s, st, l, a: mmcv_pytorch(v, s, l, a)
+        return lambda v, s, st, p, a: mmcv_pytorch(v, s, p, a)
     apply = None
     if mmcv_src:
         _BuiltMmcvFunction.ext = build_mmcv_cuda(mmcv_src, build_dir)
@@ -238,22 +257,23 @@ def mmcv_impl(device, mmcv_src, build_dir=None):
         except ImportError as error:
             print(f'mmcv unavailable ({error}); pass --mmcv-src')
             return None
-    def mmcv_cuda(v, s, st, l, a):
+
+    def mmcv_cuda(v, s, st, p, a):
         if v.dtype == torch.bfloat16:
             raise TypeError('mmcv 2.1.0 has no bfloat16 MSDeformAttn kernel '
                             '(AT_DISPATCH_FLOATING_TYPES_AND_HALF)')
-        return apply(v, s, st, l, a, 64)
+        return apply(v, s, st, p, a, 64)
 
     return mmcv_cuda
 
 
-def ours_impl(v, s, st, l, a):
-    return ops.multi_scale_deformable_attn(v, s, st, l, a)
+def ours_impl(v, s, st, p, a):
+    return ops.multi_scale_deformable_attn(v, s, st, p, a)
 
 
-def pytorch_impl(v, s, st, l, a):
+def pytorch_impl(v, s, st, p, a):
     with ops.force_pytorch():
-        return ops.multi_scale_deformable_attn(v, s, st, l, a)
+        return ops.multi_scale_deformable_attn(v, s, st, p, a)
 
 
 def get_impl(name, device, mmcv_src, build_dir=None):
@@ -292,8 +312,8 @@ def median_ms(run, device, warmup, repeats, inner=1):
     times = []
     for _ in range(repeats):
         if device == 'cuda':
-            start, end = (torch.cuda.Event(enable_timing=True)
-                          for _ in range(2))
+            start, end = (
+                torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
             for _ in range(inner):
                 run()
@@ -310,8 +330,11 @@ def median_ms(run, device, warmup, repeats, inner=1):
 
 def output_grad(inputs):
     value, loc = inputs[0], inputs[3]
-    return torch.randn(value.shape[0], loc.shape[1], NUM_HEADS * HEAD_DIMS,
-                       device=value.device).to(value.dtype)
+    return torch.randn(
+        value.shape[0],
+        loc.shape[1],
+        NUM_HEADS * HEAD_DIMS,
+        device=value.device).to(value.dtype)
 
 
 def time_impl(fn, inputs, device, warmup, repeats, inner=1):
@@ -323,8 +346,8 @@ def time_impl(fn, inputs, device, warmup, repeats, inner=1):
 
     return dict(
         fwd_ms=median_ms(forward, device, warmup, repeats, inner),
-        fwd_bwd_ms=median_ms(lambda: fwd_bwd(fn, inputs, grad), device,
-                             warmup, repeats, inner))
+        fwd_bwd_ms=median_ms(lambda: fwd_bwd(fn, inputs, grad), device, warmup,
+                             repeats, inner))
 
 
 def cuda_peak_mb(fn, inputs):
@@ -348,19 +371,21 @@ def compulsory_mb(inputs):
     value, _, _, loc, attn = inputs
     out = value.shape[0] * loc.shape[1] * NUM_HEADS * HEAD_DIMS * \
         value.element_size()
-    sizes = {name: t.numel() * t.element_size()
-             for name, t in (('value', value), ('loc', loc), ('attn', attn))}
+    sizes = {
+        name: t.numel() * t.element_size()
+        for name, t in (('value', value), ('loc', loc), ('attn', attn))
+    }
     fwd = sum(sizes.values()) + out
     bwd = out + 2 * sum(sizes.values())  # read grad_out + inputs, write grads
-    return dict(fwd=fwd / 1e6, bwd_min=bwd / 1e6,
-                bwd_max=(bwd + sizes['value']) / 1e6)
+    return dict(
+        fwd=fwd / 1e6, bwd_min=bwd / 1e6, bwd_max=(bwd + sizes['value']) / 1e6)
 
 
 def copy_bandwidth_tbs(nbytes=2 * 2**30):
     """Device-to-device copy bandwidth (bytes read + written per second)."""
     src = torch.empty(nbytes // 4, device='cuda')
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), 'cuda', 3, 5, 5)
+    ms = median_ms(lambda: dst.copy_(src), 'cuda', 3, 5, 5)  # noqa: F821
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
@@ -375,23 +400,30 @@ def bandwidth_floor(case, gpu_name, copy_tbs):
     for label, tbs in (('datasheet', nominal), ('measured_copy', copy_tbs)):
         if tbs:
             floors[label] = dict(
-                tbs=tbs, fwd_us=mb['fwd'] / tbs,
+                tbs=tbs,
+                fwd_us=mb['fwd'] / tbs,
                 bwd_us=[mb['bwd_min'] / tbs, mb['bwd_max'] / tbs])
     case['floor'] = floors
     if 'datasheet' in floors:
         floor = floors['datasheet']
         case['x_floor'] = {
-            name: dict(fwd=r['fwd_ms'] * 1e3 / floor['fwd_us'],
-                       fwd_bwd=r['fwd_bwd_ms'] * 1e3 /
-                       (floor['fwd_us'] + floor['bwd_us'][0]))
-            for name, r in case['results'].items() if r and 'fwd_ms' in r}
+            name:
+            dict(
+                fwd=r['fwd_ms'] * 1e3 / floor['fwd_us'],
+                fwd_bwd=r['fwd_bwd_ms'] * 1e3 /
+                (floor['fwd_us'] + floor['bwd_us'][0]))
+            for name, r in case['results'].items() if r and 'fwd_ms' in r
+        }
 
 
 def cpu_peak_mb(spec, impl, threads):
     """Peak RSS growth of one fwd+bwd, measured in a fresh subprocess."""
-    cmd = [sys.executable, osp.abspath(__file__), '--device', 'cpu',
-           '--threads', str(threads), '--_memory-child',
-           json.dumps(dict(spec=spec, impl=impl))]
+    cmd = [
+        sys.executable,
+        osp.abspath(__file__), '--device', 'cpu', '--threads',
+        str(threads), '--_memory-child',
+        json.dumps(dict(spec=spec, impl=impl))
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         print(f'memory child failed for {impl}: {proc.stderr[-2000:]}')
@@ -425,11 +457,11 @@ def memory_child(arg):
     spec, impl = job['spec'], job['impl']
     fn = get_impl(impl, 'cpu', None)
     # load kernels / run self-tests on a tiny case before the baseline
-    tiny = make_inputs(dict(spec, shapes=[[2, 2]], role='decoder',
-                            batch=1), 'cpu')
+    tiny = make_inputs(
+        dict(spec, shapes=[[2, 2]], role='decoder', batch=1), 'cpu')
     fwd_bwd(fn, tiny, torch.ones(1, 900, NUM_HEADS * HEAD_DIMS))
-    inputs = make_inputs(spec, 'cpu', dtype=DTYPES[spec.get('dtype',
-                                                            'float32')])
+    inputs = make_inputs(
+        spec, 'cpu', dtype=DTYPES[spec.get('dtype', 'float32')])
     grad = output_grad(inputs)
     try:
         base = _rss_baseline_kib()
@@ -458,7 +490,9 @@ def add_ratios(case):
         if not r or name == 'mmcv' or 'fwd_ms' not in r:
             continue
         case['speedup_vs_mmcv'][name] = {
-            k: mmcv[f'{k}_ms'] / r[f'{k}_ms'] for k in ('fwd', 'fwd_bwd')}
+            k: mmcv[f'{k}_ms'] / r[f'{k}_ms']
+            for k in ('fwd', 'fwd_bwd')
+        }
         if r.get('peak_mb') and mmcv.get('peak_mb'):
             case['memory_ratio_vs_mmcv'][name] = \
                 r['peak_mb'] / mmcv['peak_mb']
@@ -487,51 +521,75 @@ def print_table(cases):
                   f'{fmt(case["memory_ratio_vs_mmcv"].get(name), "9.3f")}')
 
 
-DTYPES = {'float32': torch.float32, 'float16': torch.float16,
-          'bfloat16': torch.bfloat16}
+DTYPES = {
+    'float32': torch.float32,
+    'float16': torch.float16,
+    'bfloat16': torch.bfloat16
+}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    parser.add_argument('--json', help='write the results here (rewritten '
-                        'after every case)')
-    parser.add_argument('--quick', action='store_true',
-                        help='one tiny shape, run once (smoke test)')
+    parser.add_argument(
+        '--json',
+        help='write the results here (rewritten '
+        'after every case)')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='one tiny shape, run once (smoke test)')
     parser.add_argument('--repeats', type=int, default=None)
     parser.add_argument('--warmup', type=int, default=None)
-    parser.add_argument('--inner', type=int, default=20,
-                        help='CUDA: calls per timed loop')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: torch default)')
+    parser.add_argument(
+        '--inner', type=int, default=20, help='CUDA: calls per timed loop')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch CPU threads (default: torch default)')
     parser.add_argument('--impls', default=','.join(IMPLS))
-    parser.add_argument('--dtypes', default=None,
-                        help='comma-separated of float32,float16,bfloat16 '
-                        '(default: float32 on CPU, all three on CUDA)')
-    parser.add_argument('--ab-bwd-lanes', default='',
-                        help='CUDA: also time ours with these values of '
-                        'DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES (comma-separated;'
-                        ' 1 = widest vectors), as ours-bwd-lanesN')
+    parser.add_argument(
+        '--dtypes',
+        default=None,
+        help='comma-separated of float32,float16,bfloat16 '
+        '(default: float32 on CPU, all three on CUDA)')
+    parser.add_argument(
+        '--ab-bwd-lanes',
+        default='',
+        help='CUDA: also time ours with these values of '
+        'DETR_PLUS_MSDA_CUDA_BWD_MIN_LANES (comma-separated;'
+        ' 1 = widest vectors), as ours-bwd-lanesN')
     parser.add_argument('--no-memory', action='store_true')
-    parser.add_argument('--cases', default='',
-                        help='comma-separated substrings: only matching '
-                        'case names')
-    parser.add_argument('--mmcv-src', help='mmcv source tree or sdist to '
-                        'build mmcv\'s CUDA op from when mmcv is missing')
-    parser.add_argument('--mmcv-build-dir', help='where to build it (reused '
-                        'when built there before)')
-    parser.add_argument('--build-mmcv-only', action='store_true',
-                        help='build mmcv\'s op from --mmcv-src and exit')
-    parser.add_argument('--_memory-child', dest='memory_child',
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--cases',
+        default='',
+        help='comma-separated substrings: only matching '
+        'case names')
+    parser.add_argument(
+        '--mmcv-src',
+        help='mmcv source tree or sdist to '
+        'build mmcv\'s CUDA op from when mmcv is missing')
+    parser.add_argument(
+        '--mmcv-build-dir',
+        help='where to build it (reused '
+        'when built there before)')
+    parser.add_argument(
+        '--build-mmcv-only',
+        action='store_true',
+        help='build mmcv\'s op from --mmcv-src and exit')
+    parser.add_argument(
+        '--_memory-child', dest='memory_child', help=argparse.SUPPRESS)
     return parser, parser.parse_args()
 
 
 def with_env(fn, **env):
     """``fn`` to be timed with these environment variables set (read by the
     kernels at each call)."""
+
     def wrapped(*args):
         return fn(*args)
+
     wrapped.env = env
     return wrapped
 
@@ -547,10 +605,16 @@ def run_case(spec, dtype, impls, args, repeats, warmup):
         with mock.patch.dict(os.environ, getattr(fn, 'env', {})):
             results[name] = time_and_memory(name, fn, spec, dtype, inputs,
                                             args, repeats, warmup)
-    case = dict(spec, name=f'{spec["name"]}-{dtype}', dtype=dtype,
-                num_heads=NUM_HEADS, head_dims=HEAD_DIMS,
-                num_levels=len(spec['shapes']), num_points=NUM_POINTS,
-                compulsory_mb=compulsory_mb(inputs), results=results)
+    case = dict(
+        spec,
+        name=f'{spec["name"]}-{dtype}',
+        dtype=dtype,
+        num_heads=NUM_HEADS,
+        head_dims=HEAD_DIMS,
+        num_levels=len(spec['shapes']),
+        num_points=NUM_POINTS,
+        compulsory_mb=compulsory_mb(inputs),
+        results=results)
     add_ratios(case)
     return case
 
@@ -588,15 +652,17 @@ def main():
     repeats = args.repeats or (1 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else \
         (3 if args.device == 'cuda' else 1)
-    dtypes = (args.dtypes or ('float32,float16,bfloat16'
-                              if args.device == 'cuda' else 'float32'))
+    dtypes = (
+        args.dtypes or
+        ('float32,float16,bfloat16' if args.device == 'cuda' else 'float32'))
     dtypes = dtypes.split(',')
     unknown = set(dtypes) - set(DTYPES)
     if unknown:
         parser.error(f'unknown dtypes {sorted(unknown)}')
-    impls = {name: get_impl(name, args.device, args.mmcv_src,
-                            args.mmcv_build_dir)
-             for name in args.impls.split(',')}
+    impls = {
+        name: get_impl(name, args.device, args.mmcv_src, args.mmcv_build_dir)
+        for name in args.impls.split(',')
+    }
     for lanes in filter(None, args.ab_bwd_lanes.split(',')):
         if args.device != 'cuda' or impls.get('ours') is None:
             parser.error('--ab-bwd-lanes needs --device cuda and ours')
@@ -605,9 +671,15 @@ def main():
     gpu = torch.cuda.get_device_name() if args.device == 'cuda' else None
     copy_tbs = copy_bandwidth_tbs() if args.device == 'cuda' else None
     report = dict(
-        device=args.device, torch=torch.__version__, cpu=cpu_model(), gpu=gpu,
-        threads=torch.get_num_threads(), quick=args.quick, repeats=repeats,
-        warmup=warmup, inner=args.inner if args.device == 'cuda' else 1,
+        device=args.device,
+        torch=torch.__version__,
+        cpu=cpu_model(),
+        gpu=gpu,
+        threads=torch.get_num_threads(),
+        quick=args.quick,
+        repeats=repeats,
+        warmup=warmup,
+        inner=args.inner if args.device == 'cuda' else 1,
         python=platform.python_version(),
         implementation=ops.implementation_info(),
         copy_bandwidth_tbs=copy_tbs,
@@ -620,7 +692,8 @@ def main():
         'written once; backward max adds the zeroing of grad_value) over '
         'the datasheet bandwidth; x_floor = time / floor (fwd_bwd: over '
         'the forward floor plus the backward minimum)',
-        date=time.strftime('%Y-%m-%d %H:%M:%S'), cases=[])
+        date=time.strftime('%Y-%m-%d %H:%M:%S'),
+        cases=[])
     wanted = [c for c in args.cases.split(',') if c]
     for spec in case_specs(args.device, args.quick):
         if wanted and not any(c in spec['name'] for c in wanted):

@@ -16,7 +16,6 @@ spinning when idle, which would slow the interleaved PyTorch calls).
     python benchmarks/onnx_runtime.py --quick
 """
 import argparse
-import os
 import os.path as osp
 import statistics
 import sys
@@ -72,49 +71,85 @@ def bench_model(name, args, folder):
     print(check['summary'], flush=True)
     # no spinning: idle ONNX Runtime threads would spin on the cores the
     # interleaved PyTorch calls need
-    session = OnnxDetector(onnx_file, threads=torch.get_num_threads(),
-                           spinning=False)
+    session = OnnxDetector(
+        onnx_file, threads=torch.get_num_threads(), spinning=False)
     rows = []
     for batch_size in args.batch_sizes:
-        inputs = torch.randn(batch_size, 3, size, size,
-                             generator=torch.Generator().manual_seed(1))
+        inputs = torch.randn(
+            batch_size,
+            3,
+            size,
+            size,
+            generator=torch.Generator().manual_seed(1))
         array = inputs.numpy()
         seconds = time_calls(
-            dict(pytorch=lambda: reference_predictions(model, inputs),
-                 onnxruntime=lambda: session(array)), args.iters,
-            args.warmup)
-        rows.append(dict(
-            batch_size=batch_size, latency_ms={
-                k: v * 1000 for k, v in seconds.items()},
-            images_per_s={k: batch_size / v for k, v in seconds.items()},
-            speedup_vs_pytorch=seconds['pytorch'] / seconds['onnxruntime']))
-        print(f'{name} {size}x{size} batch {batch_size}: PyTorch '
-              f'{seconds["pytorch"] * 1000:.0f} ms, ONNX Runtime '
-              f'{seconds["onnxruntime"] * 1000:.0f} ms '
-              f'({rows[-1]["speedup_vs_pytorch"]:.2f}x)', flush=True)
-    return dict(model=name, config=config, image_size=size,
-                export_s=export_s, onnx_mb=osp.getsize(onnx_file) / 2**20,
-                check_ok=check['ok'], check=check['summary'], results=rows)
+            dict(
+                pytorch=lambda: reference_predictions(model, inputs),
+                onnxruntime=lambda: session(array)), args.iters, args.warmup)
+        rows.append(
+            dict(
+                batch_size=batch_size,
+                latency_ms={
+                    k: v * 1000
+                    for k, v in seconds.items()
+                },
+                images_per_s={
+                    k: batch_size / v
+                    for k, v in seconds.items()
+                },
+                speedup_vs_pytorch=seconds['pytorch'] /
+                seconds['onnxruntime']))
+        print(
+            f'{name} {size}x{size} batch {batch_size}: PyTorch '
+            f'{seconds["pytorch"] * 1000:.0f} ms, ONNX Runtime '
+            f'{seconds["onnxruntime"] * 1000:.0f} ms '
+            f'({rows[-1]["speedup_vs_pytorch"]:.2f}x)',
+            flush=True)
+    return dict(
+        model=name,
+        config=config,
+        image_size=size,
+        export_s=export_s,
+        onnx_mb=osp.getsize(onnx_file) / 2**20,
+        check_ok=check['ok'],
+        check=check['summary'],
+        results=rows)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--models', nargs='+', choices=sorted(MODELS),
-                        default=['dino-tiny', 'dino-r50'])
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        choices=sorted(MODELS),
+        default=['dino-tiny', 'dino-r50'])
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
-    parser.add_argument('--image-size', type=int, default=None,
-                        help='default: 128 for dino-tiny, 512 for dino-r50')
+    parser.add_argument(
+        '--image-size',
+        type=int,
+        default=None,
+        help='default: 128 for dino-tiny, 512 for dino-r50')
     parser.add_argument('--iters', type=int, default=5)
-    parser.add_argument('--warmup', type=int, default=3,
-                        help='untimed rounds (PyTorch needs a few)')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch and ONNX Runtime threads (default: '
-                        "torch's); 1 is the least disturbed by other load")
-    parser.add_argument('--onnx', help='time this exported file (of the '
-                        'first model, same config and seed-0 weights) '
-                        'instead of exporting')
-    parser.add_argument('--quick', action='store_true',
-                        help='smoke run: dino-tiny, batch 1, 1 call')
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=3,
+        help='untimed rounds (PyTorch needs a few)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch and ONNX Runtime threads (default: '
+        "torch's); 1 is the least disturbed by other load")
+    parser.add_argument(
+        '--onnx',
+        help='time this exported file (of the '
+        'first model, same config and seed-0 weights) '
+        'instead of exporting')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smoke run: dino-tiny, batch 1, 1 call')
     parser.add_argument('--json', help='write the result here')
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,8 +167,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         rows = [bench_model(name, args, folder) for name in args.models]
-    result = dict(machine=describe(PACKAGES), iters=args.iters, warmup=args.warmup,
-                  date=time.strftime('%Y-%m-%d'), models=rows)
+    result = dict(
+        machine=describe(PACKAGES),
+        iters=args.iters,
+        warmup=args.warmup,
+        date=time.strftime('%Y-%m-%d'),
+        models=rows)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)

@@ -20,10 +20,15 @@ per-group encoder heads or encoder loss; per-group denoising kept);
 queries and the dense branch); ``deformable-detr-2stage`` (refine +
 two-stage, mixed selection, look forward twice), ``h-deformable-detr``
 (that plus the hybrid branch) and ``co-deformable-detr`` (that plus the
-Faster R-CNN and ATSS auxiliary heads).  Each variant's ratio is also reported
+Faster R-CNN and ATSS auxiliary heads); the supervision tricks
+``align-dino``, ``stable-dino`` (on DINO) and ``ms-detr`` (on the two-stage
+Deformable DETR), and the combinations ``co-dino+stable``,
+``ddq-detr+align`` and ``h-deformable+ms-detr`` (against the detector they
+are added to).  Each variant's ratio is also reported
 against its own base (``BASE``).
 
-    python benchmarks/query_branches.py --json benchmarks/results/query_branches_cpu.json
+    python benchmarks/query_branches.py \\
+        --json benchmarks/results/query_branches_cpu.json
     python benchmarks/query_branches.py --quick       # smoke run
 """
 import argparse
@@ -35,9 +40,8 @@ from os import path as osp
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train_step import (ROOT, build, machine,  # noqa: E402
-                        print_peak_training_memory, synthetic_batch,
-                        time_steps, write_json)
+from train_step import (ROOT, build, machine, print_peak_training_memory,
+                        synthetic_batch, time_steps, write_json)
 
 DINO = 'configs/shapes/dino-tiny_shapes.py'
 GROUP = 'configs/shapes/group-dino-tiny_shapes.py'
@@ -50,27 +54,53 @@ CO_DEFORMABLE = 'configs/shapes/co-deformable-detr-tiny_shapes.py'
 # name -> (config, model overrides)
 VARIANTS = {
     'dino': (DINO, {}),
-    'group-k1': (GROUP, {'branches.0.num_groups': 1}),
-    'group-k3': (GROUP, {'branches.0.num_groups': 3}),
-    'group-k11': (GROUP, {'branches.0.num_groups': 11}),
-    'group-k11-dense-mask': (GROUP, {'branches.0.num_groups': 11,
-                                     'dense_self_attn_mask': True}),
-    'group-k3-shared-anchors': (GROUP, {'branches.0.num_groups': 3,
-                                        'branches.0.shared_anchors': True}),
-    'group-k3-no-group-dn': (GROUP, {'branches.0.num_groups': 3,
-                                     'branches.0.dn_cfg': None}),
+    'group-k1': (GROUP, {
+        'branches.0.num_groups': 1
+    }),
+    'group-k3': (GROUP, {
+        'branches.0.num_groups': 3
+    }),
+    'group-k11': (GROUP, {
+        'branches.0.num_groups': 11
+    }),
+    'group-k11-dense-mask': (GROUP, {
+        'branches.0.num_groups': 11,
+        'dense_self_attn_mask': True
+    }),
+    'group-k3-shared-anchors': (GROUP, {
+        'branches.0.num_groups': 3,
+        'branches.0.shared_anchors': True
+    }),
+    'group-k3-no-group-dn': (GROUP, {
+        'branches.0.num_groups': 3,
+        'branches.0.dn_cfg': None
+    }),
     'h-dino': (HYBRID, {}),
     'co-dino': (CO, {}),
     'ddq-detr': (DDQ, {}),
     'deformable-detr-2stage': (DEFORMABLE, {}),
     'h-deformable-detr': (H_DEFORMABLE, {}),
     'co-deformable-detr': (CO_DEFORMABLE, {}),
+    # the supervision tricks (issue #31) and their combinations
+    'align-dino': ('configs/shapes/align-detr-tiny_shapes.py', {}),
+    'stable-dino': ('configs/shapes/stable-dino-tiny_shapes.py', {}),
+    'ms-detr': ('configs/shapes/ms-detr-tiny_shapes.py', {}),
+    'co-dino+stable': ('configs/shapes/co-dino-stable-tiny_shapes.py', {}),
+    'ddq-detr+align': ('configs/shapes/ddq-detr-align-tiny_shapes.py', {}),
+    'h-deformable+ms-detr':
+    ('configs/shapes/h-deformable-ms-detr-tiny_shapes.py', {}),
 }
 # the model each variant adds its branches to
-BASE = dict({name: 'dino' for name in VARIANTS},
-            **{'deformable-detr-2stage': 'deformable-detr-2stage',
-               'h-deformable-detr': 'deformable-detr-2stage',
-               'co-deformable-detr': 'deformable-detr-2stage'})
+BASE = dict({name: 'dino'
+             for name in VARIANTS}, **{
+                 'deformable-detr-2stage': 'deformable-detr-2stage',
+                 'h-deformable-detr': 'deformable-detr-2stage',
+                 'co-deformable-detr': 'deformable-detr-2stage',
+                 'ms-detr': 'deformable-detr-2stage',
+                 'co-dino+stable': 'co-dino',
+                 'ddq-detr+align': 'ddq-detr',
+                 'h-deformable+ms-detr': 'h-deformable-detr'
+             })
 
 
 def load_config(name):
@@ -89,16 +119,23 @@ def build_variants(names, device):
     for name, (model, _) in models.items():
         base = models.get(BASE[name], models[names[0]])[0].state_dict()
         own = model.state_dict()
-        model.load_state_dict({k: v for k, v in base.items()
-                               if k in own and own[k].shape == v.shape},
-                              strict=False)
+        model.load_state_dict(
+            {
+                k: v
+                for k, v in base.items()
+                if k in own and own[k].shape == v.shape
+            },
+            strict=False)
     return models
 
 
 def peak_memory_mb(args, name):
-    cmd = [sys.executable, __file__, '--memory-of', name, '--image-size',
-           str(args.image_size), '--batch-size', str(args.batch_size),
-           '--num-gts', str(args.num_gts), '--device', args.device]
+    cmd = [
+        sys.executable, __file__, '--memory-of', name, '--image-size',
+        str(args.image_size), '--batch-size',
+        str(args.batch_size), '--num-gts',
+        str(args.num_gts), '--device', args.device
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -109,37 +146,53 @@ def measure_memory_only(args):
 
 def run(args):
     models = build_variants(args.variants, args.device)
-    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
-                            0, args.device)
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts, 0,
+                            args.device)
     seconds = time_steps(models, batch, args.iters, args.warmup, args.device)
     base = seconds['dino'] if 'dino' in seconds else None
-    result = dict(device=args.device, machine=machine(args.device),
-                  image_size=args.image_size, batch_size=args.batch_size,
-                  num_gts=args.num_gts, iters=args.iters, warmup=args.warmup,
-                  variants={n: VARIANTS[n] for n in args.variants},
-                  seconds_per_step=seconds, date=time.strftime('%Y-%m-%d'))
+    result = dict(
+        device=args.device,
+        machine=machine(args.device),
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_gts=args.num_gts,
+        iters=args.iters,
+        warmup=args.warmup,
+        variants={n: VARIANTS[n]
+                  for n in args.variants},
+        seconds_per_step=seconds,
+        date=time.strftime('%Y-%m-%d'))
     if base:
-        result['time_ratio_vs_dino'] = {n: s / base
-                                        for n, s in seconds.items()}
+        result['time_ratio_vs_dino'] = {
+            n: s / base
+            for n, s in seconds.items()
+        }
     result['time_ratio_vs_base'] = {
-        n: s / seconds[BASE[n]] for n, s in seconds.items()
-        if BASE[n] in seconds}
+        n: s / seconds[BASE[n]]
+        for n, s in seconds.items() if BASE[n] in seconds
+    }
     if not args.skip_memory:
         memory = {n: peak_memory_mb(args, n) for n in args.variants}
         result['peak_memory_mb'] = memory
         if 'dino' in memory:
             result['memory_ratio_vs_dino'] = {
-                n: m / memory['dino'] for n, m in memory.items()}
+                n: m / memory['dino']
+                for n, m in memory.items()
+            }
         result['memory_ratio_vs_base'] = {
-            n: m / memory[BASE[n]] for n, m in memory.items()
-            if BASE[n] in memory}
+            n: m / memory[BASE[n]]
+            for n, m in memory.items() if BASE[n] in memory
+        }
     return result
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS),
-                        default=list(VARIANTS))
+    parser.add_argument(
+        '--variants',
+        nargs='+',
+        choices=list(VARIANTS),
+        default=list(VARIANTS))
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--image-size', type=int, default=128)
     parser.add_argument('--batch-size', type=int, default=4)
@@ -147,11 +200,13 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--skip-memory', action='store_true')
-    parser.add_argument('--quick', action='store_true',
-                        help='smoke run: batch 1, 1 step, no memory')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smoke run: batch 1, 1 step, no memory')
     parser.add_argument('--json', help='write the result here')
-    parser.add_argument('--memory-of', choices=list(VARIANTS),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--memory-of', choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.iters, args.warmup = 1, 1, 0

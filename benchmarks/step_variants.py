@@ -7,7 +7,8 @@ up affects them alike. Prints the median seconds per step, images per
 second and the ratio to the config as it is; for equal-wall-clock recipe
 choices, where a cheaper step buys more iterations.
 
-    python benchmarks/step_variants.py configs/shapes/ddq-detr-tiny_shapes.py \\
+    python benchmarks/step_variants.py \\
+        configs/shapes/ddq-detr-tiny_shapes.py \\
         --variant foreach '{"optim_wrapper.optimizer.foreach": true}' \\
         --json out.json
 """
@@ -62,15 +63,25 @@ def time_variants(variants, iters, warmup):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
-    parser.add_argument('--variant', nargs=2, action='append', default=[],
-                        metavar=('NAME', 'JSON'),
-                        help='a variant: its name and its config options')
-    parser.add_argument('--common', default='{}', metavar='JSON',
-                        help='options for every variant (e.g. the data)')
+    parser.add_argument(
+        '--variant',
+        nargs=2,
+        action='append',
+        default=[],
+        metavar=('NAME', 'JSON'),
+        help='a variant: its name and its config options')
+    parser.add_argument(
+        '--common',
+        default='{}',
+        metavar='JSON',
+        help='options for every variant (e.g. the data)')
     parser.add_argument('--iters', type=int, default=30)
     parser.add_argument('--warmup', type=int, default=10)
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch threads (default: torch\'s)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch threads (default: torch\'s)')
     parser.add_argument('--json', help='write the result here')
     return parser.parse_args(argv)
 
@@ -87,21 +98,30 @@ def main(argv=None):
         options[name] = json.loads(text)
     merged = {name: dict(common, **opts) for name, opts in options.items()}
     steps = args.warmup + args.iters
-    variants = {name: build_variant(args.config, opts, steps)
-                for name, opts in merged.items()}
+    variants = {
+        name: build_variant(args.config, opts, steps)
+        for name, opts in merged.items()
+    }
     seconds = time_variants(variants, args.iters, args.warmup)
     base = seconds['as is']
     rows = {}
     for name, value in seconds.items():
         images = variants[name][3] / value
-        rows[name] = dict(options=options[name], seconds_per_step=value,
-                          images_per_second=images,
-                          step_time_vs_as_is=value / base)
+        rows[name] = dict(
+            options=options[name],
+            seconds_per_step=value,
+            images_per_second=images,
+            step_time_vs_as_is=value / base)
         print(f'{name:>24}: {value * 1e3:6.0f} ms/step, {images:5.1f} '
               f'images/s, {value / base:.3f}x the step as is')
-    result = dict(config=args.config, common=common, iters=args.iters,
-                  warmup=args.warmup, machine=describe(),
-                  date=time.strftime('%Y-%m-%d'), variants=rows)
+    result = dict(
+        config=args.config,
+        common=common,
+        iters=args.iters,
+        warmup=args.warmup,
+        machine=describe(),
+        date=time.strftime('%Y-%m-%d'),
+        variants=rows)
     write_json(result, args.json)
     return result
 

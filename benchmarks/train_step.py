@@ -7,7 +7,8 @@ with their ratio.  Peak memory is measured per model in a fresh subprocess
 (CPU: peak RSS, VmHWM; CUDA: ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/train_step.py --pair dino-tiny --json out.json
-    python benchmarks/train_step.py --pair dino-r50 --image-size 512 --batch-size 2
+    python benchmarks/train_step.py --pair dino-r50 --image-size 512 \\
+        --batch-size 2
     python benchmarks/train_step.py --quick        # smoke run
 """
 import argparse
@@ -29,21 +30,21 @@ sys.path.insert(0, ROOT)
 # name -> (our config, mmdet's config for the same model)
 PAIRS = {
     'dino-tiny': ('configs/shapes/dino-tiny_shapes.py', None),
-    'deformable-detr-tiny': ('configs/shapes/deformable-detr-tiny_shapes.py',
-                             None),
+    'deformable-detr-tiny':
+    ('configs/shapes/deformable-detr-tiny_shapes.py', None),
     'dino-r50': ('configs/dino/dino-4scale_r50_8xb2-12e_coco.py',
                  'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py'),
     'ddq-detr-tiny': ('configs/shapes/ddq-detr-tiny_shapes.py', None),
     'ddq-detr-r50': ('configs/ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py',
                      'mmdet::ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py'),
-    'deformable-detr-r50': (
-        'configs/deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
-        'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'),
-    'deformable-detr-refine-twostage-r50': (
-        'configs/deformable_detr/'
-        'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
-        'mmdet::deformable_detr/'
-        'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'),
+    'deformable-detr-r50':
+    ('configs/deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
+     'mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py'),
+    'deformable-detr-refine-twostage-r50':
+    ('configs/deformable_detr/'
+     'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+     'mmdet::deformable_detr/'
+     'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'),
     # DDQ FCN / R-CNN have no mmdet model: timed against mmdet's baseline
     # of each (a different model, so no shared weights)
     'ddq-fcn-tiny': ('configs/shapes/ddq-fcn-tiny_shapes.py',
@@ -56,15 +57,21 @@ PAIRS = {
                      'mmdet::sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py'),
 }
 # pairs whose mmdet model is another method's (its baseline), not ours
-BASELINE_PAIRS = {'ddq-fcn-tiny', 'ddq-rcnn-tiny', 'ddq-fcn-r50',
-                  'ddq-rcnn-r50'}
-MMDET_TYPES = {'DINOPlus': 'DINO', 'DeformableDETRPlus': 'DeformableDETR',
-               'DDQDETRPlus': 'DDQDETR', 'DDQHeadPlus': 'DDQDETRHead',
-               'OneToOneAssigner': 'HungarianAssigner'}
+BASELINE_PAIRS = {
+    'ddq-fcn-tiny', 'ddq-rcnn-tiny', 'ddq-fcn-r50', 'ddq-rcnn-r50'
+}
+MMDET_TYPES = {
+    'DINOPlus': 'DINO',
+    'DeformableDETRPlus': 'DeformableDETR',
+    'DDQDETRPlus': 'DDQDETR',
+    'DDQHeadPlus': 'DDQDETRHead',
+    'OneToOneAssigner': 'HungarianAssigner'
+}
 
 
 def to_mmdet_model_cfg(model_cfg):
     """mmdet's equivalent of one of our model configs (types swapped back)."""
+
     def convert(node):
         if isinstance(node, dict):
             node = {k: convert(v) for k, v in node.items()}
@@ -79,11 +86,13 @@ def to_mmdet_model_cfg(model_cfg):
         if isinstance(node, (list, tuple)):
             return type(node)(convert(v) for v in node)
         return node
+
     return convert(copy.deepcopy(model_cfg))
 
 
 def set_embed_dims(model_cfg, dims):
     """Change a DETR model config's width to ``dims`` everywhere."""
+
     def visit(node):
         if isinstance(node, dict):
             for key, value in node.items():
@@ -94,6 +103,7 @@ def set_embed_dims(model_cfg, dims):
         elif isinstance(node, (list, tuple)):
             for value in node:
                 visit(value)
+
     visit(model_cfg)
     model_cfg.neck.out_channels = dims
     model_cfg.positional_encoding.num_feats = dims // 2
@@ -143,16 +153,18 @@ def synthetic_batch(image_size, batch_size, num_gts, seed, device):
     gen = torch.Generator().manual_seed(seed)
     inputs, samples = [], []
     for _ in range(batch_size):
-        inputs.append((torch.rand(3, image_size, image_size, generator=gen)
-                       * 255).to(torch.uint8).to(device))
+        inputs.append((torch.rand(3, image_size, image_size, generator=gen) *
+                       255).to(torch.uint8).to(device))
         xy = torch.rand(num_gts, 2, generator=gen) * image_size * 0.7
         wh = torch.rand(num_gts, 2, generator=gen) * image_size * 0.3 + 8
-        sample = DetDataSample(metainfo=dict(
-            img_shape=(image_size, image_size),
-            ori_shape=(image_size, image_size), scale_factor=(1.0, 1.0)))
+        sample = DetDataSample(
+            metainfo=dict(
+                img_shape=(image_size, image_size),
+                ori_shape=(image_size, image_size),
+                scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
             bboxes=torch.cat([xy, (xy + wh).clamp(max=image_size)], 1),
-            labels=torch.randint(0, 6, (num_gts,), generator=gen)).to(device)
+            labels=torch.randint(0, 6, (num_gts, ), generator=gen)).to(device)
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
@@ -179,17 +191,21 @@ def time_steps(models, batch, iters, warmup, device):
 
 def peak_memory_mb(args, which):
     """Peak memory of training ``which`` alone, in a fresh process."""
-    cmd = [sys.executable, __file__, '--pair', args.pair, '--memory-of',
-           which, '--image-size', str(args.image_size), '--batch-size',
-           str(args.batch_size), '--num-gts', str(args.num_gts), '--iters',
-           str(max(2, args.warmup + 1)), '--device', args.device]
+    cmd = [
+        sys.executable, __file__, '--pair', args.pair, '--memory-of', which,
+        '--image-size',
+        str(args.image_size), '--batch-size',
+        str(args.batch_size), '--num-gts',
+        str(args.num_gts), '--iters',
+        str(max(2, args.warmup + 1)), '--device', args.device
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def measure_memory_only(args):
-    print_peak_training_memory(load_configs(args.pair)[args.memory_of],
-                               args, steps=args.iters)
+    print_peak_training_memory(
+        load_configs(args.pair)[args.memory_of], args, steps=args.iters)
 
 
 def print_peak_training_memory(cfg, args, steps):
@@ -197,8 +213,8 @@ def print_peak_training_memory(cfg, args, steps):
     image_size, batch_size, num_gts, device); print the peak memory in MB
     for the parent process to read."""
     model, optim = build(cfg, args.device)
-    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
-                            0, args.device)
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts, 0,
+                            args.device)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
@@ -220,9 +236,12 @@ def peak_rss_mb():
 
 
 def machine(device):
-    info = dict(platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine())
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine())
     if device.startswith('cuda'):
         info['gpu'] = torch.cuda.get_device_name()
     return info
@@ -235,18 +254,25 @@ def run(args):
     ours = build(configs['ours'], args.device)
     if args.pair not in BASELINE_PAIRS:
         ours[0].load_state_dict(reference[0].state_dict(), strict=True)
-    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts,
-                            0, args.device)
-    seconds = time_steps(dict(mmdet=reference, ours=ours), batch, args.iters,
-                         args.warmup, args.device)
-    result = dict(pair=args.pair, configs=PAIRS[args.pair],
-                  mmdet_is_baseline_method=args.pair in BASELINE_PAIRS,
-                  device=args.device, machine=machine(args.device),
-                  image_size=args.image_size, batch_size=args.batch_size,
-                  num_gts=args.num_gts, iters=args.iters, warmup=args.warmup,
-                  seconds_per_step=seconds,
-                  speedup_vs_mmdet=seconds['mmdet'] / seconds['ours'],
-                  date=time.strftime('%Y-%m-%d'))
+    batch = synthetic_batch(args.image_size, args.batch_size, args.num_gts, 0,
+                            args.device)
+    seconds = time_steps(
+        dict(mmdet=reference, ours=ours), batch, args.iters, args.warmup,
+        args.device)
+    result = dict(
+        pair=args.pair,
+        configs=PAIRS[args.pair],
+        mmdet_is_baseline_method=args.pair in BASELINE_PAIRS,
+        device=args.device,
+        machine=machine(args.device),
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_gts=args.num_gts,
+        iters=args.iters,
+        warmup=args.warmup,
+        seconds_per_step=seconds,
+        speedup_vs_mmdet=seconds['mmdet'] / seconds['ours'],
+        date=time.strftime('%Y-%m-%d'))
     if not args.skip_memory:
         memory = {name: peak_memory_mb(args, name) for name in seconds}
         result['peak_memory_mb'] = memory
@@ -258,19 +284,27 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--pair', choices=sorted(PAIRS), default='dino-tiny')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--image-size', type=int, default=None,
-                        help='default: 128 for *-tiny pairs, 512 otherwise')
-    parser.add_argument('--batch-size', type=int, default=None,
-                        help='default: 8 for *-tiny pairs, 2 otherwise')
+    parser.add_argument(
+        '--image-size',
+        type=int,
+        default=None,
+        help='default: 128 for *-tiny pairs, 512 otherwise')
+    parser.add_argument(
+        '--batch-size',
+        type=int,
+        default=None,
+        help='default: 8 for *-tiny pairs, 2 otherwise')
     parser.add_argument('--num-gts', type=int, default=10)
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--skip-memory', action='store_true')
-    parser.add_argument('--quick', action='store_true',
-                        help='smoke run: 128 px, batch 1, 1 step, no memory')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smoke run: 128 px, batch 1, 1 step, no memory')
     parser.add_argument('--json', help='write the result here')
-    parser.add_argument('--memory-of', choices=['ours', 'mmdet'],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--memory-of', choices=['ours', 'mmdet'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tiny = args.pair.endswith('-tiny')
     if args.quick:

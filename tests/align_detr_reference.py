@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from conftest import REPO_ROOT
 from reference_stubs import detrex_stubs, module
 
-REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
-                     'idea-research-detrex-align-detr')
+REFERENCE = osp.join(
+    osp.dirname(REPO_ROOT), 'shared', 'reference',
+    'idea-research-detrex-align-detr')
 
 
 def available():
@@ -35,11 +36,18 @@ def _stubbed_modules():
         osp.join(REFERENCE, 'detrex', 'layers', 'box_ops.py'))
     box_ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(box_ops)
-    layers = module('detrex.layers', __path__=[], box_ops=box_ops,
-                    **{k: v for k, v in vars(box_ops).items()
-                        if not k.startswith('__')})
-    sys.modules.update({'detrex.layers': layers,
-                        'detrex.layers.box_ops': box_ops})
+    layers = module(
+        'detrex.layers',
+        __path__=[],
+        box_ops=box_ops,
+        **{
+            k: v
+            for k, v in vars(box_ops).items() if not k.startswith('__')
+        })
+    sys.modules.update({
+        'detrex.layers': layers,
+        'detrex.layers.box_ops': box_ops
+    })
     try:
         yield
     finally:
@@ -57,8 +65,10 @@ def load():
             # the package's __init__ imports the model (detectron2, the
             # CUDA op): a namespace over its folder skips it
             sys.modules['align_ref'] = module(
-                'align_ref', __path__=[osp.join(
-                    REFERENCE, 'projects', 'align_detr', 'modeling')])
+                'align_ref',
+                __path__=[
+                    osp.join(REFERENCE, 'projects', 'align_detr', 'modeling')
+                ])
             for name in ('losses', 'matchers', 'criterions'):
                 importlib.import_module(f'align_ref.{name}')
     return tuple(sys.modules[f'align_ref.{name}']

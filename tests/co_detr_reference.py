@@ -74,8 +74,8 @@ def build_reference(folder):
     register_all_modules(init_default_scope=True)
     import_reference(folder)
     MMLogger.get_current_instance().setLevel('WARNING')
-    cfg = Config.fromfile(osp.join(folder, CONFIG),
-                          import_custom_modules=False)
+    cfg = Config.fromfile(
+        osp.join(folder, CONFIG), import_custom_modules=False)
     cfg.model.backbone.init_cfg = None
     cfg.model.query_head.transformer.encoder.with_cp = -1
     torch.manual_seed(0)
@@ -109,11 +109,13 @@ def make_inputs(shapes, seed=0):
     metas = []
     for i, (h, w) in enumerate(shapes):
         inputs[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-        metas.append(dict(img_shape=(h, w),
-                          ori_shape=(round(h / SCALE), round(w / SCALE)),
-                          pad_shape=(pad_h, pad_w),
-                          batch_input_shape=(pad_h, pad_w),
-                          scale_factor=(SCALE, SCALE)))
+        metas.append(
+            dict(
+                img_shape=(h, w),
+                ori_shape=(round(h / SCALE), round(w / SCALE)),
+                pad_shape=(pad_h, pad_w),
+                batch_input_shape=(pad_h, pad_w),
+                scale_factor=(SCALE, SCALE)))
     return inputs, metas
 
 
@@ -140,9 +142,10 @@ def predict(model, inputs, metas):
         model.query_head.test_cfg = ConfigDict(max_per_img=300, nms=nms)
         results = model.query_head.predict_by_feat(
             *outs, batch_img_metas=metas, rescale=True)
-        predictions[name] = [
-            {key: getattr(r, key).clone()
-             for key in ('bboxes', 'scores', 'labels')} for r in results]
+        predictions[name] = [{
+            key: getattr(r, key).clone()
+            for key in ('bboxes', 'scores', 'labels')
+        } for r in results]
     return predictions
 
 
@@ -160,8 +163,10 @@ def predict_lsj(model, inputs, metas):
     model.query_head.test_cfg = ConfigDict(max_per_img=300, nms=None)
     samples = model.predict(inputs, samples_of(metas), rescale=True)
     model.use_lsj = False
-    return [{key: getattr(s.pred_instances, key).clone()
-             for key in ('bboxes', 'scores', 'labels')} for s in samples]
+    return [{
+        key: getattr(s.pred_instances, key).clone()
+        for key in ('bboxes', 'scores', 'labels')
+    } for s in samples]
 
 
 @torch.no_grad()
@@ -172,8 +177,10 @@ def aux_content(model, anchors):
     from mmdet.models.layers.transformer import inverse_sigmoid
     transformer = model.query_head.transformer
     sine = transformer.get_proposal_pos_embed(inverse_sigmoid(anchors))
-    return [norm(linear(sine)) for linear, norm in zip(
-        transformer.aux_pos_trans, transformer.aux_pos_trans_norm)]
+    return [
+        norm(linear(sine)) for linear, norm in zip(
+            transformer.aux_pos_trans, transformer.aux_pos_trans_norm)
+    ]
 
 
 def main():
@@ -183,14 +190,18 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model = build_reference(args.reference)
-    torch.save(dict(state_dict=model.state_dict(),
-                    meta=dict(note='random weights, official layout')),
-               osp.join(args.out_dir, 'co_dino_official.pth'))
+    torch.save(
+        dict(
+            state_dict=model.state_dict(),
+            meta=dict(note='random weights, official layout')),
+        osp.join(args.out_dir, 'co_dino_official.pth'))
     outputs = {}
     for batch, shapes in BATCHES.items():
         inputs, metas = make_inputs(shapes)
-        outputs[batch] = dict(inputs=inputs, metas=metas,
-                              predictions=predict(model, inputs, metas))
+        outputs[batch] = dict(
+            inputs=inputs,
+            metas=metas,
+            predictions=predict(model, inputs, metas))
     outputs['padded']['codetr_predict'] = predict_lsj(
         model, outputs['padded']['inputs'], outputs['padded']['metas'])
     anchors = torch.rand(1, 7, 4, generator=torch.Generator().manual_seed(2))

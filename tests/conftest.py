@@ -18,8 +18,12 @@ def pytest_configure(config):
 def run_tool(args, cwd, timeout=900, env=None):
     """Run ``python <args>`` from the repo; fail the test with its output."""
     full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, **(env or {}))
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args],
+                          cwd=cwd,
+                          env=full_env,
+                          capture_output=True,
+                          text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f'{args} exited {proc.returncode}\n--- stdout ---\n'
                     f'{proc.stdout[-4000:]}\n--- stderr ---\n'

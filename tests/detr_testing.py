@@ -1,4 +1,5 @@
-"""Small DETR models, batches and mmdet references shared by the model tests."""
+"""Small DETR models, batches and mmdet references shared by the model
+tests."""
 import copy
 from contextlib import contextmanager
 
@@ -11,25 +12,36 @@ NUM_CLASSES = 5
 
 
 def _backbone():
-    return dict(type='ResNet', depth=18, base_channels=16, num_stages=4,
-                out_indices=(1, 2, 3), frozen_stages=-1,
-                norm_cfg=dict(type='BN', requires_grad=True),
-                norm_eval=False, style='pytorch', init_cfg=None)
+    return dict(
+        type='ResNet',
+        depth=18,
+        base_channels=16,
+        num_stages=4,
+        out_indices=(1, 2, 3),
+        frozen_stages=-1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=False,
+        style='pytorch',
+        init_cfg=None)
 
 
 def _transformer(dims, enc_layers=1, dec_layers=2):
-    # no attention type: our layers default to MultiScaleDeformableAttentionPlus,
+    # no attention type: our layers default to
+    # MultiScaleDeformableAttentionPlus,
     # mmdet's take none
     attn = dict(embed_dims=dims, num_levels=4, dropout=0.0)
     ffn = dict(embed_dims=dims, feedforward_channels=dims * 2, ffn_drop=0.0)
-    encoder = dict(num_layers=enc_layers,
-                   layer_cfg=dict(self_attn_cfg=dict(attn), ffn_cfg=ffn))
-    decoder = dict(num_layers=dec_layers, return_intermediate=True,
-                   layer_cfg=dict(self_attn_cfg=dict(embed_dims=dims,
-                                                     num_heads=8,
-                                                     dropout=0.0),
-                                  cross_attn_cfg=dict(attn), ffn_cfg=ffn),
-                   post_norm_cfg=None)
+    encoder = dict(
+        num_layers=enc_layers,
+        layer_cfg=dict(self_attn_cfg=dict(attn), ffn_cfg=ffn))
+    decoder = dict(
+        num_layers=dec_layers,
+        return_intermediate=True,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=dims, num_heads=8, dropout=0.0),
+            cross_attn_cfg=dict(attn),
+            ffn_cfg=ffn),
+        post_norm_cfg=None)
     return encoder, decoder
 
 
@@ -37,29 +49,48 @@ def _common(dims):
     encoder, decoder = _transformer(dims)
     return dict(
         num_queries=30,
-        data_preprocessor=dict(type='DetDataPreprocessor',
-                               mean=[123.675, 116.28, 103.53],
-                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
-                               pad_size_divisor=1),
+        data_preprocessor=dict(
+            type='DetDataPreprocessor',
+            mean=[123.675, 116.28, 103.53],
+            std=[58.395, 57.12, 57.375],
+            bgr_to_rgb=True,
+            pad_size_divisor=1),
         backbone=_backbone(),
-        neck=dict(type='ChannelMapper', in_channels=[32, 64, 128],
-                  kernel_size=1, out_channels=dims, act_cfg=None,
-                  norm_cfg=dict(type='GN', num_groups=32), num_outs=4),
-        encoder=encoder, decoder=decoder,
-        train_cfg=dict(assigner=dict(type='HungarianAssigner', match_costs=[
-            dict(type='FocalLossCost', weight=2.0),
-            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-            dict(type='IoUCost', iou_mode='giou', weight=2.0)])),
+        neck=dict(
+            type='ChannelMapper',
+            in_channels=[32, 64, 128],
+            kernel_size=1,
+            out_channels=dims,
+            act_cfg=None,
+            norm_cfg=dict(type='GN', num_groups=32),
+            num_outs=4),
+        encoder=encoder,
+        decoder=decoder,
+        train_cfg=dict(
+            assigner=dict(
+                type='HungarianAssigner',
+                match_costs=[
+                    dict(type='FocalLossCost', weight=2.0),
+                    dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+                    dict(type='IoUCost', iou_mode='giou', weight=2.0)
+                ])),
         test_cfg=dict(max_per_img=30))
 
 
 def _head(head_type, dims, cls_weight):
-    return dict(type=head_type, num_classes=NUM_CLASSES, embed_dims=dims,
-                sync_cls_avg_factor=True,
-                loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                              alpha=0.25, loss_weight=cls_weight),
-                loss_bbox=dict(type='L1Loss', loss_weight=5.0),
-                loss_iou=dict(type='GIoULoss', loss_weight=2.0))
+    return dict(
+        type=head_type,
+        num_classes=NUM_CLASSES,
+        embed_dims=dims,
+        sync_cls_avg_factor=True,
+        loss_cls=dict(
+            type='FocalLoss',
+            use_sigmoid=True,
+            gamma=2.0,
+            alpha=0.25,
+            loss_weight=cls_weight),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0))
 
 
 def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
@@ -68,16 +99,19 @@ def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
     ``branches``: DINOPlus query branch configs; ``assigner``: the
     assigner type (default mmdet's HungarianAssigner).
     """
-    cfg = dict(type='DINOPlus' if plus else 'DINO', with_box_refine=True,
-               as_two_stage=True,
-               positional_encoding=dict(num_feats=dims // 2, normalize=True,
-                                        offset=0.0, temperature=20),
-               bbox_head=_head('DINOHead', dims, 1.0),
-               **_common(dims))
+    cfg = dict(
+        type='DINOPlus' if plus else 'DINO',
+        with_box_refine=True,
+        as_two_stage=True,
+        positional_encoding=dict(
+            num_feats=dims // 2, normalize=True, offset=0.0, temperature=20),
+        bbox_head=_head('DINOHead', dims, 1.0),
+        **_common(dims))
     if dn:
-        cfg['dn_cfg'] = dict(label_noise_scale=0.5, box_noise_scale=1.0,
-                             group_cfg=dict(dynamic=True, num_groups=None,
-                                            num_dn_queries=20))
+        cfg['dn_cfg'] = dict(
+            label_noise_scale=0.5,
+            box_noise_scale=1.0,
+            group_cfg=dict(dynamic=True, num_groups=None, num_dn_queries=20))
     if branches:
         cfg['branches'] = [dict(b) for b in branches]
     if assigner:
@@ -88,9 +122,10 @@ def dino_cfg(plus=True, dims=256, dn=True, branches=(), assigner=None):
 def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8, dn=True):
     """A tiny DDQ-DETR; ``plus=False`` gives mmdet's ``DDQDETR``."""
     cfg = dino_cfg(plus, dims, dn=dn)
-    cfg.update(type='DDQDETRPlus' if plus else 'DDQDETR',
-               dense_topk_ratio=1.5,
-               dqs_cfg=dict(type='nms', iou_threshold=iou))
+    cfg.update(
+        type='DDQDETRPlus' if plus else 'DDQDETR',
+        dense_topk_ratio=1.5,
+        dqs_cfg=dict(type='nms', iou_threshold=iou))
     cfg['bbox_head']['type'] = 'DDQHeadPlus' if plus else 'DDQDETRHead'
     cfg['bbox_head']['aux_num_pos'] = 4
     if plus:
@@ -98,20 +133,24 @@ def ddq_cfg(plus=True, dims=256, suppressed='mmdet', iou=0.8, dn=True):
     return cfg
 
 
-def deformable_detr_cfg(plus=True, refine=False, two_stage=False,
-                        branches=(), mixed_selection=False,
+def deformable_detr_cfg(plus=True,
+                        refine=False,
+                        two_stage=False,
+                        branches=(),
+                        mixed_selection=False,
                         look_forward_twice=False):
     """A tiny Deformable DETR; ``plus=False`` gives mmdet's.
 
     ``branches``, ``mixed_selection``, ``look_forward_twice``: DETR+ only
     (H-Deformable-DETR's options).
     """
-    cfg = dict(type='DeformableDETRPlus' if plus else 'DeformableDETR',
-               with_box_refine=refine, as_two_stage=two_stage,
-               positional_encoding=dict(num_feats=128, normalize=True,
-                                        offset=-0.5),
-               bbox_head=_head('DeformableDETRHead', 256, 2.0),
-               **_common(256))
+    cfg = dict(
+        type='DeformableDETRPlus' if plus else 'DeformableDETR',
+        with_box_refine=refine,
+        as_two_stage=two_stage,
+        positional_encoding=dict(num_feats=128, normalize=True, offset=-0.5),
+        bbox_head=_head('DeformableDETRHead', 256, 2.0),
+        **_common(256))
     if mixed_selection:
         cfg['mixed_selection'] = True
     if look_forward_twice:
@@ -137,15 +176,18 @@ def make_batch(num_gts=(3, 5), seed=0, size=IMAGE_SIZE):
     inputs = torch.rand(len(num_gts), 3, size, size, generator=gen) * 255
     samples = []
     for count in num_gts:
-        sample = DetDataSample(metainfo=dict(
-            img_shape=(size, size), ori_shape=(size, size),
-            scale_factor=(1.0, 1.0), batch_input_shape=(size, size),
-            pad_shape=(size, size)))
+        sample = DetDataSample(
+            metainfo=dict(
+                img_shape=(size, size),
+                ori_shape=(size, size),
+                scale_factor=(1.0, 1.0),
+                batch_input_shape=(size, size),
+                pad_shape=(size, size)))
         xy = torch.rand(count, 2, generator=gen) * size * 0.6
         wh = torch.rand(count, 2, generator=gen) * size * 0.3 + 4
         sample.gt_instances = InstanceData(
             bboxes=torch.cat([xy, xy + wh], 1),
-            labels=torch.randint(0, NUM_CLASSES, (count,), generator=gen))
+            labels=torch.randint(0, NUM_CLASSES, (count, ), generator=gen))
         samples.append(sample)
     return inputs, samples
 
@@ -169,8 +211,10 @@ def assert_empty_gt_losses(losses, no_negatives=('dn_', )):
 def parameters_without_grad(model):
     """Names of the trainable parameters the backward pass left without a
     gradient (DDP's unused-parameter error, mmdet #10989)."""
-    return [name for name, p in model.named_parameters()
-            if p.requires_grad and p.grad is None]
+    return [
+        name for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is None
+    ]
 
 
 def predict(model, inputs, samples):
@@ -195,8 +239,8 @@ def train_steps(model, seeds=(0, 1), lr=1e-3):
 def assert_same_predictions(model, other, seed=5):
     """Both models predict bit-identical boxes, scores and labels."""
     inputs, samples = make_batch(seed=seed)
-    for ours, theirs in zip(predict(model, inputs, samples),
-                            predict(other, inputs, samples)):
+    for ours, theirs in zip(
+            predict(model, inputs, samples), predict(other, inputs, samples)):
         for key in ('bboxes', 'scores', 'labels'):
             assert torch.equal(ours.pred_instances[key],
                                theirs.pred_instances[key]), key
@@ -223,10 +267,10 @@ def noised_branch(model, name, scale=5.0, shift=3.0):
 
     def noisy(*args, **kwargs):
         queries = original(*args, **kwargs)
-        queries.query = queries.query + scale * torch.randn_like(
-            queries.query)
+        queries.query = queries.query + scale * torch.randn_like(queries.query)
         queries.reference = queries.reference + shift
         return queries
+
     branch.make_queries = noisy
     try:
         yield

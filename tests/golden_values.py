@@ -44,6 +44,7 @@ def config_paths():
     baselines of stock mmdet models are left out)."""
     from mmdet.registry import MODELS
     from mmengine.config import Config
+
     import projects_detr_plus  # noqa: F401
     found = []
     for path in sorted(glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))):
@@ -64,13 +65,20 @@ def _small_backbone(model_cfg):
     """A COCO model on a ResNet-18 with the original's outputs."""
     backbone = model_cfg.backbone
     indices = tuple(backbone.get('out_indices', (0, 1, 2, 3)))
-    small = dict(type='ResNet', depth=18, num_stages=4, out_indices=indices,
-                 frozen_stages=backbone.get('frozen_stages', 1),
-                 norm_cfg=dict(type='BN', requires_grad=False),
-                 norm_eval=True, style='pytorch', init_cfg=None)
+    small = dict(
+        type='ResNet',
+        depth=18,
+        num_stages=4,
+        out_indices=indices,
+        frozen_stages=backbone.get('frozen_stages', 1),
+        norm_cfg=dict(type='BN', requires_grad=False),
+        norm_eval=True,
+        style='pytorch',
+        init_cfg=None)
     if backbone.type == 'ResNet':
-        small.update(norm_cfg=backbone.get('norm_cfg', small['norm_cfg']),
-                     norm_eval=backbone.get('norm_eval', True))
+        small.update(
+            norm_cfg=backbone.get('norm_cfg', small['norm_cfg']),
+            norm_eval=backbone.get('norm_eval', True))
     model_cfg.backbone = small
     model_cfg.neck.in_channels = [64 * 2**i for i in indices]
 
@@ -126,16 +134,20 @@ def make_inputs(config, num_classes):
     inputs[1, :, :, shapes[1][1]:] = 0
     samples = []
     for (h, w), count in zip(shapes, (4, 7)):
-        sample = DetDataSample(metainfo=dict(
-            img_id=len(samples), img_shape=(h, w), ori_shape=(h, w),
-            scale_factor=(1.0, 1.0), batch_input_shape=(size, size),
-            pad_shape=(size, size)))
+        sample = DetDataSample(
+            metainfo=dict(
+                img_id=len(samples),
+                img_shape=(h, w),
+                ori_shape=(h, w),
+                scale_factor=(1.0, 1.0),
+                batch_input_shape=(size, size),
+                pad_shape=(size, size)))
         scale = torch.tensor([w, h], dtype=torch.float32)
         xy = torch.rand(count, 2, generator=gen) * scale * 0.7
         wh = (torch.rand(count, 2, generator=gen) * 0.3 + 0.05) * scale
         sample.gt_instances = InstanceData(
             bboxes=torch.cat([xy, torch.minimum(xy + wh, scale)], 1),
-            labels=torch.randint(0, num_classes, (count,), generator=gen))
+            labels=torch.randint(0, num_classes, (count, ), generator=gen))
         samples.append(sample)
     return inputs, samples
 
@@ -177,23 +189,28 @@ def _compute(config):
     inputs, samples = make_inputs(config, _num_classes(model))
     model.train()
     torch.manual_seed(LOSS_SEED)
-    losses, total = _scalar_losses(
-        model.loss(inputs, copy.deepcopy(samples)))
+    losses, total = _scalar_losses(model.loss(inputs, copy.deepcopy(samples)))
     total.backward()
-    grads = {name: (None if p.grad is None else float(p.grad.norm()))
-             for name, p in model.named_parameters()}
+    grads = {
+        name: (None if p.grad is None else float(p.grad.norm()))
+        for name, p in model.named_parameters()
+    }
     model.eval()
     with torch.no_grad():
         predictions = []
         for sample in model.predict(inputs, copy.deepcopy(samples)):
             pred = sample.pred_instances
-            predictions.append(dict(
-                count=len(pred),
-                bboxes=pred.bboxes[:NUM_PREDICTIONS].tolist(),
-                scores=pred.scores[:NUM_PREDICTIONS].tolist(),
-                labels=pred.labels[:NUM_PREDICTIONS].tolist()))
-    return dict(config=config, losses=losses, grad_norms=grads,
-                predictions=predictions)
+            predictions.append(
+                dict(
+                    count=len(pred),
+                    bboxes=pred.bboxes[:NUM_PREDICTIONS].tolist(),
+                    scores=pred.scores[:NUM_PREDICTIONS].tolist(),
+                    labels=pred.labels[:NUM_PREDICTIONS].tolist()))
+    return dict(
+        config=config,
+        losses=losses,
+        grad_norms=grads,
+        predictions=predictions)
 
 
 def differences(expected, actual, rtol=RTOL):
@@ -211,19 +228,20 @@ def differences(expected, actual, rtol=RTOL):
             continue
         for key, value in expected[part].items():
             other = actual[part][key]
-            if (value is None) != (other is None) or (
-                    value is not None and not close(value, other)):
+            if (value is None) != (other
+                                   is None) or (value is not None
+                                                and not close(value, other)):
                 found.append(f'{part}[{key}]: {value} -> {other}')
-    for i, (exp, act) in enumerate(zip(expected['predictions'],
-                                       actual['predictions'])):
+    for i, (exp, act) in enumerate(
+            zip(expected['predictions'], actual['predictions'])):
         if exp['count'] != act['count'] or exp['labels'] != act['labels']:
             found.append(f'predictions[{i}]: counts or labels differ')
             continue
         for key in ('scores', 'bboxes'):
             flat_e = torch.tensor(exp[key], dtype=torch.float64).flatten()
             flat_a = torch.tensor(act[key], dtype=torch.float64).flatten()
-            bad = (flat_e - flat_a).abs() > rtol * torch.maximum(
-                flat_e.abs(), flat_a.abs()) + 1e-12
+            bad = (flat_e - flat_a).abs(
+            ) > rtol * torch.maximum(flat_e.abs(), flat_a.abs()) + 1e-12
             if bad.any():
                 found.append(f'predictions[{i}].{key}: {int(bad.sum())} '
                              'values differ')
@@ -233,8 +251,10 @@ def differences(expected, actual, rtol=RTOL):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--only', default='', help='configs containing this')
-    parser.add_argument('--check', action='store_true',
-                        help='compare with the recorded values instead')
+    parser.add_argument(
+        '--check',
+        action='store_true',
+        help='compare with the recorded values instead')
     args = parser.parse_args()
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     failed = 0
@@ -248,8 +268,10 @@ def main():
             with open(golden_file(config)) as f:
                 diff = differences(json.load(f), record)
             failed += bool(diff)
-            print(config, '\n  '.join(['DIFF'] + diff[:20]) if diff else 'OK',
-                  flush=True)
+            print(
+                config,
+                '\n  '.join(['DIFF'] + diff[:20]) if diff else 'OK',
+                flush=True)
             continue
         with open(golden_file(config), 'w') as f:
             json.dump(record, f, indent=0, sort_keys=True)

@@ -20,17 +20,18 @@ import sys
 from conftest import REPO_ROOT
 from reference_stubs import box_area, module
 
-REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
-                     'atten4vis-lw-detr')
+REFERENCE = osp.join(
+    osp.dirname(REPO_ROOT), 'shared', 'reference', 'atten4vis-lw-detr')
 # top-level names the reference's import touches
 _NAMES = ('models', 'util', 'torchvision')
 _LOADED = {}
 
 
 def available():
-    return all(osp.isfile(osp.join(REFERENCE, *path)) for path in (
-        ('models', 'lwdetr.py'), ('models', 'matcher.py'),
-        ('util', 'box_ops.py'), ('util', 'misc.py')))
+    return all(
+        osp.isfile(osp.join(REFERENCE, *path))
+        for path in (('models', 'lwdetr.py'), ('models', 'matcher.py'),
+                     ('util', 'box_ops.py'), ('util', 'misc.py')))
 
 
 def _not_called(*args, **kwargs):
@@ -43,13 +44,16 @@ def _stubs():
     return {
         # util/misc.py imports torchvision's private helpers only if
         # ``__version__``'s minor number is below 7
-        'torchvision': module('torchvision', __path__=[], ops=ops,
-                              __version__='0.13.1'),
-        'torchvision.ops': ops, 'torchvision.ops.boxes': boxes,
-        'models.backbone': module('models.backbone',
-                                  build_backbone=_not_called),
-        'models.transformer': module('models.transformer',
-                                     build_transformer=_not_called),
+        'torchvision':
+        module('torchvision', __path__=[], ops=ops, __version__='0.13.1'),
+        'torchvision.ops':
+        ops,
+        'torchvision.ops.boxes':
+        boxes,
+        'models.backbone':
+        module('models.backbone', build_backbone=_not_called),
+        'models.transformer':
+        module('models.transformer', build_transformer=_not_called),
     }
 
 

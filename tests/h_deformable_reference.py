@@ -50,8 +50,8 @@ from torch import nn
 from conftest import REPO_ROOT
 from reference_stubs import box_area, module
 
-REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
-                     'hdetr-h-deformable-detr')
+REFERENCE = osp.join(
+    osp.dirname(REPO_ROOT), 'shared', 'reference', 'hdetr-h-deformable-detr')
 # the official H-Deformable-DETR recipe this test reproduces (its flags are
 # in official_args)
 OFFICIAL_CONFIG = ('configs/two_stage/deformable-detr-hybrid-branch/12eps/'
@@ -68,9 +68,11 @@ _LOADED = {}
 
 
 def available():
-    return all(osp.isfile(osp.join(REFERENCE, path)) for path in (
-        'models/deformable_detr.py', 'models/deformable_transformer.py',
-        'engine.py', OFFICIAL_CONFIG))
+    return all(
+        osp.isfile(osp.join(REFERENCE, path))
+        for path in ('models/deformable_detr.py',
+                     'models/deformable_transformer.py', 'engine.py',
+                     OFFICIAL_CONFIG))
 
 
 def _not_called(*args, **kwargs):
@@ -80,26 +82,40 @@ def _not_called(*args, **kwargs):
 def _stubs():
     boxes = module('torchvision.ops.boxes', box_area=box_area)
     ops = module('torchvision.ops', __path__=[], boxes=boxes)
-    utils = module('torchvision.models._utils',
-                   IntermediateLayerGetter=lambda backbone, **kwargs:
-                   backbone)
+    utils = module(
+        'torchvision.models._utils',
+        IntermediateLayerGetter=lambda backbone, **kwargs: backbone)
     models = module('torchvision.models', __path__=[], _utils=utils)
-    datasets = {f'datasets.{name}': module(f'datasets.{name}', **{
-        attr: _not_called}) for name, attr in (
-            ('coco_eval', 'CocoEvaluator'),
-            ('panoptic_eval', 'PanopticEvaluator'),
-            ('data_prefetcher', 'data_prefetcher'))}
+    datasets = {
+        f'datasets.{name}': module(f'datasets.{name}', **{attr: _not_called})
+        for name, attr in (('coco_eval', 'CocoEvaluator'),
+                           ('panoptic_eval', 'PanopticEvaluator'),
+                           ('data_prefetcher', 'data_prefetcher'))
+    }
     return {
-        'torchvision': module('torchvision', __path__=[], ops=ops,
-                              models=models, __version__='0.13.1'),
-        'torchvision.ops': ops, 'torchvision.ops.boxes': boxes,
-        'torchvision.models': models, 'torchvision.models._utils': utils,
-        'models.swin_transformer': module('models.swin_transformer',
-                                          SwinTransformer=_not_called),
-        'MultiScaleDeformableAttention': module(
-            'MultiScaleDeformableAttention'),
-        'wandb': module('wandb'),
-        'datasets': module('datasets', __path__=[]),
+        'torchvision':
+        module(
+            'torchvision',
+            __path__=[],
+            ops=ops,
+            models=models,
+            __version__='0.13.1'),
+        'torchvision.ops':
+        ops,
+        'torchvision.ops.boxes':
+        boxes,
+        'torchvision.models':
+        models,
+        'torchvision.models._utils':
+        utils,
+        'models.swin_transformer':
+        module('models.swin_transformer', SwinTransformer=_not_called),
+        'MultiScaleDeformableAttention':
+        module('MultiScaleDeformableAttention'),
+        'wandb':
+        module('wandb'),
+        'datasets':
+        module('datasets', __path__=[]),
         **datasets,
     }
 
@@ -114,8 +130,9 @@ class _PyTorchMSDeformAttn:
     @staticmethod
     def apply(value, spatial_shapes, level_start_index, sampling_locations,
               attention_weights, im2col_step):
-        return multi_scale_deformable_attn_pytorch(
-            value, spatial_shapes, sampling_locations, attention_weights)
+        return multi_scale_deformable_attn_pytorch(value, spatial_shapes,
+                                                   sampling_locations,
+                                                   attention_weights)
 
 
 def load():
@@ -169,14 +186,14 @@ def official_args(**sizes):
     """
     with open(osp.join(REFERENCE, 'main.py')) as f:
         tree = ast.parse(f.read())
-    function = next(node for node in tree.body
-                    if isinstance(node, ast.FunctionDef) and
-                    node.name == 'get_args_parser')
+    function = next(
+        node for node in tree.body if isinstance(node, ast.FunctionDef)
+        and node.name == 'get_args_parser')
     namespace = dict(argparse=argparse, np=numpy)
     exec(compile(ast.Module([function], []), 'main.py', 'exec'), namespace)
     extra = [f'--{key}={value}' for key, value in sizes.items()]
-    return namespace['get_args_parser']().parse_args(
-        official_flags() + extra + ['--device', 'cpu'])
+    return namespace['get_args_parser']().parse_args(official_flags() + extra +
+                                                     ['--device', 'cpu'])
 
 
 class FixedFeatures(nn.Module):
@@ -221,16 +238,28 @@ def build(args, num_channels, strides=(8, 16, 32)):
 # ---------------------------------------------------------------------------
 # weights: reference key -> our key
 # ---------------------------------------------------------------------------
-_ENCODER_LAYER = {'norm1': 'norms.0', 'norm2': 'norms.1',
-                  'linear1': 'ffn.layers.0.0', 'linear2': 'ffn.layers.1'}
+_ENCODER_LAYER = {
+    'norm1': 'norms.0',
+    'norm2': 'norms.1',
+    'linear1': 'ffn.layers.0.0',
+    'linear2': 'ffn.layers.1'
+}
 # the reference's decoder layer: self-attention -> norm2, cross-attention ->
 # norm1, FFN -> norm3; ours (mmdet's): norms 0, 1, 2 in that order
-_DECODER_LAYER = {'norm2': 'norms.0', 'norm1': 'norms.1', 'norm3': 'norms.2',
-                  'linear1': 'ffn.layers.0.0', 'linear2': 'ffn.layers.1',
-                  'self_attn': 'self_attn.attn'}
-_TWO_STAGE = {'enc_output': 'memory_trans_fc',
-              'enc_output_norm': 'memory_trans_norm',
-              'pos_trans': 'pos_trans_fc', 'pos_trans_norm': 'pos_trans_norm'}
+_DECODER_LAYER = {
+    'norm2': 'norms.0',
+    'norm1': 'norms.1',
+    'norm3': 'norms.2',
+    'linear1': 'ffn.layers.0.0',
+    'linear2': 'ffn.layers.1',
+    'self_attn': 'self_attn.attn'
+}
+_TWO_STAGE = {
+    'enc_output': 'memory_trans_fc',
+    'enc_output_norm': 'memory_trans_norm',
+    'pos_trans': 'pos_trans_fc',
+    'pos_trans_norm': 'pos_trans_norm'
+}
 # conv biases of the input projections: the reference's Conv2d has one,
 # ours (ChannelMapper's ConvModule before GroupNorm, bias='auto') none; the
 # reference initialises them to 0 and they are kept at 0
@@ -323,8 +352,8 @@ def shared_parameters(reference, ours, num_queries_one2one):
 def copy_weights(ours, reference, num_queries_one2one):
     """Our weights into the reference (its :data:`REFERENCE_ONLY` biases
     set to 0)."""
-    for _, rows, theirs, _, param in shared_parameters(
-            reference, ours, num_queries_one2one):
+    for _, rows, theirs, _, param in shared_parameters(reference, ours,
+                                                       num_queries_one2one):
         (theirs if rows is None else theirs[rows]).copy_(param)
     for name, param in reference_parameters(reference).items():
         if REFERENCE_ONLY.fullmatch(name):

@@ -5,9 +5,10 @@
 
 mmcv 2.1.0's ``tests/test_ops/test_ms_deformable_attn.py`` imports
 ``MultiScaleDeformableAttention``, ``MultiScaleDeformableAttnFunction`` and
-``multi_scale_deformable_attn_pytorch`` from ``mmcv.ops.multi_scale_deform_attn``
-and ``IS_CUDA_AVAILABLE`` / ``IS_MLU_AVAILABLE`` from ``mmcv.utils``. In this
-process only, that module is replaced so the file tests our op instead:
+``multi_scale_deformable_attn_pytorch`` from
+``mmcv.ops.multi_scale_deform_attn`` and ``IS_CUDA_AVAILABLE`` /
+``IS_MLU_AVAILABLE`` from ``mmcv.utils``. In this process only, that
+module is replaced so the file tests our op instead:
 
 * ``MultiScaleDeformableAttnFunction.apply(value, shapes, starts, loc, attn,
   im2col_step)`` runs ``projects_detr_plus.ops.multi_scale_deformable_attn``
@@ -15,10 +16,10 @@ process only, that module is replaced so the file tests our op instead:
 * ``multi_scale_deformable_attn_pytorch`` stays mmcv's reference: from the
   installed mmcv, else the function's source read from the mmcv sdist given
   with ``--mmcv-src`` (executed with torch alone);
-* ``MultiScaleDeformableAttention`` is our ``MultiScaleDeformableAttentionPlus``
-  (it needs mmcv, mmengine and mmdet; where they are missing, the one test that
-  builds the module fails its import and is reported as skipped with the
-  reason).
+* ``MultiScaleDeformableAttention`` is our
+  ``MultiScaleDeformableAttentionPlus`` (it needs mmcv, mmengine and
+  mmdet; where they are missing, the one test that builds the module fails
+  its import and is reported as skipped with the reason).
 
 Without mmcv installed (the GPU machine has torch alone) ``mmcv`` and
 ``mmcv.utils`` are stand-ins too. Exit status: pytest's.
@@ -50,23 +51,28 @@ class MultiScaleDeformableAttnFunction:
         if int(im2col_step) <= 0:
             raise ValueError(f'im2col_step must be positive, got '
                              f'{im2col_step}')
-        return ops.multi_scale_deformable_attn(
-            value, spatial_shapes, level_start_index, sampling_locations,
-            attention_weights)
+        return ops.multi_scale_deformable_attn(value, spatial_shapes,
+                                               level_start_index,
+                                               sampling_locations,
+                                               attention_weights)
 
 
 def reference_from_sdist(sdist):
     """mmcv's ``multi_scale_deformable_attn_pytorch``, read from the sdist."""
     with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers()
-                      if m.name.endswith('mmcv/ops/multi_scale_deform_attn.py'))
+        member = next(
+            m for m in tar.getmembers()
+            if m.name.endswith('mmcv/ops/multi_scale_deform_attn.py'))
         source = tar.extractfile(member).read().decode()
     tree = ast.parse(source)
-    func = next(node for node in tree.body
-                if isinstance(node, ast.FunctionDef) and node.name == REFERENCE)
+    func = next(
+        node for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == REFERENCE)
     namespace = {'torch': torch, 'F': torch.nn.functional}
-    exec(compile(ast.Module(body=[func], type_ignores=[]),
-                 f'{sdist}:{member.name}', 'exec'), namespace)
+    exec(
+        compile(
+            ast.Module(body=[func], type_ignores=[]), f'{sdist}:{member.name}',
+            'exec'), namespace)
     return namespace[REFERENCE]
 
 
@@ -75,7 +81,8 @@ def mmcv_reference(mmcv_src):
     if importlib.util.find_spec('mmcv') is not None:
         try:
             from mmcv.ops import multi_scale_deform_attn as real
-            return getattr(real, REFERENCE), f'installed mmcv ({real.__file__})'
+            return getattr(real,
+                           REFERENCE), f'installed mmcv ({real.__file__})'
         except ImportError:
             pass
     if mmcv_src:
@@ -121,9 +128,10 @@ def install(mmcv_src=None):
     adapter.MultiScaleDeformableAttention = our_module()
     setattr(adapter, REFERENCE, reference)
     sys.modules[MODULE] = adapter
-    return (f'op: projects_detr_plus ({ops.implementation_info()}); '
-            f'reference: {origin}; module: '
-            f'{getattr(adapter.MultiScaleDeformableAttention, "__name__", "missing")}')
+    return (
+        f'op: projects_detr_plus ({ops.implementation_info()}); '
+        f'reference: {origin}; module: '
+        f'{getattr(adapter.MultiScaleDeformableAttention, "__name__", "-")}')
 
 
 def main(argv):
@@ -136,9 +144,10 @@ def main(argv):
         mmcv_src = rest[i + 1]
         rest = rest[:i] + rest[i + 2:]
     print(install(mmcv_src), flush=True)
-    return pytest.main([test_file, '-p', 'no:cacheprovider',
-                        '--rootdir', osp.dirname(osp.abspath(test_file)),
-                        '-o', 'python_files=*.py'] + rest)
+    return pytest.main([
+        test_file, '-p', 'no:cacheprovider', '--rootdir',
+        osp.dirname(osp.abspath(test_file)), '-o', 'python_files=*.py'
+    ] + rest)
 
 
 if __name__ == '__main__':

@@ -18,8 +18,8 @@ import warnings
 from conftest import REPO_ROOT
 from reference_stubs import box_area, module
 
-REFERENCE = osp.join(osp.dirname(REPO_ROOT), 'shared', 'reference',
-                     'atten4vis-ms-detr')
+REFERENCE = osp.join(
+    osp.dirname(REPO_ROOT), 'shared', 'reference', 'atten4vis-ms-detr')
 IMPL_A = osp.join(REFERENCE, 'impl_a')
 # top-level names the reference's import touches
 _NAMES = ('models', 'util', 'torchvision', 'MultiScaleDeformableAttention')
@@ -35,19 +35,30 @@ def _not_called(*args, **kwargs):
 
 
 def _stubs():
-    boxes = module('torchvision.ops.boxes', box_area=box_area,
-                   batched_nms=_not_called)
+    boxes = module(
+        'torchvision.ops.boxes', box_area=box_area, batched_nms=_not_called)
     ops = module('torchvision.ops', __path__=[], boxes=boxes)
-    utils = module('torchvision.models._utils',
-                   IntermediateLayerGetter=_not_called)
+    utils = module(
+        'torchvision.models._utils', IntermediateLayerGetter=_not_called)
     models = module('torchvision.models', __path__=[], _utils=utils)
     return {
-        'torchvision': module('torchvision', __path__=[], ops=ops,
-                              models=models, __version__='0.13.1'),
-        'torchvision.ops': ops, 'torchvision.ops.boxes': boxes,
-        'torchvision.models': models, 'torchvision.models._utils': utils,
-        'MultiScaleDeformableAttention': module(
-            'MultiScaleDeformableAttention'),
+        'torchvision':
+        module(
+            'torchvision',
+            __path__=[],
+            ops=ops,
+            models=models,
+            __version__='0.13.1'),
+        'torchvision.ops':
+        ops,
+        'torchvision.ops.boxes':
+        boxes,
+        'torchvision.models':
+        models,
+        'torchvision.models._utils':
+        utils,
+        'MultiScaleDeformableAttention':
+        module('MultiScaleDeformableAttention'),
     }
 
 
@@ -71,8 +82,7 @@ def load():
                 warnings.simplefilter('ignore', DeprecationWarning)
                 warnings.simplefilter('ignore', SyntaxWarning)
                 for name in ('deformable_detr', 'matcher', 'matcher_o2m'):
-                    _LOADED[name] = importlib.import_module(
-                        f'models.{name}')
+                    _LOADED[name] = importlib.import_module(f'models.{name}')
         finally:
             sys.dont_write_bytecode = bytecode
             sys.path.remove(IMPL_A)

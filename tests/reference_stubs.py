@@ -23,12 +23,18 @@ def detrex_stubs(**utils):
     name: what detrex-based reference code imports."""
     boxes = module('torchvision.ops.boxes', box_area=box_area)
     return {
-        'torchvision': module('torchvision', __path__=[]),
-        'torchvision.ops': module('torchvision.ops', __path__=[],
-                                  boxes=boxes),
-        'torchvision.ops.boxes': boxes,
-        'detrex': module('detrex', __path__=[]),
-        'detrex.utils': module(
-            'detrex.utils', get_world_size=lambda: 1,
-            is_dist_avail_and_initialized=lambda: False, **utils),
+        'torchvision':
+        module('torchvision', __path__=[]),
+        'torchvision.ops':
+        module('torchvision.ops', __path__=[], boxes=boxes),
+        'torchvision.ops.boxes':
+        boxes,
+        'detrex':
+        module('detrex', __path__=[]),
+        'detrex.utils':
+        module(
+            'detrex.utils',
+            get_world_size=lambda: 1,
+            is_dist_avail_and_initialized=lambda: False,
+            **utils),
     }

@@ -67,33 +67,41 @@ class TransformerLayerSequence(nn.Module):
 def _stubbed_modules():
     """torchvision, detrex.{utils,layers,modeling.criterion}, only while
     loading."""
-    stubs = dict(detrex_stubs(inverse_sigmoid=None),
-                 **{'detrex.modeling': module('detrex.modeling',
-                                              __path__=[])})
-    names = list(stubs) + ['detrex.layers', 'detrex.layers.box_ops',
-                           'detrex.modeling.criterion',
-                           'detrex.modeling.criterion.criterion']
+    stubs = dict(
+        detrex_stubs(inverse_sigmoid=None),
+        **{'detrex.modeling': module('detrex.modeling', __path__=[])})
+    names = list(stubs) + [
+        'detrex.layers', 'detrex.layers.box_ops', 'detrex.modeling.criterion',
+        'detrex.modeling.criterion.criterion'
+    ]
     saved = {name: sys.modules.get(name) for name in names}
     sys.modules.update(stubs)
     try:
-        box_ops = _load_file('detrex.layers.box_ops', osp.join(
-            DETREX, 'detrex', 'layers', 'box_ops.py'))
+        box_ops = _load_file(
+            'detrex.layers.box_ops',
+            osp.join(DETREX, 'detrex', 'layers', 'box_ops.py'))
         sys.modules['detrex.layers'] = module(
-            'detrex.layers', __path__=[], box_ops=box_ops,
-            FFN=Placeholder, MLP=Placeholder,
+            'detrex.layers',
+            __path__=[],
+            box_ops=box_ops,
+            FFN=Placeholder,
+            MLP=Placeholder,
             BaseTransformerLayer=Placeholder,
             MultiheadAttention=Placeholder,
             MultiScaleDeformableAttention=Placeholder,
             TransformerLayerSequence=TransformerLayerSequence,
             get_sine_pos_embed=None,
-            **{k: v for k, v in vars(box_ops).items()
-               if not k.startswith('__')})
+            **{
+                k: v
+                for k, v in vars(box_ops).items() if not k.startswith('__')
+            })
         criterion = _load_file(
             'detrex.modeling.criterion.criterion',
             osp.join(DETREX, 'detrex', 'modeling', 'criterion',
                      'criterion.py'))
         sys.modules['detrex.modeling.criterion'] = module(
-            'detrex.modeling.criterion', __path__=[],
+            'detrex.modeling.criterion',
+            __path__=[],
             SetCriterion=criterion.SetCriterion)
         yield
     finally:

@@ -10,8 +10,7 @@ from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from mmengine.structures import InstanceData
 
 import align_detr_reference
-from detr_testing import (build, dino_cfg, losses_with_seed, make_batch,
-                          predict)
+from detr_testing import build, dino_cfg, losses_with_seed, make_batch, predict
 from projects_detr_plus.models.branches import (AlignDETRBranch,
                                                 DenoisingBranch,
                                                 SetPredictions)
@@ -22,8 +21,7 @@ SHAPES = ((96, 128), (80, 112))  # (h, w) per image
 NUM_GTS = (3, 4)
 DN_GROUPS = 2
 REF_WEIGHTS = dict(loss_class=1.0, loss_bbox=5.0, loss_giou=2.0)
-OURS = dict(loss_class='loss_cls', loss_bbox='loss_bbox',
-            loss_giou='loss_iou')
+OURS = dict(loss_class='loss_cls', loss_bbox='loss_bbox', loss_giou='loss_iou')
 
 needs_reference = pytest.mark.skipif(
     not align_detr_reference.available(),
@@ -34,16 +32,23 @@ def _head():
     from mmdet.utils import register_all_modules
     register_all_modules(init_default_scope=True)
     import projects_detr_plus  # noqa: F401
-    return MODELS.build(dict(
-        type='DINOHead', num_classes=NUM_CLASSES, embed_dims=32,
-        sync_cls_avg_factor=True,
-        loss_cls=dict(type='IABCELoss', alpha=0.25, gamma=2.0),
-        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
-        loss_iou=dict(type='GIoULoss', loss_weight=2.0),
-        train_cfg=dict(assigner=dict(type='HungarianAssigner', match_costs=[
-            dict(type='FocalLossCost', weight=2.0),
-            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-            dict(type='IoUCost', iou_mode='giou', weight=2.0)]))))
+    return MODELS.build(
+        dict(
+            type='DINOHead',
+            num_classes=NUM_CLASSES,
+            embed_dims=32,
+            sync_cls_avg_factor=True,
+            loss_cls=dict(type='IABCELoss', alpha=0.25, gamma=2.0),
+            loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+            loss_iou=dict(type='GIoULoss', loss_weight=2.0),
+            train_cfg=dict(
+                assigner=dict(
+                    type='HungarianAssigner',
+                    match_costs=[
+                        dict(type='FocalLossCost', weight=2.0),
+                        dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+                        dict(type='IoUCost', iou_mode='giou', weight=2.0)
+                    ]))))
 
 
 def _problem(seed=0):
@@ -54,9 +59,11 @@ def _problem(seed=0):
     for count in NUM_GTS:
         centre = torch.rand(count, 2, generator=gen) * 0.5 + 0.25
         size = torch.rand(count, 2, generator=gen) * 0.3 + 0.15
-        gts.append(dict(boxes=torch.cat([centre, size], 1),
-                        labels=torch.randint(0, NUM_CLASSES, (count, ),
-                                             generator=gen)))
+        gts.append(
+            dict(
+                boxes=torch.cat([centre, size], 1),
+                labels=torch.randint(0, NUM_CLASSES, (count, ),
+                                     generator=gen)))
 
     def boxes(n, layers):
         out = []
@@ -67,16 +74,17 @@ def _problem(seed=0):
         return torch.stack(out, 1)  # (layers, bs, n, 4)
 
     def logits(n, layers):
-        return torch.randn(layers, len(gts), n, NUM_CLASSES,
-                           generator=gen) * 2
+        return torch.randn(layers, len(gts), n, NUM_CLASSES, generator=gen) * 2
 
     max_gt = max(NUM_GTS)
     num_dn = DN_GROUPS * 2 * max_gt
     tensors = dict(
         cls=logits(NUM_QUERIES, NUM_LAYERS),
         box=boxes(NUM_QUERIES, NUM_LAYERS),
-        enc_cls=logits(NUM_QUERIES, 1)[0], enc_box=boxes(NUM_QUERIES, 1)[0],
-        dn_cls=logits(num_dn, NUM_LAYERS), dn_box=boxes(num_dn, NUM_LAYERS))
+        enc_cls=logits(NUM_QUERIES, 1)[0],
+        enc_box=boxes(NUM_QUERIES, 1)[0],
+        dn_cls=logits(num_dn, NUM_LAYERS),
+        dn_box=boxes(num_dn, NUM_LAYERS))
     for value in tensors.values():
         value.requires_grad_(True)
     return gts, tensors
@@ -86,11 +94,12 @@ def _samples(gts):
     samples = []
     for gt, (h, w) in zip(gts, SHAPES):
         scale = torch.tensor([w, h, w, h], dtype=torch.float)
-        samples.append(DetDataSample(
-            metainfo=dict(img_shape=(h, w)),
-            gt_instances=InstanceData(
-                bboxes=bbox_cxcywh_to_xyxy(gt['boxes']) * scale,
-                labels=gt['labels'])))
+        samples.append(
+            DetDataSample(
+                metainfo=dict(img_shape=(h, w)),
+                gt_instances=InstanceData(
+                    bboxes=bbox_cxcywh_to_xyxy(gt['boxes']) * scale,
+                    labels=gt['labels'])))
     return samples
 
 
@@ -98,22 +107,27 @@ def _our_losses(gts, t, alpha=0.25, **branch_args):
     head = _head()
     head.loss_cls.alpha = alpha
     samples = _samples(gts)
-    detector = SimpleNamespace(bbox_head=head,
-                               encoder_gt_instances=lambda gts: gts)
-    branch = AlignDETRBranch(NUM_CLASSES, 32, NUM_QUERIES, **dict(
-        dict(match_numbers=(2, 2, 2, 2, 2, 2, 1), tau=1.5), **branch_args))
+    detector = SimpleNamespace(
+        bbox_head=head, encoder_gt_instances=lambda gts: gts)
+    branch = AlignDETRBranch(
+        NUM_CLASSES, 32, NUM_QUERIES,
+        **dict(
+            dict(match_numbers=(2, 2, 2, 2, 2, 2, 1), tau=1.5), **branch_args))
     main = SetPredictions(t['cls'], t['box'], torch.zeros(0), [])
     losses = branch.supervise_main(detector, main, samples)
-    losses.update(branch.supervise_encoder(detector, t['enc_cls'],
-                                           t['enc_box'], samples))
-    dn = SimpleNamespace(meta=dict(
-        gt_instances=[s.gt_instances for s in samples],
-        dn_meta=dict(num_denoising_queries=t['dn_cls'].shape[2],
-                     num_denoising_groups=DN_GROUPS)))
-    targets = DenoisingBranch.targets(head, dn,
-                                      [s.metainfo for s in samples])
-    losses.update(layer_loss_dict('dn_', layer_losses(
-        head, t['dn_cls'], t['dn_box'], targets)))
+    losses.update(
+        branch.supervise_encoder(detector, t['enc_cls'], t['enc_box'],
+                                 samples))
+    dn = SimpleNamespace(
+        meta=dict(
+            gt_instances=[s.gt_instances for s in samples],
+            dn_meta=dict(
+                num_denoising_queries=t['dn_cls'].shape[2],
+                num_denoising_groups=DN_GROUPS)))
+    targets = DenoisingBranch.targets(head, dn, [s.metainfo for s in samples])
+    losses.update(
+        layer_loss_dict('dn_',
+                        layer_losses(head, t['dn_cls'], t['dn_box'], targets)))
     return losses
 
 
@@ -124,23 +138,35 @@ def _their_losses(gts, t, monkeypatch):
     def layer(cls, box):
         return dict(pred_logits=cls, pred_boxes=box)
 
-    outputs = dict(layer(t['cls'][-1], t['box'][-1]),
-                   aux_outputs=[layer(t['cls'][i], t['box'][i])
-                                for i in range(NUM_LAYERS - 1)],
-                   enc_outputs=layer(t['enc_cls'], t['enc_box']))
-    dn = dict(layer(t['dn_cls'][-1], t['dn_box'][-1]),
-              aux_outputs=[layer(t['dn_cls'][i], t['dn_box'][i])
-                           for i in range(NUM_LAYERS - 1)])
+    outputs = dict(
+        layer(t['cls'][-1], t['box'][-1]),
+        aux_outputs=[
+            layer(t['cls'][i], t['box'][i]) for i in range(NUM_LAYERS - 1)
+        ],
+        enc_outputs=layer(t['enc_cls'], t['enc_box']))
+    dn = dict(
+        layer(t['dn_cls'][-1], t['dn_box'][-1]),
+        aux_outputs=[
+            layer(t['dn_cls'][i], t['dn_box'][i])
+            for i in range(NUM_LAYERS - 1)
+        ])
     criterion = criterions.AlignDETRCriterion(
-        NUM_CLASSES, matchers.MixedMatcher(2.0, 5.0, 2.0, 'focal_loss_cost',
-                                           0.25, 2.0),
-        {}, match_num=[2, 2, 2, 2, 2, 2, 1], gamma=2.0, alpha=0.25,
+        NUM_CLASSES,
+        matchers.MixedMatcher(2.0, 5.0, 2.0, 'focal_loss_cost', 0.25, 2.0), {},
+        match_num=[2, 2, 2, 2, 2, 2, 1],
+        gamma=2.0,
+        alpha=0.25,
         tau=1.5)
-    raw = criterion(outputs, [dict(g) for g in gts], dict(
-        output_known_lbs_bboxes=dn, dn_num=DN_GROUPS,
-        single_padding=2 * max(NUM_GTS)))
-    return {_our_name(key): value * REF_WEIGHTS[_base(key)]
-            for key, value in raw.items()}
+    raw = criterion(
+        outputs, [dict(g) for g in gts],
+        dict(
+            output_known_lbs_bboxes=dn,
+            dn_num=DN_GROUPS,
+            single_padding=2 * max(NUM_GTS)))
+    return {
+        _our_name(key): value * REF_WEIGHTS[_base(key)]
+        for key, value in raw.items()
+    }
 
 
 def _base(key):
@@ -171,16 +197,21 @@ def test_losses_and_gradients_equal_the_authors(monkeypatch):
     official criterion's (fp32; tolerances: :func:`_tolerance`)."""
     gts, tensors = _problem()
     ours = _our_losses(gts, tensors)
-    again = {k: v.detach().clone().requires_grad_(True)
-             for k, v in tensors.items()}
+    again = {
+        k: v.detach().clone().requires_grad_(True)
+        for k, v in tensors.items()
+    }
     theirs = _their_losses(gts, again, monkeypatch)
     assert sorted(ours) == sorted(theirs)
     for key in ours:
         torch.testing.assert_close(
-            ours[key].reshape(()), theirs[key].reshape(()),
-            rtol=_tolerance(key), atol=0, msg=key)
-    grads_ours = torch.autograd.grad(sum(v.sum() for v in ours.values()),
-                                     list(tensors.values()))
+            ours[key].reshape(()),
+            theirs[key].reshape(()),
+            rtol=_tolerance(key),
+            atol=0,
+            msg=key)
+    grads_ours = torch.autograd.grad(
+        sum(v.sum() for v in ours.values()), list(tensors.values()))
     grads_theirs = torch.autograd.grad(
         sum(v.sum() for v in theirs.values()), list(again.values()))
     for name, a, b in zip(tensors, grads_ours, grads_theirs):
@@ -198,9 +229,9 @@ def test_the_comparison_sees_one_changed_detail(monkeypatch, change):
     alpha = 0.3 if change == 'alpha' else 0.25
     ours = _our_losses(gts, tensors, alpha=alpha, **kwargs)
     theirs = _their_losses(gts, tensors, monkeypatch)
-    worst = max(float((ours[k] - theirs[k]).abs().max().detach() /
-                      theirs[k].abs().max().detach())
-                for k in ours)
+    worst = max(
+        float((ours[k] - theirs[k]).abs().max().detach() /
+              theirs[k].abs().max().detach()) for k in ours)
     assert worst > 1e-3
 
 
@@ -208,8 +239,9 @@ def _dino(branch=True, dn=True):
     cfg = dino_cfg(dims=128, dn=dn)
     cfg['bbox_head']['loss_cls'] = dict(type='IABCELoss')
     if branch:
-        cfg['branches'] = [dict(type='AlignDETRBranch',
-                                match_numbers=(2, 2, 1), tau=1.5)]
+        cfg['branches'] = [
+            dict(type='AlignDETRBranch', match_numbers=(2, 2, 1), tau=1.5)
+        ]
     torch.manual_seed(0)
     return build(cfg)
 
@@ -219,8 +251,8 @@ def test_inference_is_the_base_models():
     ours, base = _dino(), _dino(branch=False)
     base.load_state_dict(ours.state_dict())
     inputs, samples = make_batch()
-    for a, b in zip(predict(ours, inputs, samples),
-                    predict(base, inputs, samples)):
+    for a, b in zip(
+            predict(ours, inputs, samples), predict(base, inputs, samples)):
         assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
         assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
 
@@ -247,7 +279,9 @@ def test_it_replaces_the_main_loss_and_trains():
 
 def test_two_replacing_branches_are_refused():
     cfg = dino_cfg(dims=128)
-    cfg['branches'] = [dict(type='AlignDETRBranch', match_numbers=(2, 2, 1)),
-                       dict(type='AlignDETRBranch', match_numbers=(2, 2, 1))]
+    cfg['branches'] = [
+        dict(type='AlignDETRBranch', match_numbers=(2, 2, 1)),
+        dict(type='AlignDETRBranch', match_numbers=(2, 2, 1))
+    ]
     with pytest.raises(ValueError):
         build(cfg)

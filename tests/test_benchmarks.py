@@ -6,13 +6,18 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import run_tool
 
 
 def test_msda_op_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'msda.json'
-    run_tool([osp.join(repo_root, 'benchmarks/msda_op.py'), '--device',
-              'cpu', '--quick', '--json', str(out)], cwd=tmp_path)
+    run_tool([
+        osp.join(repo_root, 'benchmarks/msda_op.py'), '--device', 'cpu',
+        '--quick', '--json',
+        str(out)
+    ],
+             cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result['device'] == 'cpu' and result['cases']
     for case in result['cases']:
@@ -21,8 +26,11 @@ def test_msda_op_benchmark_quick(repo_root, tmp_path):
 
 def test_train_step_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'step.json'
-    proc = run_tool([osp.join(repo_root, 'benchmarks/train_step.py'),
-                     '--quick', '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/train_step.py'), '--quick', '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     seconds = result['seconds_per_step']
     assert seconds['ours'] > 0 and seconds['mmdet'] > 0
@@ -32,8 +40,11 @@ def test_train_step_benchmark_quick(repo_root, tmp_path):
 
 def test_query_branches_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'branches.json'
-    run_tool([osp.join(repo_root, 'benchmarks/query_branches.py'), '--quick',
-              '--variants', 'dino', 'group-k3', '--json', str(out)],
+    run_tool([
+        osp.join(repo_root, 'benchmarks/query_branches.py'), '--quick',
+        '--variants', 'dino', 'group-k3', '--json',
+        str(out)
+    ],
              cwd=tmp_path)
     result = json.loads(out.read_text())
     seconds = result['seconds_per_step']
@@ -45,9 +56,12 @@ def test_query_branches_benchmark_quick(repo_root, tmp_path):
 
 def test_convergence_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'conv'
-    proc = run_tool([osp.join(repo_root, 'benchmarks/convergence.py'),
-                     '--quick', '--methods', 'dino', 'group-dino', '--out',
-                     str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
+        '--methods', 'dino', 'group-dino', '--out',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads((tmp_path / 'conv.json').read_text())
     assert (tmp_path / 'conv.png').stat().st_size > 0
     for method in ('dino', 'group-dino'):
@@ -60,8 +74,11 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
     assert group['vs_base'] == pytest.approx(
         group['mean'][-1] - result['summary']['dino']['mean'][-1])
     merged = tmp_path / 'merged'
-    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
-              str(tmp_path / 'conv.json'), '--out', str(merged)],
+    run_tool([
+        osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
+        str(tmp_path / 'conv.json'), '--out',
+        str(merged)
+    ],
              cwd=tmp_path)
     combined = json.loads((tmp_path / 'merged.json').read_text())
     assert combined['summary'] == result['summary']
@@ -71,15 +88,18 @@ def test_convergence_benchmark_quick(repo_root, tmp_path):
     for runs in other['runs'].values():
         runs[0]['seed'] = 1
     (tmp_path / 'seed1.json').write_text(json.dumps(other))
-    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
-              str(tmp_path / 'conv.json'), str(tmp_path / 'seed1.json'),
-              '--out', str(merged)], cwd=tmp_path)
+    run_tool([
+        osp.join(repo_root, 'benchmarks/convergence.py'), '--combine',
+        str(tmp_path / 'conv.json'),
+        str(tmp_path / 'seed1.json'), '--out',
+        str(merged)
+    ],
+             cwd=tmp_path)
     combined = json.loads((tmp_path / 'merged.json').read_text())
     assert combined['seeds'] == [0, 1]
     for method in ('dino', 'group-dino'):
         assert [r['seed'] for r in combined['runs'][method]] == [0, 1]
-        assert set(combined['summary'][method]['final_per_seed']) == {
-            '0', '1'}
+        assert set(combined['summary'][method]['final_per_seed']) == {'0', '1'}
 
 
 def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):
@@ -87,9 +107,12 @@ def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):
     evaluations, the last at its end, the LR drop at 90 %); a stored unit is
     reused by the same command and refused by one of another length."""
     runs, out = tmp_path / 'runs', tmp_path / 'conv'
-    args = [osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
-            '--methods', 'dino', '--seconds', '8', '--calibrate', '2',
-            '--workdir', str(runs), '--out', str(out)]
+    args = [
+        osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
+        '--methods', 'dino', '--seconds', '8', '--calibrate', '2', '--workdir',
+        str(runs), '--out',
+        str(out)
+    ]
     run_tool(args, cwd=tmp_path)
     unit = json.loads((runs / 'dino_8s_seed0.json').read_text())
     its = [p['iteration'] for p in unit['curve']]
@@ -103,23 +126,30 @@ def test_convergence_equal_wall_clock_and_resume(repo_root, tmp_path):
     assert not (runs / 'dino_8s_seed0.log').exists(), again.stdout
     assert unit['recheck'] is None  # set once unless --recheck
     rechecked = subprocess.run(
-        [sys.executable] + args + ['--recheck', '5'], cwd=tmp_path,
-        capture_output=True, text=True,
+        [sys.executable] + args + ['--recheck', '5'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env=dict(os.environ, PYTHONPATH=repo_root))
     assert rechecked.returncode != 0
     assert 'use another --workdir' in rechecked.stderr
     (runs / 'dino_8s_seed0.json').rename(runs / 'dino_9s_seed0.json')
     proc = subprocess.run(
-        [sys.executable] + args[:5] + ['9'] + args[6:], cwd=tmp_path,
-        capture_output=True, text=True,
+        [sys.executable] + args[:5] + ['9'] + args[6:],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env=dict(os.environ, PYTHONPATH=repo_root))
     assert proc.returncode != 0 and 'use another --workdir' in proc.stderr
 
 
 def test_crowded_memory_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'crowded.json'
-    run_tool([osp.join(repo_root, 'benchmarks/crowded_memory.py'),
-              '--num-gts', '1', '3', '--batch-size', '1', '--json', str(out)],
+    run_tool([
+        osp.join(repo_root, 'benchmarks/crowded_memory.py'), '--num-gts', '1',
+        '3', '--batch-size', '1', '--json',
+        str(out)
+    ],
              cwd=tmp_path)
     result = json.loads(out.read_text())
     memory = result['peak_memory_mb']
@@ -132,8 +162,11 @@ def test_crowded_memory_benchmark_quick(repo_root, tmp_path):
 
 def test_inference_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'inference.json'
-    proc = run_tool([osp.join(repo_root, 'benchmarks/inference.py'),
-                     '--quick', '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/inference.py'), '--quick', '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     (row, ) = result['results']
     assert row['batch_size'] == 1
@@ -147,21 +180,32 @@ def _two_image_gt():
     """COCO annotations: two objects (classes 1, 2) in image 1, one in 2."""
     objects = [(1, 1, [10, 10, 30, 30]), (1, 2, [50, 50, 20, 40]),
                (2, 1, [5, 60, 25, 25])]
-    annotations = [dict(id=i, image_id=img, category_id=cat, bbox=box,
-                        area=box[2] * box[3], iscrowd=0)
-                   for i, (img, cat, box) in enumerate(objects, 1)]
-    images = [dict(id=i, width=100, height=100, file_name=f'{i}.png')
-              for i in (1, 2)]
+    annotations = [
+        dict(
+            id=i,
+            image_id=img,
+            category_id=cat,
+            bbox=box,
+            area=box[2] * box[3],
+            iscrowd=0) for i, (img, cat, box) in enumerate(objects, 1)
+    ]
+    images = [
+        dict(id=i, width=100, height=100, file_name=f'{i}.png') for i in (1, 2)
+    ]
     categories = [dict(id=1, name='a'), dict(id=2, name='b')]
-    return dict(images=images, annotations=annotations,
-                categories=categories)
+    return dict(images=images, annotations=annotations, categories=categories)
 
 
 def test_error_analysis_scores_confusion_and_duplicates():
     from benchmarks.error_analysis import breakdown
     gt = _two_image_gt()
-    truth = [dict(image_id=a['image_id'], category_id=a['category_id'],
-                  bbox=list(a['bbox']), score=0.4) for a in gt['annotations']]
+    truth = [
+        dict(
+            image_id=a['image_id'],
+            category_id=a['category_id'],
+            bbox=list(a['bbox']),
+            score=0.4) for a in gt['annotations']
+    ]
     perfect = breakdown(gt, truth, [1, 2], nms_iou=0.6)
     assert all(s['mAP'] == 1.0 for s in perfect.values())
 
@@ -173,10 +217,13 @@ def test_error_analysis_scores_confusion_and_duplicates():
     # image 1's objects, each found twice (the copy 2 px off, IoU ~0.8 with
     # the original), outscore image 2's object: a false positive ranks
     # above a true one until NMS removes the copies
-    copies = [dict(d, bbox=[d['bbox'][0] + 2] + d['bbox'][1:], score=0.9)
-              for d in truth if d['image_id'] == 1]
-    truth_high = [dict(d, score=0.95) if d['image_id'] == 1 else d
-                  for d in truth]
+    copies = [
+        dict(d, bbox=[d['bbox'][0] + 2] + d['bbox'][1:], score=0.9)
+        for d in truth if d['image_id'] == 1
+    ]
+    truth_high = [
+        dict(d, score=0.95) if d['image_id'] == 1 else d for d in truth
+    ]
     duplicated = breakdown(gt, truth_high + copies, [1, 2], nms_iou=0.6)
     assert duplicated['agnostic']['mAP'] < 1.0
     assert duplicated['agnostic_nms']['mAP'] == 1.0
@@ -185,13 +232,18 @@ def test_error_analysis_scores_confusion_and_duplicates():
 
 def test_error_analysis_quick(repo_root, tmp_path):
     out = tmp_path / 'errors.json'
-    proc = run_tool([osp.join(repo_root, 'benchmarks/error_analysis.py'),
-                     osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'),
-                     '--quick', '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/error_analysis.py'),
+        osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'), '--quick',
+        '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result['images'] == 8
-    assert set(result['scores']) == {'classwise', 'agnostic',
-                                     'classwise_nms', 'agnostic_nms'}
+    assert set(result['scores']) == {
+        'classwise', 'agnostic', 'classwise_nms', 'agnostic_nms'
+    }
     for score in result['scores'].values():
         assert all(0.0 <= v <= 1.0 for v in score.values())
     assert 'agnostic_nms' in proc.stdout
@@ -199,9 +251,12 @@ def test_error_analysis_quick(repo_root, tmp_path):
 
 def test_activation_checkpointing_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'cp.json'
-    proc = run_tool([osp.join(repo_root,
-                              'benchmarks/activation_checkpointing.py'),
-                     '--quick', '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/activation_checkpointing.py'),
+        '--quick', '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     settings = result['settings']
     assert settings['none']['memory_ratio'] == 1.0
@@ -213,9 +268,12 @@ def test_activation_checkpointing_benchmark_quick(repo_root, tmp_path):
 def test_train_step_benchmark_against_a_baseline_method(repo_root, tmp_path):
     """DDQ FCN against mmdet's ATSS: different models, no shared weights."""
     out = tmp_path / 'step.json'
-    proc = run_tool([osp.join(repo_root, 'benchmarks/train_step.py'),
-                     '--pair', 'ddq-fcn-tiny', '--quick', '--skip-memory',
-                     '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/train_step.py'), '--pair',
+        'ddq-fcn-tiny', '--quick', '--skip-memory', '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result['mmdet_is_baseline_method'] is True
     assert result['configs'][1] == 'configs/shapes/atss-tiny_shapes.py'
@@ -226,14 +284,21 @@ def test_train_step_benchmark_against_a_baseline_method(repo_root, tmp_path):
 def test_convergence_variant_applies_its_options(repo_root, tmp_path):
     """An ablation variant trains its base config with its options."""
     out = tmp_path / 'conv'
-    run_tool([osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
-              '--methods', 'ddq-fcn+near-centre', '--workdir',
-              str(tmp_path / 'runs'), '--out', str(out)], cwd=tmp_path)
+    run_tool([
+        osp.join(repo_root, 'benchmarks/convergence.py'), '--quick',
+        '--methods', 'ddq-fcn+near-centre', '--workdir',
+        str(tmp_path / 'runs'), '--out',
+        str(out)
+    ],
+             cwd=tmp_path)
     result = json.loads((tmp_path / 'conv.json').read_text())
     assert result['methods']['ddq-fcn+near-centre'] == \
         'configs/shapes/ddq-fcn-tiny_shapes.py'
-    assert result['options'] == {'ddq-fcn+near-centre': {
-        'model.bbox_head.positives_near_centre': 9}}
+    assert result['options'] == {
+        'ddq-fcn+near-centre': {
+            'model.bbox_head.positives_near_centre': 9
+        }
+    }
     log = (tmp_path / 'runs' / 'ddq-fcn+near-centre_seed0.log').read_text()
     assert 'positives_near_centre=9' in log
 
@@ -242,12 +307,14 @@ def test_step_variants_benchmark_quick(repo_root, tmp_path):
     out = tmp_path / 'variants.json'
     data = dict(num_images=4, data_root=str(tmp_path / 'shapes') + '/')
     common = {f'train_dataloader.dataset.{k}': v for k, v in data.items()}
-    proc = run_tool(
-        [osp.join(repo_root, 'benchmarks/step_variants.py'),
-         osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'),
-         '--common', json.dumps(common), '--iters', '1', '--warmup', '0',
-         '--variant', 'batch 2', '{"train_dataloader.batch_size": 2}',
-         '--json', str(out)], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(repo_root, 'benchmarks/step_variants.py'),
+        osp.join(repo_root, 'configs/shapes/dino-tiny_shapes.py'), '--common',
+        json.dumps(common), '--iters', '1', '--warmup', '0', '--variant',
+        'batch 2', '{"train_dataloader.batch_size": 2}', '--json',
+        str(out)
+    ],
+                    cwd=tmp_path)
     result = json.loads(out.read_text())
     rows = result['variants']
     assert set(rows) == {'as is', 'batch 2'}
@@ -272,9 +339,9 @@ def test_lean_recipe_is_ddq_detr_with_the_studied_options(repo_root):
     shapes = osp.join(repo_root, 'configs/shapes')
     lean = Config.fromfile(osp.join(shapes, 'ddq-detr-lean-tiny_shapes.py'))
     ddq = Config.fromfile(osp.join(shapes, 'ddq-detr-tiny_shapes.py'))
-    ddq.merge_from_dict(dict(convergence.FUSED_ADAMW,
-                             **convergence.LEAN_QUERIES,
-                             **{'model.decoder.num_layers': 2}))
+    ddq.merge_from_dict(
+        dict(convergence.FUSED_ADAMW, **convergence.LEAN_QUERIES,
+             **{'model.decoder.num_layers': 2}))
     assert lean.to_dict() == ddq.to_dict()
     assert ddq.model.decoder.num_layers == 2
     assert ddq.model.dn_cfg.group_cfg.num_dn_queries == 20
@@ -289,19 +356,31 @@ def test_time_plot_uses_the_budget_clock(repo_root):
     import convergence
 
     def run(seed, iters, seconds):
-        curve = [dict(iteration=it, seconds=s,
-                      metrics={'coco/bbox_mAP': it / 1000})
-                 for it, s in zip((iters // 2, iters), seconds)]
-        return dict(seed=seed, iters=iters, budget_seconds=780,
-                    seconds=seconds[-1], curve=curve)
+        curve = [
+            dict(
+                iteration=it, seconds=s, metrics={'coco/bbox_mAP': it / 1000})
+            for it, s in zip((iters // 2, iters), seconds)
+        ]
+        return dict(
+            seed=seed,
+            iters=iters,
+            budget_seconds=780,
+            seconds=seconds[-1],
+            curve=curve)
 
-    summary = convergence.summarize({'dino': [
-        run(0, 100, (400.0, 800.0)), run(1, 200, (900.0, 1800.0))]})['dino']
+    summary = convergence.summarize(
+        {'dino': [run(0, 100, (400.0, 800.0)),
+                  run(1, 200, (900.0, 1800.0))]})['dino']
     assert summary['budget_clock'] == [390.0, 780.0]
     assert summary['seconds'] == [650.0, 1300.0]  # measured, kept
     assert summary['final_per_seed'] == {0: 0.1, 1: 0.2}
-    equal_iterations = dict(seed=0, iters=10, seconds=5.0, curve=[dict(
-        iteration=10, seconds=5.0, metrics={'coco/bbox_mAP': 0.3})])
+    equal_iterations = dict(
+        seed=0,
+        iters=10,
+        seconds=5.0,
+        curve=[
+            dict(iteration=10, seconds=5.0, metrics={'coco/bbox_mAP': 0.3})
+        ])
     assert convergence.budget_clock(equal_iterations) == [0.0]
     equal_iterations['budget_seconds'] = None  # as the units store it
     assert convergence.budget_clock(equal_iterations) == [0.0]

@@ -16,9 +16,11 @@ def runner_like_checkpoint(tmp_path):
     buffer = HistoryBuffer()
     buffer.update(1.5)
     path = tmp_path / 'iter_2.pth'
-    torch.save(dict(meta=dict(iter=2, seed=0),
-                    state_dict={'w': torch.arange(3.)},
-                    message_hub=dict(log_scalars={'loss': buffer})), path)
+    torch.save(
+        dict(
+            meta=dict(iter=2, seed=0),
+            state_dict={'w': torch.arange(3.)},
+            message_hub=dict(log_scalars={'loss': buffer})), path)
     return str(path)
 
 

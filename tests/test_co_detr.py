@@ -12,29 +12,41 @@ from detr_testing import (assert_same_predictions, build, decode,
                           deformable_detr_cfg, dino_cfg, losses_with_seed,
                           make_batch, parameters_without_grad, predict)
 
-SHAPES = Config.fromfile(osp.join(REPO_ROOT,
-                                  'configs/shapes/co-dino-tiny_shapes.py'))
-FCOS = dict(type='CoFCOSHead', in_channels=128, feat_channels=128,
-            stacked_convs=1, strides=[8, 16, 32, 64, 128],
-            regress_ranges=((-1, 16), (16, 32), (32, 64), (64, 128),
-                            (128, 1e8)),
-            center_sampling=True, center_sample_radius=1.5,
-            norm_on_bbox=True, centerness_on_reg=True,
-            loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                          alpha=0.25, loss_weight=1.0),
-            loss_bbox=dict(type='GIoULoss', loss_weight=1.0),
-            loss_centerness=dict(type='CrossEntropyLoss', use_sigmoid=True,
-                                 loss_weight=1.0))
+SHAPES = Config.fromfile(
+    osp.join(REPO_ROOT, 'configs/shapes/co-dino-tiny_shapes.py'))
+FCOS = dict(
+    type='CoFCOSHead',
+    in_channels=128,
+    feat_channels=128,
+    stacked_convs=1,
+    strides=[8, 16, 32, 64, 128],
+    regress_ranges=((-1, 16), (16, 32), (32, 64), (64, 128), (128, 1e8)),
+    center_sampling=True,
+    center_sample_radius=1.5,
+    norm_on_bbox=True,
+    centerness_on_reg=True,
+    loss_cls=dict(
+        type='FocalLoss',
+        use_sigmoid=True,
+        gamma=2.0,
+        alpha=0.25,
+        loss_weight=1.0),
+    loss_bbox=dict(type='GIoULoss', loss_weight=1.0),
+    loss_centerness=dict(
+        type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0))
 
 
 def branch(name, head, **kwargs):
-    return dict(type='CollaborativeBranch', name=name,
-                aux_head=copy.deepcopy(head), **kwargs)
+    return dict(
+        type='CollaborativeBranch',
+        name=name,
+        aux_head=copy.deepcopy(head),
+        **kwargs)
 
 
 ALL_BRANCHES = (branch('co_atss', SHAPES.atss_head.to_dict()),
-                branch('co_rcnn', SHAPES.rcnn_head.to_dict()),
-                branch('co_fcos', FCOS))
+                branch('co_rcnn',
+                       SHAPES.rcnn_head.to_dict()), branch('co_fcos', FCOS))
 
 
 def co_dino(branches=ALL_BRANCHES, dn=True):
@@ -48,8 +60,8 @@ def assert_predicts_like_base(model, base):
     """``base`` (the detector without the Co-DETR branches) loads every
     weight of ``model`` but the branches' and the shared extra level, and
     predicts bit-identically."""
-    missing, unexpected = base.load_state_dict(model.state_dict(),
-                                               strict=False)
+    missing, unexpected = base.load_state_dict(
+        model.state_dict(), strict=False)
     assert not missing and unexpected and all(
         k.startswith(('extra_branches.', 'encoder_extra_level.'))
         for k in unexpected)
@@ -74,8 +86,8 @@ def model():
 @pytest.fixture(scope='module')
 def pyramid(model):
     from projects_detr_plus.models.layers.pyramid import encoder_pyramid
-    memory, shapes, samples = _encoder_outputs(model, *make_batch(
-        num_gts=(3, 6), size=128))
+    memory, shapes, samples = _encoder_outputs(
+        model, *make_batch(num_gts=(3, 6), size=128))
     feats = encoder_pyramid(memory, shapes, model.encoder_extra_level)
     return feats, samples
 
@@ -87,8 +99,8 @@ def _positives(candidates, num_classes):
 def test_pyramid_is_the_encoder_memory_per_level(model, pyramid):
     feats, _ = pyramid
     assert [f.shape[-1] for f in feats] == [16, 8, 4, 2, 1]
-    memory, shapes, _ = _encoder_outputs(model, *make_batch(
-        num_gts=(3, 6), size=128))
+    memory, shapes, _ = _encoder_outputs(model,
+                                         *make_batch(num_gts=(3, 6), size=128))
     first = int(shapes[0][0] * shapes[0][1])
     torch.testing.assert_close(feats[0].flatten(2).transpose(1, 2),
                                memory[:, :first])
@@ -109,13 +121,14 @@ def test_atss_positives_equal_mmdet_assignment(model, pyramid):
         pos = cand[cand.labels < head.num_classes]
         assert (cand.labels <= head.num_classes).all()
         gt = sample.gt_instances
-        result = assigner.assign(InstanceData(priors=torch.cat(anchors)),
-                                 [len(a) for a in anchors], gt)
+        result = assigner.assign(
+            InstanceData(priors=torch.cat(anchors)), [len(a) for a in anchors],
+            gt)
         matched = result.gt_inds > 0
         assert matched.any()
         torch.testing.assert_close(pos.priors, torch.cat(anchors)[matched])
-        torch.testing.assert_close(
-            pos.bboxes, gt.bboxes[result.gt_inds[matched] - 1])
+        torch.testing.assert_close(pos.bboxes,
+                                   gt.bboxes[result.gt_inds[matched] - 1])
         assert torch.equal(pos.labels, gt.labels[result.gt_inds[matched] - 1])
 
 
@@ -124,8 +137,8 @@ def test_fcos_positives_are_points_inside_their_boxes(model, pyramid):
     head = model.extra_branches[2].aux_head
     losses, candidates = head.loss_and_candidates(feats, samples)
     positives = _positives(candidates, head.num_classes)
-    assert sum(len(c) for c in candidates) == 2 * sum(
-        f.shape[-2] * f.shape[-1] for f in feats)
+    assert sum(len(c) for c in candidates) == 2 * sum(f.shape[-2] * f.shape[-1]
+                                                      for f in feats)
     assert {'loss_cls', 'loss_bbox', 'loss_centerness'} <= set(losses)
     for sample, pos in zip(samples, positives):
         gt = sample.gt_instances
@@ -184,8 +197,9 @@ def _queries(model, branch_index, num_gts, seed=0):
 
 def _as_xyxy(cxcywh, scale):
     cxcywh = cxcywh * scale
-    return torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2,
-                      cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
+    return torch.cat(
+        [cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2],
+        1)
 
 
 def test_positive_queries_carry_their_targets(model):
@@ -202,14 +216,18 @@ def test_positive_queries_carry_their_targets(model):
         assert meta['bbox_weights'][i, :n].eq(1).all()
         assert meta['bbox_weights'][i, n:].eq(0).all()
         torch.testing.assert_close(
-            _as_xyxy(meta['bbox_targets'][i, :n], scale), pos.bboxes,
-            atol=1e-3, rtol=1e-4)
+            _as_xyxy(meta['bbox_targets'][i, :n], scale),
+            pos.bboxes,
+            atol=1e-3,
+            rtol=1e-4)
         assert torch.equal(meta['labels'][i, :n], pos.labels)
         anchors = queries.reference[i, :n].sigmoid() * scale
         centres = (pos.priors[:, :2] + pos.priors[:, 2:]) / 2
-        torch.testing.assert_close(anchors[:, :2],
-                                   centres.clamp(min=0, max=128),
-                                   atol=1e-2, rtol=1e-3)
+        torch.testing.assert_close(
+            anchors[:, :2],
+            centres.clamp(min=0, max=128),
+            atol=1e-2,
+            rtol=1e-3)
 
 
 def test_padding_with_random_negatives_of_the_same_head(model):
@@ -240,8 +258,9 @@ def test_padding_with_random_negatives_of_the_same_head(model):
 
 
 def test_zero_padding_option_masks_padding_queries():
-    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                     zero_padding=True), ))
+    model = co_dino(
+        branches=(branch(
+            'co_atss', SHAPES.atss_head.to_dict(), zero_padding=True), ))
     queries, candidates, _ = _queries(model, 0, (1, 0))
     meta = queries.meta
     assert queries.num_queries == 9
@@ -251,8 +270,15 @@ def test_zero_padding_option_masks_padding_queries():
     assert torch.equal(queries.padding, meta['label_weights'] == 0)
 
 
-def fixed_target_loss(head, prefix, cls, boxes, labels, targets, weights,
-                      metas, bbox_weights=None):
+def fixed_target_loss(head,
+                      prefix,
+                      cls,
+                      boxes,
+                      labels,
+                      targets,
+                      weights,
+                      metas,
+                      bbox_weights=None):
     """The core's loss of fixed targets, every layer, named."""
     from projects_detr_plus.models.losses import (fixed_targets,
                                                   layer_loss_dict,
@@ -278,27 +304,49 @@ def test_negatives_add_classification_terms_only(model):
                                  labels[:, :2], targets[:, :2],
                                  torch.ones(1, 2), metas)
     with_neg = fixed_target_loss(
-        head, '', cls, boxes, labels.new_tensor([[1, 2, bg, bg]]), targets,
-        torch.ones(1, 4), metas, bbox_weights=torch.tensor([[1., 1, 0, 0]]))
+        head,
+        '',
+        cls,
+        boxes,
+        labels.new_tensor([[1, 2, bg, bg]]),
+        targets,
+        torch.ones(1, 4),
+        metas,
+        bbox_weights=torch.tensor([[1., 1, 0, 0]]))
     for key in ('loss_bbox', 'loss_iou'):
         torch.testing.assert_close(with_neg[key], only_pos[key])
     assert with_neg['loss_cls'] > only_pos['loss_cls']
     # 2 positives: the classification sum over 4 queries divided by 2
     per_query = fixed_target_loss(
-        head, '', cls, boxes, labels.new_tensor([[1, 2, bg, bg]]), targets,
-        torch.ones(1, 4), metas, bbox_weights=torch.ones(1, 4))
+        head,
+        '',
+        cls,
+        boxes,
+        labels.new_tensor([[1, 2, bg, bg]]),
+        targets,
+        torch.ones(1, 4),
+        metas,
+        bbox_weights=torch.ones(1, 4))
     assert per_query['loss_iou'] != with_neg['loss_iou']
 
 
 def test_at_most_max_queries_per_image():
-    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                     max_queries=5, min_queries=5), ))
+    model = co_dino(
+        branches=(branch(
+            'co_atss',
+            SHAPES.atss_head.to_dict(),
+            max_queries=5,
+            min_queries=5), ))
     queries, candidates, _ = _queries(model, 0, (8, 6))
     assert queries.num_queries == 5
     assert queries.meta['bbox_weights'].sum() == 10
     with pytest.raises(ValueError, match='min_queries <= max_queries'):
-        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                 max_queries=5, min_queries=9), ))
+        co_dino(
+            branches=(branch(
+                'co_atss',
+                SHAPES.atss_head.to_dict(),
+                max_queries=5,
+                min_queries=9), ))
 
 
 def test_perturbing_positive_queries_leaves_main_bit_identical():
@@ -336,8 +384,9 @@ def test_empty_ground_truth_in_every_head():
     model = co_dino()
     model.zero_grad(set_to_none=True)
     losses = losses_with_seed(model, *make_batch(num_gts=(0, 0), size=128))
-    total = sum(sum(v) if isinstance(v, list) else v
-                for k, v in losses.items() if 'loss' in k)
+    total = sum(
+        sum(v) if isinstance(v, list) else v for k, v in losses.items()
+        if 'loss' in k)
     assert torch.isfinite(total) and total > 0
     total.backward()
     assert not parameters_without_grad(model)
@@ -346,8 +395,8 @@ def test_empty_ground_truth_in_every_head():
 def test_predict_equals_plain_dino_with_the_same_weights():
     model = co_dino()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = model.data_preprocessor(dict(zip(('inputs', 'data_samples'),
-                                            make_batch(size=128))), True)
+    data = model.data_preprocessor(
+        dict(zip(('inputs', 'data_samples'), make_batch(size=128))), True)
     losses = model.loss(data['inputs'], data['data_samples'])
     optimizer.zero_grad()
     model.parse_losses(losses)[0].backward()
@@ -358,12 +407,15 @@ def test_predict_equals_plain_dino_with_the_same_weights():
 def test_every_kind_of_branch_combines_in_one_model():
     """Denoising + group + hybrid + collaborative, from config alone."""
     branches = (dict(type='GroupQueryBranch', num_groups=2),
-                dict(type='HybridMatchingBranch', num_queries=40,
-                     k_one_to_many=2),
+                dict(
+                    type='HybridMatchingBranch',
+                    num_queries=40,
+                    k_one_to_many=2),
                 branch('co_atss', SHAPES.atss_head.to_dict()))
     torch.manual_seed(0)
-    model = build(dino_cfg(dims=128, branches=branches,
-                           assigner='GroupOneToOneAssigner'))
+    model = build(
+        dino_cfg(
+            dims=128, branches=branches, assigner='GroupOneToOneAssigner'))
     model.train()
     losses = losses_with_seed(model, *make_batch(num_gts=(3, 6), size=128))
     for prefix in ('dn_', 'group_', 'hybrid_', 'co_atss_'):
@@ -387,10 +439,14 @@ def test_test_time_nms_option():
     model = co_dino()
     model.eval()
     free = _predictions(model, dict(max_per_img=50))
-    hard = _predictions(model, dict(max_per_img=50, nms=dict(
-        type='nms', iou_threshold=0.5, class_agnostic=True)))
-    soft = _predictions(model, dict(max_per_img=20, nms=dict(
-        type='soft_nms', iou_threshold=0.8)))
+    hard = _predictions(
+        model,
+        dict(
+            max_per_img=50,
+            nms=dict(type='nms', iou_threshold=0.5, class_agnostic=True)))
+    soft = _predictions(
+        model,
+        dict(max_per_img=20, nms=dict(type='soft_nms', iou_threshold=0.8)))
     for f, h, s in zip(free, hard, soft):
         assert len(f) == 50 and 0 < len(h) < 50 and len(s) == 20
         ious = bbox_overlaps(h.bboxes, h.bboxes)
@@ -404,11 +460,13 @@ def test_test_time_nms_option():
 
 
 def test_content_init_option():
+
     def content(init):
         torch.manual_seed(0)
         model = build(dict(dino_cfg(dims=128), content_init=init))
         model.init_weights()
         return model.query_embedding.weight
+
     assert abs(content('normal').std().item() - 1.0) < 0.05
     assert content('xavier_uniform').abs().max() < 0.5
     with pytest.raises(ValueError, match='content_init'):
@@ -418,25 +476,38 @@ def test_content_init_option():
 # Co-Deformable-DETR: the same heads at the tiny Deformable DETR's width
 def _at_width(cfg, dims):
     if isinstance(cfg, dict):
-        return {k: dims if k in ('in_channels', 'feat_channels',
-                                 'out_channels') else _at_width(v, dims)
-                for k, v in cfg.items()}
+        return {
+            k:
+            dims if k in ('in_channels', 'feat_channels',
+                          'out_channels') else _at_width(v, dims)
+            for k, v in cfg.items()
+        }
     return cfg
 
 
-CO_DEFORMABLE = dict(type='CollaborativeBranch', own_query_pos=True,
-                     coord_feat=True, head_embedding='scalar')
+CO_DEFORMABLE = dict(
+    type='CollaborativeBranch',
+    own_query_pos=True,
+    coord_feat=True,
+    head_embedding='scalar')
 
 
 def co_deformable_detr(branches=('rcnn', 'atss'), seed=0):
-    heads = dict(rcnn=SHAPES.rcnn_head.to_dict(),
-                 atss=SHAPES.atss_head.to_dict())
+    heads = dict(
+        rcnn=SHAPES.rcnn_head.to_dict(), atss=SHAPES.atss_head.to_dict())
     torch.manual_seed(seed)
-    model = build(deformable_detr_cfg(
-        refine=True, two_stage=True, mixed_selection=True,
-        look_forward_twice=True, branches=[
-            dict(CO_DEFORMABLE, name=f'co_{b}',
-                 aux_head=_at_width(heads[b], 256)) for b in branches]))
+    model = build(
+        deformable_detr_cfg(
+            refine=True,
+            two_stage=True,
+            mixed_selection=True,
+            look_forward_twice=True,
+            branches=[
+                dict(
+                    CO_DEFORMABLE,
+                    name=f'co_{b}',
+                    aux_head=_at_width(heads[b], 256)) for b in branches
+            ]))
     model.train()
     return model
 
@@ -447,8 +518,8 @@ def _states(model, inputs, samples):
     return out['hidden_states'], sizes
 
 
-@pytest.mark.parametrize('perturbed', [
-    'content.0.weight', 'feat_proj.0.weight', 'head_embedding'])
+@pytest.mark.parametrize(
+    'perturbed', ['content.0.weight', 'feat_proj.0.weight', 'head_embedding'])
 def test_co_deformable_queries_use_position_feature_and_head_embedding(
         perturbed):
     """Each part of the official query construction reaches the decoder
@@ -476,19 +547,31 @@ def test_co_deformable_detr_trains_every_part_and_predicts_like_its_base():
             assert losses[f'{name}_{key}'] > 0
     model.parse_losses(losses)[0].backward()
     assert not parameters_without_grad(model)
-    assert_predicts_like_base(model, build(deformable_detr_cfg(
-        refine=True, two_stage=True, mixed_selection=True,
-        look_forward_twice=True)))
+    assert_predicts_like_base(
+        model,
+        build(
+            deformable_detr_cfg(
+                refine=True,
+                two_stage=True,
+                mixed_selection=True,
+                look_forward_twice=True)))
 
 
 def test_co_deformable_options_are_checked():
     with pytest.raises(ValueError, match='set own_query_pos'):
-        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                 head_embedding='scalar'), ))
+        co_dino(
+            branches=(branch(
+                'co_atss', SHAPES.atss_head.to_dict(),
+                head_embedding='scalar'), ))
     with pytest.raises(ValueError, match="head_embedding must be"):
-        co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                 own_query_pos=True, head_embedding='x'), ))
-    model = co_dino(branches=(branch('co_atss', SHAPES.atss_head.to_dict(),
-                                     own_query_pos=True), ))
+        co_dino(
+            branches=(branch(
+                'co_atss',
+                SHAPES.atss_head.to_dict(),
+                own_query_pos=True,
+                head_embedding='x'), ))
+    model = co_dino(
+        branches=(branch(
+            'co_atss', SHAPES.atss_head.to_dict(), own_query_pos=True), ))
     with pytest.raises(ValueError, match='bring query_pos'):
         losses_with_seed(model, *make_batch(size=128))

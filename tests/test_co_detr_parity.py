@@ -19,8 +19,9 @@ from mmengine.config import Config, ConfigDict
 from mmengine.runner import load_checkpoint
 from mmengine.runner.checkpoint import load_state_dict
 
-from co_detr_reference import BATCHES, NMS, reference_dir
+from co_detr_reference import BATCHES
 from co_detr_reference import CONFIG as REFERENCE_CONFIG
+from co_detr_reference import NMS, reference_dir
 from conftest import REPO_ROOT, run_tool
 
 CONFIG = osp.join(REPO_ROOT,
@@ -28,14 +29,17 @@ CONFIG = osp.join(REPO_ROOT,
 CONVERTER = osp.join(REPO_ROOT, 'tools/convert_co_detr_checkpoint.py')
 # the official checkpoint layout: a few keys of each kind
 RCNN_KEYS = ('rpn_head.rpn_cls.weight', 'roi_head.0.bbox_head.fc_cls.weight')
-ATSS_KEYS = ('bbox_head.0.atss_cls.weight',)
+ATSS_KEYS = ('bbox_head.0.atss_cls.weight', )
 CONTENT_KEYS = tuple(f'query_head.transformer.aux_pos_trans{norm}.{j}.weight'
                      for j in (0, 1) for norm in ('', '_norm'))
 
+
 def load_pre_hooks(model):
     """The detector's load_state_dict pre-hooks, unwrapped, in order."""
-    return [getattr(h, 'hook', h)
-            for h in model._load_state_dict_pre_hooks.values()]
+    return [
+        getattr(h, 'hook', h)
+        for h in model._load_state_dict_pre_hooks.values()
+    ]
 
 
 def with_official_hook(model):
@@ -70,17 +74,20 @@ def official(tmp_path_factory):
         pytest.skip(f'no mmdet projects/CO-DETR copy at {reference_dir()} '
                     '(set CO_DETR_REFERENCE to one)')
     out = tmp_path_factory.mktemp('co_detr_reference')
-    run_tool([osp.join(REPO_ROOT, 'tests/co_detr_reference.py'), str(out),
-              '--reference', reference_dir()], cwd=REPO_ROOT, timeout=600)
+    run_tool([
+        osp.join(REPO_ROOT, 'tests/co_detr_reference.py'),
+        str(out), '--reference',
+        reference_dir()
+    ],
+             cwd=REPO_ROOT,
+             timeout=600)
     outputs = torch.load(out / 'reference.pth', weights_only=False)
-    return dict(checkpoint=str(out / 'co_dino_official.pth'),
-                outputs=outputs)
+    return dict(checkpoint=str(out / 'co_dino_official.pth'), outputs=outputs)
 
 
 def converter():
     """``tools/convert_co_detr_checkpoint.py`` as a module."""
-    spec = importlib.util.spec_from_file_location('convert_co_detr',
-                                                  CONVERTER)
+    spec = importlib.util.spec_from_file_location('convert_co_detr', CONVERTER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -97,15 +104,16 @@ def built():
 def ours(built, official):
     """Our Co-DINO with the official checkpoint loaded strictly."""
     model = with_official_hook(built[0])
-    load_checkpoint(model, official['checkpoint'], map_location='cpu',
-                    strict=True)
+    load_checkpoint(
+        model, official['checkpoint'], map_location='cpu', strict=True)
     return model.eval()
 
 
 @pytest.fixture(scope='module')
 def official_state_dict(official):
-    return torch.load(official['checkpoint'], map_location='cpu',
-                      weights_only=False)['state_dict']
+    return torch.load(
+        official['checkpoint'], map_location='cpu',
+        weights_only=False)['state_dict']
 
 
 @pytest.fixture(scope='module')
@@ -118,6 +126,7 @@ def predictions(ours, official):
             cache[batch, nms] = predict(ours, official['outputs'][batch],
                                         NMS[nms])
         return cache[batch, nms]
+
     return get
 
 
@@ -127,8 +136,10 @@ def predict(model, batch, nms):
     model.test_cfg = ConfigDict(max_per_img=300, nms=nms)
     samples = [DetDataSample(metainfo=dict(m)) for m in batch['metas']]
     samples = model.predict(batch['inputs'], samples, rescale=True)
-    return [{key: getattr(s.pred_instances, key)
-             for key in ('bboxes', 'scores', 'labels')} for s in samples]
+    return [{
+        key: getattr(s.pred_instances, key)
+        for key in ('bboxes', 'scores', 'labels')
+    } for s in samples]
 
 
 def assert_same_detections(ours, theirs):
@@ -137,27 +148,26 @@ def assert_same_detections(ours, theirs):
     assert len(ours['labels']) == len(theirs['labels'])
     mismatch = (ours['labels'] != theirs['labels']).nonzero()[:, 0]
     assert not len(mismatch), f'labels differ at {mismatch.tolist()[:10]}'
-    torch.testing.assert_close(ours['scores'], theirs['scores'], atol=1e-4,
-                               rtol=0)
-    torch.testing.assert_close(ours['bboxes'], theirs['bboxes'], atol=1e-4,
-                               rtol=1e-6)
+    torch.testing.assert_close(
+        ours['scores'], theirs['scores'], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours['bboxes'], theirs['bboxes'], atol=1e-4, rtol=1e-6)
 
 
 def test_detector_converts_official_checkpoints_first(built):
     """``build_branches`` registers the conversion before
     ``drop_class_dependent_mismatches`` (which reads our key names)."""
-    from projects_detr_plus.models.compat.finetune import \
-        drop_class_dependent_mismatches
     from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
+    from projects_detr_plus.models.compat.finetune import \
+        drop_class_dependent_mismatches
     hooks = built[1]
     assert convert_official_co_detr in hooks, 'pre-hook not registered'
     assert hooks.index(convert_official_co_detr) < hooks.index(
         drop_class_dependent_mismatches)
 
 
-def test_finetuning_from_an_official_checkpoint(official,
-                                               official_state_dict):
+def test_finetuning_from_an_official_checkpoint(official, official_state_dict):
     """3 classes: the class-dependent weights (found under our names, so
     after the conversion) keep their initialisation, the rest loads."""
     from projects_detr_plus.models.compat.co_detr_checkpoints import (
@@ -175,21 +185,20 @@ def test_finetuning_from_an_official_checkpoint(official,
                 atss + 'atss_cls.weight'):
         assert torch.equal(own[key], init[key]), key
     for official_key, key in (
-            ('query_head.transformer.decoder.layers.5.norms.2.weight',
-             'decoder.layers.5.norms.2.weight'),
-            ('query_head.reg_branches.6.4.weight',
-             'bbox_head.reg_branches.6.4.weight'),
-            ('bbox_head.0.atss_reg.weight', atss + 'atss_reg.weight')):
+        ('query_head.transformer.decoder.layers.5.norms.2.weight',
+         'decoder.layers.5.norms.2.weight'),
+        ('query_head.reg_branches.6.4.weight',
+         'bbox_head.reg_branches.6.4.weight'), ('bbox_head.0.atss_reg.weight',
+                                                atss + 'atss_reg.weight')):
         assert torch.equal(own[key], official_state_dict[official_key]), key
 
 
-def test_every_official_weight_lands_in_one_of_ours(ours,
-                                                    official_state_dict):
+def test_every_official_weight_lands_in_one_of_ours(ours, official_state_dict):
     """One to one: each of our weights holds one official weight."""
     from projects_detr_plus.models.compat.co_detr_checkpoints import (
         branch_kinds, official_key_map)
-    mapping, unmapped = official_key_map(list(official_state_dict),
-                                         branch_kinds(ours))
+    mapping, unmapped = official_key_map(
+        list(official_state_dict), branch_kinds(ours))
     assert not unmapped
     own = ours.state_dict()
     assert sorted(mapping.values()) == sorted(own)
@@ -209,14 +218,15 @@ def test_config_has_the_official_test_time_nms(official):
 # the padded batch's second image: every top box comes from a padding
 # proposal (reference ~1), where the box decoding's inverse_sigmoid eps
 # matters (official 1e-3: DINOHeadPlus.reference_eps)
-CASES = [pytest.param(batch, image, nms, id=f'{batch}-image{image}-{nms}')
-         for batch, shapes in BATCHES.items() for image in range(len(shapes))
-         for nms in NMS]
+CASES = [
+    pytest.param(batch, image, nms, id=f'{batch}-image{image}-{nms}')
+    for batch, shapes in BATCHES.items() for image in range(len(shapes))
+    for nms in NMS
+]
 
 
 @pytest.mark.parametrize('batch,image,nms', CASES)
-def test_predictions_equal_official(official, predictions, batch, image,
-                                    nms):
+def test_predictions_equal_official(official, predictions, batch, image, nms):
     theirs = official['outputs'][batch]['predictions'][nms][image]
     assert_same_detections(predictions(batch, nms)[image], theirs)
 
@@ -229,15 +239,16 @@ def test_customized_query_content_is_the_official_heads(official, ours):
     from ``DeformableDETR.get_proposal_pos_embed``."""
     from mmdet.models.detectors import DeformableDETR
     from mmdet.models.layers.transformer import inverse_sigmoid
-    from projects_detr_plus.models.compat.co_detr_checkpoints import (RCNN,
-                                                                branch_kinds)
+
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (
+        RCNN, branch_kinds)
     anchors = official['outputs']['aux_anchors']
     sine = DeformableDETR.get_proposal_pos_embed(
         inverse_sigmoid(anchors), num_pos_feats=ours.embed_dims // 2)
     for branch, kind in zip(ours.extra_branches, branch_kinds(ours)):
         theirs = official['outputs']['aux_content'][0 if kind == RCNN else 1]
-        torch.testing.assert_close(branch.content(sine), theirs, atol=1e-5,
-                                   rtol=0, msg=branch.name)
+        torch.testing.assert_close(
+            branch.content(sine), theirs, atol=1e-5, rtol=0, msg=branch.name)
 
 
 def test_reference_predictions_are_codetr_predict(official):
@@ -268,11 +279,14 @@ def test_sense_x_label_embedding_key_loads(ours, official_state_dict):
 def test_unmappable_official_keys_are_named(built):
     model = with_official_hook(built[0])
     extra = 'query_head.transformer.pos_feats_trans.0.weight'
-    state_dict = {k: v for k, v in model.state_dict().items()
-                  if k.startswith('backbone.')}
+    state_dict = {
+        k: v
+        for k, v in model.state_dict().items() if k.startswith('backbone.')
+    }
     state_dict.update({
         'query_head.cls_branches.0.weight': torch.zeros(80, 256),
-        extra: torch.zeros(256, 256)})
+        extra: torch.zeros(256, 256)
+    })
     with pytest.raises(ValueError, match=extra.replace('.', r'\.')):
         model.load_state_dict(state_dict)
 
@@ -280,15 +294,19 @@ def test_unmappable_official_keys_are_named(built):
 def test_a_backbone_that_does_not_fit_is_named(built):
     """Never a backbone left at its initialisation with a warning."""
     model = with_official_hook(built[0])
-    backbone = {k: v for k, v in model.state_dict().items()
-                if k.startswith('backbone.')}
-    state_dict = dict(backbone, **{
-        'query_head.cls_branches.0.weight': torch.zeros(80, 256)})
+    backbone = {
+        k: v
+        for k, v in model.state_dict().items() if k.startswith('backbone.')
+    }
+    state_dict = dict(
+        backbone, **{'query_head.cls_branches.0.weight': torch.zeros(80, 256)})
     del state_dict['backbone.layer4.2.conv3.weight']
     state_dict['backbone.conv1.weight'] = torch.zeros(64, 3, 3, 3)
-    with pytest.raises(ValueError, match=r'1 of \d+ backbone weights '
-                       r'missing \(backbone\.layer4\.2\.conv3\.weight\), 1 '
-                       r'of another shape \(backbone\.conv1\.weight\)'):
+    with pytest.raises(
+            ValueError,
+            match=r'1 of \d+ backbone weights '
+            r'missing \(backbone\.layer4\.2\.conv3\.weight\), 1 '
+            r'of another shape \(backbone\.conv1\.weight\)'):
         model.load_state_dict(state_dict)
 
 
@@ -306,15 +324,19 @@ def test_prefixed_keys_are_renamed_under_their_prefix():
     from projects_detr_plus.models.compat.co_detr_checkpoints import \
         convert_official_co_detr
     weight, other = torch.zeros(1), torch.ones(1)
-    state_dict = {'det.query_head.cls_branches.0.weight': weight,
-                  'det.backbone.conv1.weight': weight, 'head.x': other}
+    state_dict = {
+        'det.query_head.cls_branches.0.weight': weight,
+        'det.backbone.conv1.weight': weight,
+        'head.x': other
+    }
     convert_official_co_detr(torch.nn.Module(), state_dict, 'det.')
-    assert list(state_dict) == ['det.bbox_head.cls_branches.0.weight',
-                                'det.backbone.conv1.weight', 'head.x']
+    assert list(state_dict) == [
+        'det.bbox_head.cls_branches.0.weight', 'det.backbone.conv1.weight',
+        'head.x'
+    ]
 
 
-@pytest.mark.parametrize('kinds', [('rcnn', 'atss'),
-                                   ('atss', None, 'rcnn'),
+@pytest.mark.parametrize('kinds', [('rcnn', 'atss'), ('atss', None, 'rcnn'),
                                    ('fcos', 'atss', None, 'rcnn')])
 def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
     """Official aux index: RoI heads first, then one-stage heads."""
@@ -326,15 +348,16 @@ def test_auxiliary_heads_map_by_kind_not_by_order(kinds):
     assert not unmapped
     assert mapping == {
         'rpn_head.rpn_cls.weight':
-            f'extra_branches.{rcnn}.aux_head.rpn_head.rpn_cls.weight',
+        f'extra_branches.{rcnn}.aux_head.rpn_head.rpn_cls.weight',
         'roi_head.0.bbox_head.fc_cls.weight':
-            f'extra_branches.{rcnn}.aux_head.roi_head.bbox_head.fc_cls.weight',
+        f'extra_branches.{rcnn}.aux_head.roi_head.bbox_head.fc_cls.weight',
         'bbox_head.0.atss_cls.weight':
-            f'extra_branches.{atss}.aux_head.atss_cls.weight',
+        f'extra_branches.{atss}.aux_head.atss_cls.weight',
         CONTENT_KEYS[0]: f'extra_branches.{rcnn}.content.0.weight',
         CONTENT_KEYS[1]: f'extra_branches.{rcnn}.content.1.weight',
         CONTENT_KEYS[2]: f'extra_branches.{atss}.content.0.weight',
-        CONTENT_KEYS[3]: f'extra_branches.{atss}.content.1.weight'}
+        CONTENT_KEYS[3]: f'extra_branches.{atss}.content.1.weight'
+    }
 
 
 def test_one_stage_heads_map_by_their_own_kind():
@@ -343,11 +366,13 @@ def test_one_stage_heads_map_by_their_own_kind():
     its own weights, ``aux_pos_trans`` included."""
     from projects_detr_plus.models.compat.co_detr_checkpoints import \
         official_key_map
-    names = ['bbox_head.0.atss_cls.weight', 'bbox_head.0.cls_convs.0.w',
-             'bbox_head.1.conv_centerness.weight', 'bbox_head.1.cls_convs.0.w',
-             'roi_head.0.bbox_head.fc_cls.weight',
-             'query_head.transformer.aux_pos_trans.1.weight',
-             'query_head.transformer.aux_pos_trans.2.weight']
+    names = [
+        'bbox_head.0.atss_cls.weight', 'bbox_head.0.cls_convs.0.w',
+        'bbox_head.1.conv_centerness.weight', 'bbox_head.1.cls_convs.0.w',
+        'roi_head.0.bbox_head.fc_cls.weight',
+        'query_head.transformer.aux_pos_trans.1.weight',
+        'query_head.transformer.aux_pos_trans.2.weight'
+    ]
     mapping, unmapped = official_key_map(names, ['fcos', 'rcnn', 'atss'])
     assert not unmapped
     assert mapping['bbox_head.0.atss_cls.weight'] == \
@@ -362,9 +387,10 @@ def test_one_stage_heads_map_by_their_own_kind():
         'extra_branches.0.content.0.weight'
     # an official FCOS head has no FCOS branch to go to
     _, unmapped = official_key_map(names, ['rcnn', 'atss', 'atss'])
-    assert unmapped == ['bbox_head.1.cls_convs.0.w',
-                        'bbox_head.1.conv_centerness.weight',
-                        'query_head.transformer.aux_pos_trans.2.weight']
+    assert unmapped == [
+        'bbox_head.1.cls_convs.0.w', 'bbox_head.1.conv_centerness.weight',
+        'query_head.transformer.aux_pos_trans.2.weight'
+    ]
 
 
 def test_heads_without_branch_of_their_kind_are_unmapped():
@@ -399,8 +425,12 @@ def test_converter_writes_our_layout(official, ours, tmp_path, capsys):
 def test_converter_names_unmapped_keys(tmp_path, capsys):
     src, dst = tmp_path / 'official.pth', tmp_path / 'ours.pth'
     extra = 'query_head.transformer.pos_feats_trans.0.weight'
-    torch.save(dict(state_dict={'query_head.cls_branches.0.weight':
-                                torch.zeros(1), extra: torch.zeros(1)}), src)
+    torch.save(
+        dict(
+            state_dict={
+                'query_head.cls_branches.0.weight': torch.zeros(1),
+                extra: torch.zeros(1)
+            }), src)
     tool = converter()
     with pytest.raises(SystemExit, match='--drop-unmapped'):
         tool.main([str(src), str(dst)])
@@ -408,4 +438,5 @@ def test_converter_names_unmapped_keys(tmp_path, capsys):
     tool.main([str(src), str(dst), '--drop-unmapped'])
     assert f'{extra}\n' in capsys.readouterr().out
     assert list(torch.load(dst, weights_only=False)['state_dict']) == [
-        'bbox_head.cls_branches.0.weight']
+        'bbox_head.cls_branches.0.weight'
+    ]

@@ -34,7 +34,8 @@ COCO_PAIRS = {
 
 
 def _unscoped(node):
-    """``node`` without the ``_scope_`` keys that `mmdet::` inheritance adds."""
+    """``node`` without the ``_scope_`` keys that `mmdet::` inheritance
+    adds."""
     if isinstance(node, dict):
         return {k: _unscoped(v) for k, v in node.items() if k != '_scope_'}
     if isinstance(node, (list, tuple)):
@@ -68,8 +69,8 @@ BRANCH_CONFIGS = {
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['group']),
     'h_detr/h-dino-4scale_r50_8xb2-12e_coco.py':
     ('dino/dino-4scale_r50_8xb2-12e_coco.py', ['hybrid']),
-    'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py':
-    (None, ['co_rcnn', 'co_atss']),
+    'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py': (None,
+                                                    ['co_rcnn', 'co_atss']),
     'co_detr/co-dino-5scale_r50-fcos_8xb2-12e_coco.py':
     (None, ['co_rcnn', 'co_atss', 'co_fcos']),
     'align_detr/align-detr-4scale_r50_8xb2-12e_coco.py':
@@ -94,13 +95,15 @@ FINETUNE_EXAMPLE = \
 
 
 def test_every_config_is_covered():
-    shipped = {osp.relpath(p, osp.join(REPO_ROOT, 'configs'))
-               for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
+    shipped = {
+        osp.relpath(p, osp.join(REPO_ROOT, 'configs'))
+        for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))
+    }
     coco = {p for p in shipped if not p.startswith('shapes/')}
     assert coco == set(COCO_PAIRS) | set(BRANCH_CONFIGS) | {
-        H_DEFORMABLE_DETR, FINETUNE_EXAMPLE, CO_DEFORMABLE_DETR,
-        CO_DINO_SWIN_L} | set(DDQ_DENSE_CONFIGS) | {DETR_AUGMENTATION} | {
-        STABLE_DINO, MS_DETR_PP}
+        H_DEFORMABLE_DETR, FINETUNE_EXAMPLE, CO_DEFORMABLE_DETR, CO_DINO_SWIN_L
+    } | set(DDQ_DENSE_CONFIGS) | {DETR_AUGMENTATION
+                                  } | {STABLE_DINO, MS_DETR_PP}
 
 
 def test_finetune_example_sets_classes_everywhere():
@@ -164,42 +167,77 @@ CO_DINO = 'co_detr/co-dino-5scale_r50_8xb2-12e_coco.py'
 # configs/codino/co_dino_5scale_r50_lsj_8xb2_1x_coco.py, which the non-LSJ
 # co_dino_5scale_r50_8xb2_1x_coco.py inherits, and CoDINOHead's defaults)
 CO_DINO_OFFICIAL = {
-    'optim_wrapper.optimizer.type': 'AdamW',
-    'optim_wrapper.optimizer.lr': 2e-4,
-    'optim_wrapper.optimizer.weight_decay': 1e-4,
-    'optim_wrapper.clip_grad.max_norm': 0.1,
-    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
-    'train_cfg.max_epochs': 12,
+    'optim_wrapper.optimizer.type':
+    'AdamW',
+    'optim_wrapper.optimizer.lr':
+    2e-4,
+    'optim_wrapper.optimizer.weight_decay':
+    1e-4,
+    'optim_wrapper.clip_grad.max_norm':
+    0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult':
+    0.1,
+    'train_cfg.max_epochs':
+    12,
     'param_scheduler.0.milestones': [11],
-    'train_dataloader.batch_size': 2,
-    'auto_scale_lr.base_batch_size': 16,
-    'model.num_queries': 900,  # num_query
-    'model.num_feature_levels': 5,
-    'model.neck.num_outs': 5,
-    'model.neck.norm_cfg.num_groups': 32,
-    'model.encoder.num_layers': 6,
-    'model.encoder.num_cp': 4,  # encoder with_cp=4
-    'model.decoder.num_layers': 6,
-    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
-    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
-    'model.positional_encoding.temperature': 20,
-    'model.content_init': 'normal',  # CoDinoTransformer.init_weights
-    'model.dn_cfg.label_noise_scale': 0.5,
-    'model.dn_cfg.box_noise_scale': 1.0,
-    'model.dn_cfg.group_cfg.num_dn_queries': 100,
-    'model.bbox_head.loss_cls.type': 'QualityFocalLoss',
-    'model.bbox_head.loss_cls.beta': 2.0,
-    'model.bbox_head.loss_cls.loss_weight': 1.0,
-    'model.bbox_head.loss_bbox.loss_weight': 5.0,
-    'model.bbox_head.loss_iou.loss_weight': 2.0,
-    'model.bbox_head.sync_cls_avg_factor': True,  # Sense-X's config
-    'model.train_cfg.assigner.match_costs.0.type': 'FocalLossCost',
-    'model.train_cfg.assigner.match_costs.0.weight': 2.0,
-    'model.train_cfg.assigner.match_costs.1.weight': 5.0,
-    'model.train_cfg.assigner.match_costs.2.weight': 2.0,
-    'model.test_cfg.max_per_img': 300,
-    'model.test_cfg.nms.type': 'soft_nms',
-    'model.test_cfg.nms.iou_threshold': 0.8,
+    'train_dataloader.batch_size':
+    2,
+    'auto_scale_lr.base_batch_size':
+    16,
+    'model.num_queries':
+    900,  # num_query
+    'model.num_feature_levels':
+    5,
+    'model.neck.num_outs':
+    5,
+    'model.neck.norm_cfg.num_groups':
+    32,
+    'model.encoder.num_layers':
+    6,
+    'model.encoder.num_cp':
+    4,  # encoder with_cp=4
+    'model.decoder.num_layers':
+    6,
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels':
+    2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels':
+    2048,
+    'model.positional_encoding.temperature':
+    20,
+    'model.content_init':
+    'normal',  # CoDinoTransformer.init_weights
+    'model.dn_cfg.label_noise_scale':
+    0.5,
+    'model.dn_cfg.box_noise_scale':
+    1.0,
+    'model.dn_cfg.group_cfg.num_dn_queries':
+    100,
+    'model.bbox_head.loss_cls.type':
+    'QualityFocalLoss',
+    'model.bbox_head.loss_cls.beta':
+    2.0,
+    'model.bbox_head.loss_cls.loss_weight':
+    1.0,
+    'model.bbox_head.loss_bbox.loss_weight':
+    5.0,
+    'model.bbox_head.loss_iou.loss_weight':
+    2.0,
+    'model.bbox_head.sync_cls_avg_factor':
+    True,  # Sense-X's config
+    'model.train_cfg.assigner.match_costs.0.type':
+    'FocalLossCost',
+    'model.train_cfg.assigner.match_costs.0.weight':
+    2.0,
+    'model.train_cfg.assigner.match_costs.1.weight':
+    5.0,
+    'model.train_cfg.assigner.match_costs.2.weight':
+    2.0,
+    'model.test_cfg.max_per_img':
+    300,
+    'model.test_cfg.nms.type':
+    'soft_nms',
+    'model.test_cfg.nms.iou_threshold':
+    0.8,
     # rpn_head, roi_head[0], train_cfg[1]
     'model.branches.0.aux_head.rpn_head.anchor_generator.octave_base_scale':
     4,
@@ -209,33 +247,52 @@ CO_DINO_OFFICIAL = {
     [0.5, 1.0, 2.0],
     'model.branches.0.aux_head.rpn_head.anchor_generator.strides':
     [4, 8, 16, 32, 64, 128],
-    'model.branches.0.aux_head.rpn_head.loss_cls.loss_weight': 12.0,
-    'model.branches.0.aux_head.rpn_head.loss_bbox.loss_weight': 12.0,
+    'model.branches.0.aux_head.rpn_head.loss_cls.loss_weight':
+    12.0,
+    'model.branches.0.aux_head.rpn_head.loss_bbox.loss_weight':
+    12.0,
     'model.branches.0.aux_head.roi_head.bbox_roi_extractor.featmap_strides':
     [4, 8, 16, 32, 64],
-    'model.branches.0.aux_head.roi_head.bbox_head.loss_cls.loss_weight': 12.0,
+    'model.branches.0.aux_head.roi_head.bbox_head.loss_cls.loss_weight':
+    12.0,
     'model.branches.0.aux_head.roi_head.bbox_head.loss_bbox.loss_weight':
     120.0,
-    'model.branches.0.aux_head.train_cfg.rpn_proposal.nms_pre': 4000,
-    'model.branches.0.aux_head.train_cfg.rpn_proposal.max_per_img': 1000,
-    'model.branches.0.aux_head.train_cfg.rcnn.sampler.num': 512,
+    'model.branches.0.aux_head.train_cfg.rpn_proposal.nms_pre':
+    4000,
+    'model.branches.0.aux_head.train_cfg.rpn_proposal.max_per_img':
+    1000,
+    'model.branches.0.aux_head.train_cfg.rcnn.sampler.num':
+    512,
     # bbox_head[0] (ATSS), train_cfg[2]
-    'model.branches.1.aux_head.anchor_generator.octave_base_scale': 8,
+    'model.branches.1.aux_head.anchor_generator.octave_base_scale':
+    8,
     'model.branches.1.aux_head.anchor_generator.strides':
     [4, 8, 16, 32, 64, 128],
-    'model.branches.1.aux_head.loss_cls.loss_weight': 12.0,
-    'model.branches.1.aux_head.loss_bbox.loss_weight': 24.0,
-    'model.branches.1.aux_head.loss_centerness.loss_weight': 12.0,
-    'model.branches.1.aux_head.train_cfg.assigner.topk': 9,
+    'model.branches.1.aux_head.loss_cls.loss_weight':
+    12.0,
+    'model.branches.1.aux_head.loss_bbox.loss_weight':
+    24.0,
+    'model.branches.1.aux_head.loss_centerness.loss_weight':
+    12.0,
+    'model.branches.1.aux_head.train_cfg.assigner.topk':
+    9,
     # CoDINOHead: max_pos_coords=300, max(9, ...), use_zero_padding=False
-    'model.branches.0.max_queries': 300,
-    'model.branches.1.max_queries': 300,
-    'model.branches.0.min_queries': 9,
-    'model.branches.1.min_queries': 9,
-    'model.branches.0.zero_padding': False,
-    'model.branches.1.zero_padding': False,
-    'model.branches.0.loss_weight': 1.0,
-    'model.branches.1.loss_weight': 1.0,
+    'model.branches.0.max_queries':
+    300,
+    'model.branches.1.max_queries':
+    300,
+    'model.branches.0.min_queries':
+    9,
+    'model.branches.1.min_queries':
+    9,
+    'model.branches.0.zero_padding':
+    False,
+    'model.branches.1.zero_padding':
+    False,
+    'model.branches.0.loss_weight':
+    1.0,
+    'model.branches.1.loss_weight':
+    1.0,
 }
 
 CO_DINO_SWIN_L = 'co_detr/co-dino-5scale_swin-l_16xb1-12e_coco.py'
@@ -245,56 +302,94 @@ CO_DEFORMABLE_DETR = \
 # projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py and
 # CoDeformDETRHead / CoDeformableDetrTransformer defaults)
 CO_DEFORMABLE_DETR_OFFICIAL = {
-    'model.num_queries': 300,
-    'model.num_feature_levels': 4,
-    'model.with_box_refine': True,
-    'model.as_two_stage': True,
-    'model.mixed_selection': True,
-    'model.decoder.look_forward_twice': True,
-    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
-    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels': 2048,
-    'model.encoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
-    'model.decoder.layer_cfg.ffn_cfg.ffn_drop': 0.0,
-    'model.encoder.layer_cfg.self_attn_cfg.dropout': 0.0,
-    'model.decoder.layer_cfg.self_attn_cfg.dropout': 0.0,
-    'model.decoder.layer_cfg.cross_attn_cfg.dropout': 0.0,
-    'model.positional_encoding.offset': -0.5,
-    'model.bbox_head.sync_cls_avg_factor': True,
-    'model.bbox_head.loss_cls.type': 'FocalLoss',
-    'model.bbox_head.loss_cls.loss_weight': 2.0,
-    'model.bbox_head.loss_bbox.loss_weight': 5.0,
-    'model.bbox_head.loss_iou.loss_weight': 2.0,
-    'model.test_cfg.max_per_img': 100,
-    'model.branches.0.name': 'co_rcnn',
-    'model.branches.1.name': 'co_atss',
+    'model.num_queries':
+    300,
+    'model.num_feature_levels':
+    4,
+    'model.with_box_refine':
+    True,
+    'model.as_two_stage':
+    True,
+    'model.mixed_selection':
+    True,
+    'model.decoder.look_forward_twice':
+    True,
+    'model.encoder.layer_cfg.ffn_cfg.feedforward_channels':
+    2048,
+    'model.decoder.layer_cfg.ffn_cfg.feedforward_channels':
+    2048,
+    'model.encoder.layer_cfg.ffn_cfg.ffn_drop':
+    0.0,
+    'model.decoder.layer_cfg.ffn_cfg.ffn_drop':
+    0.0,
+    'model.encoder.layer_cfg.self_attn_cfg.dropout':
+    0.0,
+    'model.decoder.layer_cfg.self_attn_cfg.dropout':
+    0.0,
+    'model.decoder.layer_cfg.cross_attn_cfg.dropout':
+    0.0,
+    'model.positional_encoding.offset':
+    -0.5,
+    'model.bbox_head.sync_cls_avg_factor':
+    True,
+    'model.bbox_head.loss_cls.type':
+    'FocalLoss',
+    'model.bbox_head.loss_cls.loss_weight':
+    2.0,
+    'model.bbox_head.loss_bbox.loss_weight':
+    5.0,
+    'model.bbox_head.loss_iou.loss_weight':
+    2.0,
+    'model.test_cfg.max_per_img':
+    100,
+    'model.branches.0.name':
+    'co_rcnn',
+    'model.branches.1.name':
+    'co_atss',
     'model.branches.0.aux_head.rpn_head.anchor_generator.strides':
     [8, 16, 32, 64, 128],
     'model.branches.0.aux_head.rpn_head.anchor_generator.scales_per_octave':
     3,
     'model.branches.0.aux_head.roi_head.bbox_roi_extractor.featmap_strides':
     [8, 16, 32, 64],
-    'model.branches.0.aux_head.roi_head.bbox_roi_extractor.finest_scale': 112,
+    'model.branches.0.aux_head.roi_head.bbox_roi_extractor.finest_scale':
+    112,
     'model.branches.0.aux_head.roi_head.bbox_head.loss_bbox.loss_weight':
     120.0,
-    'model.branches.1.aux_head.anchor_generator.strides':
-    [8, 16, 32, 64, 128],
-    'model.branches.1.aux_head.loss_bbox.loss_weight': 24.0,
-    'model.branches.0.own_query_pos': True,
-    'model.branches.0.coord_feat': True,
-    'model.branches.0.head_embedding': 'scalar',
-    'model.branches.1.head_embedding': 'scalar',
-    'model.branches.0.min_queries': 9,
-    'model.branches.0.max_queries': 300,
-    'model.branches.0.loss_weight': 1.0,
-    'optim_wrapper.optimizer.lr': 2e-4,
-    'optim_wrapper.optimizer.weight_decay': 1e-4,
-    'optim_wrapper.clip_grad.max_norm': 0.1,
-    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult': 0.1,
-    'optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult': 0.1,
-    'optim_wrapper.paramwise_cfg.custom_keys.reference_points.lr_mult': 0.1,
-    'train_cfg.max_epochs': 12,
+    'model.branches.1.aux_head.anchor_generator.strides': [8, 16, 32, 64, 128],
+    'model.branches.1.aux_head.loss_bbox.loss_weight':
+    24.0,
+    'model.branches.0.own_query_pos':
+    True,
+    'model.branches.0.coord_feat':
+    True,
+    'model.branches.0.head_embedding':
+    'scalar',
+    'model.branches.1.head_embedding':
+    'scalar',
+    'model.branches.0.min_queries':
+    9,
+    'model.branches.0.max_queries':
+    300,
+    'model.branches.0.loss_weight':
+    1.0,
+    'optim_wrapper.optimizer.lr':
+    2e-4,
+    'optim_wrapper.optimizer.weight_decay':
+    1e-4,
+    'optim_wrapper.clip_grad.max_norm':
+    0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult':
+    0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult':
+    0.1,
+    'optim_wrapper.paramwise_cfg.custom_keys.reference_points.lr_mult':
+    0.1,
+    'train_cfg.max_epochs':
+    12,
     'param_scheduler.0.milestones': [11],
-    'train_dataloader.batch_size': 2,
+    'train_dataloader.batch_size':
+    2,
 }
 
 
@@ -307,8 +402,11 @@ def _resolve(cfg, dotted):
 
 def test_co_dino_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DINO))
-    wrong = {key: _resolve(cfg, key) for key, value in CO_DINO_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in CO_DINO_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     assert model.encoder_extra_level[0].stride == (2, 2)  # one, shared
@@ -325,31 +423,41 @@ def test_co_dino_swin_l_is_the_r50_recipe_on_mmdet_dino_swin_l_backbone():
     r50 = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DINO))
     assert cfg.model.encoder.num_cp == 6
     assert cfg.train_dataloader.batch_size == 1
+    own = ('model.encoder.num_cp', 'train_dataloader.batch_size')
     for key in CO_DINO_OFFICIAL:
-        if not key.startswith(('model.encoder.num_cp',
-                               'train_dataloader.batch_size')):
+        if not key.startswith(own):
             assert _resolve(cfg, key) == _resolve(r50, key), key
     model = _build_model(cfg)
-    dino = _build_model(Config.fromfile(osp.join(
-        REPO_ROOT, 'configs/dino/dino-5scale_swin-l_8xb2-12e_coco.py')))
-    ours = {k: v for k, v in _shapes(model).items()
-            if k.startswith(('backbone.', 'neck.'))}
-    assert ours == {k: v for k, v in _shapes(dino).items()
-                    if k.startswith(('backbone.', 'neck.'))}
+    dino = _build_model(
+        Config.fromfile(
+            osp.join(REPO_ROOT,
+                     'configs/dino/dino-5scale_swin-l_8xb2-12e_coco.py')))
+    ours = {
+        k: v
+        for k, v in _shapes(model).items()
+        if k.startswith(('backbone.', 'neck.'))
+    }
+    assert ours == {
+        k: v
+        for k, v in _shapes(dino).items()
+        if k.startswith(('backbone.', 'neck.'))
+    }
 
 
 def test_co_deformable_detr_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', CO_DEFORMABLE_DETR))
-    wrong = {key: _resolve(cfg, key)
-             for key, value in CO_DEFORMABLE_DETR_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in CO_DEFORMABLE_DETR_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     assert type(model).__name__ == 'DeformableDETRPlus'
     rcnn, atss = model.extra_branches
     assert rcnn.content[0].out_features == 512  # aux_pos_trans: 2 x 256
     assert atss.head_embedding.shape == (1, )
-    assert abs(atss.head_embedding.item()) <= 2 ** 0.5  # xavier of (2, 1)
+    assert abs(atss.head_embedding.item()) <= 2**0.5  # xavier of (2, 1)
     assert rcnn.feat_proj[0].in_features == 256
 
 
@@ -380,12 +488,14 @@ ALIGN_DETR_OFFICIAL = {
 
 
 def test_align_detr_config_has_official_values():
-    cfg = Config.fromfile(osp.join(
-        REPO_ROOT, 'configs', 'align_detr',
-        'align-detr-4scale_r50_8xb2-12e_coco.py'))
-    wrong = {key: _resolve(cfg, key)
-             for key, value in ALIGN_DETR_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    cfg = Config.fromfile(
+        osp.join(REPO_ROOT, 'configs', 'align_detr',
+                 'align-detr-4scale_r50_8xb2-12e_coco.py'))
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in ALIGN_DETR_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
 
 
@@ -431,22 +541,31 @@ STABLE_DINO_OFFICIAL = {
 
 def test_stable_dino_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', STABLE_DINO))
-    wrong = {key: _resolve(cfg, key)
-             for key, value in STABLE_DINO_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in STABLE_DINO_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     assert type(model.encoder).__name__ == 'DenseFusionEncoder'
     assert model.dn_query_generator.negative_noise_offset == 0.0
-    dino = _shapes(_build_model(Config.fromfile(osp.join(
-        REPO_ROOT, 'configs', 'dino/dino-4scale_r50_8xb2-12e_coco.py'))))
+    dino = _shapes(
+        _build_model(
+            Config.fromfile(
+                osp.join(REPO_ROOT, 'configs',
+                         'dino/dino-4scale_r50_8xb2-12e_coco.py'))))
     ours = _shapes(model)
     assert {k: v for k, v in ours.items() if k in dino} == dino
-    assert {k: v for k, v in ours.items() if k not in dino} == {
+    assert {
+        k: v
+        for k, v in ours.items() if k not in dino
+    } == {
         'encoder.fusion_layer.0.weight': (256, 7 * 256),
         'encoder.fusion_layer.0.bias': (256, ),
         'encoder.fusion_layer.1.weight': (256, ),
-        'encoder.fusion_layer.1.bias': (256, )}
+        'encoder.fusion_layer.1.bias': (256, )
+    }
 
 
 # resolved config key -> the official value (Atten4Vis/MS-DETR: [pp900]
@@ -511,29 +630,44 @@ MS_DETR_OFFICIAL = {
 
 def test_ms_detr_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', MS_DETR_PP))
-    wrong = {key: _resolve(cfg, key) for key, value in MS_DETR_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in MS_DETR_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     assert type(model).__name__ == 'DeformableDETRPlus'
     assert [b.name for b in model.extra_branches] == ['o2m']
     # H-Deformable-DETR's model (FFN 2048, mixed selection) with 900
     # queries and, instead of the hybrid branch, 6 o2m class heads
-    h_detr = _shapes(_build_model(Config.fromfile(
-        osp.join(REPO_ROOT, 'configs', H_DEFORMABLE_DETR))))
+    h_detr = _shapes(
+        _build_model(
+            Config.fromfile(osp.join(REPO_ROOT, 'configs',
+                                     H_DEFORMABLE_DETR))))
     ours = _shapes(model)
-    assert {k for k in h_detr if k not in ours} == {
-        'extra_branches.0.content.weight'}
-    assert {k: v for k, v in ours.items() if k not in h_detr} == {
-        f'extra_branches.0.cls_branches.{i}.{p}': (80, 256) if p == 'weight'
-        else (80, ) for i in range(6) for p in ('weight', 'bias')}
+    assert {k
+            for k in h_detr
+            if k not in ours} == {'extra_branches.0.content.weight'}
+    assert {
+        k: v
+        for k, v in ours.items() if k not in h_detr
+    } == {
+        f'extra_branches.0.cls_branches.{i}.{p}':
+        (80, 256) if p == 'weight' else (80, )
+        for i in range(6)
+        for p in ('weight', 'bias')
+    }
     assert ours['query_embedding.weight'] == (900, 256)
 
 
 def test_h_deformable_detr_config_has_official_values():
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', H_DEFORMABLE_DETR))
-    wrong = {key: _resolve(cfg, key) for key, value in H_DETR_OFFICIAL.items()
-             if _resolve(cfg, key) != value}
+    wrong = {
+        key: _resolve(cfg, key)
+        for key, value in H_DETR_OFFICIAL.items()
+        if _resolve(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     assert type(model).__name__ == 'DeformableDETRPlus'
@@ -541,13 +675,17 @@ def test_h_deformable_detr_config_has_official_values():
     assert model.decoder.look_forward_twice
     # mmdet's refine + two-stage model, plus the content table of the mixed
     # selection; FFN 2048 wide instead of 1024
-    mmdet_model = _build_model(Config.fromfile(_mmdet_config_path(
-        'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_'
-        'coco.py')))
+    mmdet_model = _build_model(
+        Config.fromfile(
+            _mmdet_config_path(
+                'deformable_detr/deformable-detr-refine-twostage_r50_'
+                '16xb2-50e_coco.py')))
     ours, theirs = _shapes(model), _shapes(mmdet_model)
     added = {k for k in ours if k not in theirs}
-    assert added == {'query_embedding.weight', 'extra_branches.0.content.'
-                     'weight'}
+    assert added == {
+        'query_embedding.weight', 'extra_branches.0.content.'
+        'weight'
+    }
     assert ours['extra_branches.0.content.weight'] == (1500, 256)
     assert set(theirs) <= set(ours)
     widened = {k for k in theirs if ours[k] != theirs[k]}
@@ -562,8 +700,9 @@ def test_branch_configs_extend_dino(ours):
     assert [b.name for b in model.extra_branches] == names
     assert model.num_queries == 900
     if base is not None:
-        dino = _shapes(_build_model(Config.fromfile(
-            osp.join(REPO_ROOT, 'configs', base))))
+        dino = _shapes(
+            _build_model(
+                Config.fromfile(osp.join(REPO_ROOT, 'configs', base))))
         extended = _shapes(model)
         extra = {k for k in extended if k.startswith('extra_branches.')}
         assert {k: v for k, v in extended.items() if k not in extra} == dino
@@ -592,7 +731,8 @@ def test_coco_config_matches_mmdet(ours, theirs):
     'co-ddq-detr-tiny_shapes.py', 'ddq-detr-lean-tiny_shapes.py',
     'deformable-detr-refine-twostage-tiny_shapes.py',
     'h-deformable-detr-tiny_shapes.py', 'stable-dino-tiny_shapes.py',
-    'align-detr-tiny_shapes.py', 'ms-detr-tiny_shapes.py'])
+    'align-detr-tiny_shapes.py', 'ms-detr-tiny_shapes.py'
+])
 def test_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)
@@ -608,14 +748,13 @@ DDQ_FCN_OFFICIAL = {
     'model.neck.num_outs': 5,
     'model.neck.add_extra_convs': 'on_input',
     'model.bbox_head.strides': [8, 16, 32, 64, 128],
-    'model.bbox_head.dqs_cfg': dict(type='nms', iou_threshold=0.7,
-                                    nms_pre=1000),
+    'model.bbox_head.dqs_cfg':
+    dict(type='nms', iou_threshold=0.7, nms_pre=1000),
     'model.bbox_head.num_distinct_queries': 300,
     'model.bbox_head.shuffle_channels': 64,
-    'model.bbox_head.norm_cfg': dict(type='GN', num_groups=32,
-                                     requires_grad=True),
-    'optim_wrapper.optimizer': dict(type='AdamW', lr=5e-5,
-                                    weight_decay=0.1),
+    'model.bbox_head.norm_cfg':
+    dict(type='GN', num_groups=32, requires_grad=True),
+    'optim_wrapper.optimizer': dict(type='AdamW', lr=5e-5, weight_decay=0.1),
     'train_cfg.max_epochs': 12,
     'param_scheduler.0.end': 501,
     'param_scheduler.0.start_factor': 0.001,
@@ -630,15 +769,14 @@ DDQ_RCNN_OFFICIAL = {
     'model.rpn_head.num_distinct_queries': 300,
     'model.rpn_head.num_classes': 80,
     'model.roi_head.num_stages': 2,
-    'model.roi_head.bbox_roi_extractor.featmap_strides': [4, 8, 16, 32, 64,
-                                                          128],
+    'model.roi_head.bbox_roi_extractor.featmap_strides':
+    [4, 8, 16, 32, 64, 128],
     'model.roi_head.bbox_head.0.loss_cls.loss_weight': 2.0,
     'model.roi_head.bbox_head.0.loss_bbox.loss_weight': 5.0,
     'model.roi_head.bbox_head.0.loss_iou.loss_weight': 2.0,
     'model.roi_head.bbox_head.1.feedforward_channels': 2048,
     'model.test_cfg.rcnn.max_per_img': 300,
-    'optim_wrapper.optimizer': dict(type='AdamW', lr=1e-4,
-                                    weight_decay=0.05),
+    'optim_wrapper.optimizer': dict(type='AdamW', lr=1e-4, weight_decay=0.05),
     'param_scheduler.1.milestones': [8, 11],
 }
 
@@ -648,13 +786,17 @@ def _unscoped_value(cfg, key):
     return _unscoped(value.to_dict() if hasattr(value, 'to_dict') else value)
 
 
-@pytest.mark.parametrize('config,official', [
-    ('ddq_fcn/ddq-fcn_r50_1x_coco.py', DDQ_FCN_OFFICIAL),
-    ('ddq_rcnn/ddq-rcnn_r50_1x_coco.py', DDQ_RCNN_OFFICIAL)])
+@pytest.mark.parametrize(
+    'config,official',
+    [('ddq_fcn/ddq-fcn_r50_1x_coco.py', DDQ_FCN_OFFICIAL),
+     ('ddq_rcnn/ddq-rcnn_r50_1x_coco.py', DDQ_RCNN_OFFICIAL)])
 def test_ddq_dense_configs_have_official_values(config, official):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
-    wrong = {key: _unscoped_value(cfg, key) for key, value in official.items()
-             if _unscoped_value(cfg, key) != value}
+    wrong = {
+        key: _unscoped_value(cfg, key)
+        for key, value in official.items()
+        if _unscoped_value(cfg, key) != value
+    }
     assert not wrong
     model = _build_model(cfg)
     head = getattr(model, 'bbox_head', None) or model.rpn_head
@@ -667,25 +809,24 @@ def test_ddq_dense_configs_have_official_values(config, official):
         assert model.rpn_head.num_classes == 80  # not mmdet's RPN 1
 
 
-@pytest.mark.parametrize('config', [c for c, base in DDQ_DENSE_CONFIGS.items()
-                                    if base])
+@pytest.mark.parametrize('config',
+                         [c for c, base in DDQ_DENSE_CONFIGS.items() if base])
 def test_ddq_dense_3x_is_the_1x_with_detr_augmentation(config):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
-    base = Config.fromfile(osp.join(REPO_ROOT, 'configs',
-                                    DDQ_DENSE_CONFIGS[config]))
+    base = Config.fromfile(
+        osp.join(REPO_ROOT, 'configs', DDQ_DENSE_CONFIGS[config]))
     assert _unscoped(cfg.model.to_dict()) == _unscoped(base.model.to_dict())
     assert cfg.optim_wrapper.clip_grad == dict(max_norm=10, norm_type=2)
     assert cfg.train_cfg.max_epochs == 36
     assert cfg.param_scheduler[1].milestones == [27, 33]
     pipeline = cfg.train_dataloader.dataset.pipeline
-    assert [t['type'] for t in pipeline][2:4] == ['RandomFlip',
-                                                  'RandomChoice']
+    assert [t['type'] for t in pipeline][2:4] == ['RandomFlip', 'RandomChoice']
 
 
-@pytest.mark.parametrize('name', ['ddq-fcn-tiny_shapes.py',
-                                  'ddq-rcnn-tiny_shapes.py',
-                                  'atss-tiny_shapes.py',
-                                  'sparse-rcnn-tiny_shapes.py'])
+@pytest.mark.parametrize('name', [
+    'ddq-fcn-tiny_shapes.py', 'ddq-rcnn-tiny_shapes.py', 'atss-tiny_shapes.py',
+    'sparse-rcnn-tiny_shapes.py'
+])
 def test_dense_shapes_configs_build(name):
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes', name))
     model = _build_model(cfg)

@@ -19,33 +19,43 @@ from projects_detr_plus.utils.checkpoint import load_from_local_trusted
 from projects_detr_plus.utils.checkpoint_files import (
     find_latest_complete_checkpoint, is_incomplete_checkpoint)
 
-TRAIN = [osp.join(REPO_ROOT, 'tools/train.py'),
-         osp.join(REPO_ROOT, 'configs/shapes/dino-tiny_shapes.py')]
-OPTIONS = ['--cfg-options', 'train_dataloader.batch_size=2',
-           'train_dataloader.dataset.num_images=12', 'val_cfg=None',
-           'val_dataloader=None', 'val_evaluator=None',
-           'train_cfg.max_iters=6', 'default_hooks.checkpoint.interval=2',
-           'default_hooks.checkpoint.max_keep_ckpts=2',
-           'randomness.deterministic=True']
+TRAIN = [
+    osp.join(REPO_ROOT, 'tools/train.py'),
+    osp.join(REPO_ROOT, 'configs/shapes/dino-tiny_shapes.py')
+]
+OPTIONS = [
+    '--cfg-options', 'train_dataloader.batch_size=2',
+    'train_dataloader.dataset.num_images=12', 'val_cfg=None',
+    'val_dataloader=None', 'val_evaluator=None', 'train_cfg.max_iters=6',
+    'default_hooks.checkpoint.interval=2',
+    'default_hooks.checkpoint.max_keep_ckpts=2',
+    'randomness.deterministic=True'
+]
 
 
 def _train(cwd, work_dir, *extra):
-    return run_tool([*TRAIN, '--work-dir', str(work_dir), *extra, *OPTIONS],
+    return run_tool([*TRAIN, '--work-dir',
+                     str(work_dir), *extra, *OPTIONS],
                     cwd=cwd)
 
 
 def _train_killed(cwd, work_dir, point):
-    proc = subprocess.run(
-        [sys.executable, osp.join(REPO_ROOT, 'tests/kill_at.py'), point,
-         *TRAIN, '--work-dir', str(work_dir), *OPTIONS], cwd=cwd,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True,
-        text=True, timeout=900)
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO_ROOT, 'tests/kill_at.py'), point, *TRAIN, '--work-dir',
+        str(work_dir), *OPTIONS
+    ],
+                          cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                          capture_output=True,
+                          text=True,
+                          timeout=900)
     assert proc.returncode == -9, proc.stderr[-3000:]
 
 
 def _weights(path):
-    return torch.load(path, map_location='cpu',
-                      weights_only=False)['state_dict']
+    return torch.load(
+        path, map_location='cpu', weights_only=False)['state_dict']
 
 
 @pytest.fixture(scope='module')
@@ -55,12 +65,14 @@ def uninterrupted(tmp_path_factory):
     return cwd, _weights(cwd / 'whole/iter_6.pth')
 
 
-@pytest.mark.parametrize('point, resumes_from', [
-    ('iteration:5', 'iter_4.pth'),
-    ('write:iter_4.pth', 'iter_2.pth'),
-    # last_checkpoint emptied: the newest complete checkpoint is found
-    ('record:iter_4.pth', 'iter_4.pth'),
-])
+@pytest.mark.parametrize(
+    'point, resumes_from',
+    [
+        ('iteration:5', 'iter_4.pth'),
+        ('write:iter_4.pth', 'iter_2.pth'),
+        # last_checkpoint emptied: the newest complete checkpoint is found
+        ('record:iter_4.pth', 'iter_4.pth'),
+    ])
 def test_killed_run_resumes_to_the_same_weights(uninterrupted, point,
                                                 resumes_from):
     cwd, expected = uninterrupted
@@ -88,12 +100,18 @@ def test_truncated_checkpoint_is_named_and_skipped(uninterrupted, tmp_path):
 
     with pytest.raises(IncompleteCheckpointError, match=str(last)):
         load_from_local_trusted(str(last))
-    assert find_latest_complete_checkpoint(str(work_dir)) == str(
-        work_dir / 'iter_4.pth')
-    proc = subprocess.run(
-        [sys.executable, *TRAIN, '--work-dir', str(work_dir), '--resume',
-         str(last), *OPTIONS], cwd=cwd, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=900)
+    assert find_latest_complete_checkpoint(str(work_dir)) == str(work_dir /
+                                                                 'iter_4.pth')
+    proc = subprocess.run([
+        sys.executable, *TRAIN, '--work-dir',
+        str(work_dir), '--resume',
+        str(last), *OPTIONS
+    ],
+                          cwd=cwd,
+                          capture_output=True,
+                          text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                          timeout=900)
     assert proc.returncode != 0
     assert f'{last} is not a complete checkpoint' in proc.stderr
 

@@ -22,20 +22,28 @@ def _free_port():
 
 
 def test_a_failing_rank_stops_both(tmp_path):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1',
-           '--nproc_per_node=2', f'--master_port={_free_port()}',
-           osp.join(REPO_ROOT, 'tests/kill_at.py'), 'raise:1:3',
-           osp.join(REPO_ROOT, 'tools/train.py'),
-           osp.join(REPO_ROOT, 'configs/shapes/dino-tiny_shapes.py'),
-           '--launcher', 'pytorch', '--work-dir', str(tmp_path / 'work'),
-           '--cfg-options', 'train_dataloader.batch_size=1',
-           'train_dataloader.dataset.num_images=12', 'val_cfg=None',
-           'val_dataloader=None', 'val_evaluator=None',
-           'train_cfg.max_iters=50', 'default_hooks.logger.interval=1']
+    cmd = [
+        sys.executable, '-m', 'torch.distributed.run', '--nnodes=1',
+        '--nproc_per_node=2', f'--master_port={_free_port()}',
+        osp.join(REPO_ROOT, 'tests/kill_at.py'), 'raise:1:3',
+        osp.join(REPO_ROOT, 'tools/train.py'),
+        osp.join(REPO_ROOT, 'configs/shapes/dino-tiny_shapes.py'),
+        '--launcher', 'pytorch', '--work-dir',
+        str(tmp_path / 'work'), '--cfg-options',
+        'train_dataloader.batch_size=1',
+        'train_dataloader.dataset.num_images=12', 'val_cfg=None',
+        'val_dataloader=None', 'val_evaluator=None', 'train_cfg.max_iters=50',
+        'default_hooks.logger.interval=1'
+    ]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS='1')
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     assert 'injected failure on rank 1 before iteration 3' in output

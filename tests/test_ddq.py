@@ -70,8 +70,9 @@ def test_queries_are_suppressed_in_these_tests(pair):
 def test_predictions_equal_mmdet(pair):
     reference, ours = pair
     inputs, samples = make_batch()
-    for ref, res in zip(predict(reference, inputs, samples),
-                        predict(ours, inputs, samples)):
+    for ref, res in zip(
+            predict(reference, inputs, samples),
+            predict(ours, inputs, samples)):
         ref, res = ref.pred_instances, res.pred_instances
         assert len(res) == len(ref)
         assert torch.allclose(res.scores, ref.scores, rtol=1e-4, atol=1e-6)
@@ -83,12 +84,11 @@ def _mmdet_key(key):
     """Our loss key -> mmdet DDQ's (dense losses are per image there)."""
     layer, _, name = key.rpartition('.')
     if name.startswith('dense_enc_'):
-        return 'aux_enc_aux_' + name[len('dense_enc_'):].replace('iou',
-                                                                 'bbox')
+        return 'aux_enc_aux_' + name[len('dense_enc_'):].replace('iou', 'bbox')
     if name.startswith('dense_'):
         index = int(layer[1:]) if layer else 1  # 2 decoder layers
-        return f'{index}_aux_aux_' + name[len('dense_'):].replace('iou',
-                                                                  'bbox')
+        return f'{index}_aux_aux_' + name[len('dense_'):].replace(
+            'iou', 'bbox')
     return key
 
 
@@ -114,8 +114,9 @@ def test_mmdet_checkpoint_file_loads(pair, tmp_path):
     losses_with_seed(reference, *make_batch())
     # after a training step mmdet's model holds the dense box predictors
     # twice (``decoder.aux_reg_branches`` too), and so do its checkpoints
-    assert any(k.startswith('decoder.aux_reg_branches.')
-               for k in reference.state_dict())
+    assert any(
+        k.startswith('decoder.aux_reg_branches.')
+        for k in reference.state_dict())
     path = tmp_path / 'ddq.pth'
     torch.save(dict(state_dict=reference.state_dict()), path)
     fresh = build(ddq_cfg(True))
@@ -144,8 +145,11 @@ def _selection_case(suppressed, num_dn=4, n=6, dims=16):
     keep[0, [1, 3, 4]] = False
     selection = DistinctQuerySelection(None, n, NMS, suppressed)
     main = QuerySet(MAIN, torch.randn(2, n, dims), torch.randn(2, n, 4))
-    dn = QuerySet('dn', torch.randn(2, num_dn, dims),
-                  torch.randn(2, num_dn, 4), sees_main=True)
+    dn = QuerySet(
+        'dn',
+        torch.randn(2, num_dn, dims),
+        torch.randn(2, num_dn, 4),
+        sees_main=True)
     _, _, layout = concat_query_sets([main, dn])
     return selection._layout(layout, keep), keep, layout
 
@@ -161,13 +165,13 @@ def test_isolated_suppressed_queries_never_attend_nor_are_attended_to():
     with torch.no_grad():
         clean = block_self_attention(attention, query, pos, layout)
         # a suppressed query's input does not reach any other query
-        noisy_query = query + 10 * suppressed[..., None] * torch.randn_like(
-            query)
+        noisy_query = query + 10 * suppressed[...,
+                                              None] * torch.randn_like(query)
         noisy = block_self_attention(attention, noisy_query, pos, layout)
         assert torch.equal(clean[~suppressed], noisy[~suppressed])
         # and a suppressed query reads nothing but itself
-        others = query + 10 * (~suppressed)[..., None] * torch.randn_like(
-            query)
+        others = query + 10 * (~suppressed)[...,
+                                            None] * torch.randn_like(query)
         alone = block_self_attention(attention, others, pos, layout)
         assert torch.equal(clean[suppressed], alone[suppressed])
     # image 1 kept every query: its mask is the one before the selection
@@ -207,6 +211,7 @@ def test_dense_branch_perturbation_leaves_main_bit_identical():
 
 def test_dense_queries_use_their_own_predictors():
     from mmdet.models.layers.transformer.utils import inverse_sigmoid
+
     from projects_detr_plus.models.branches import set_predictions
     model = ddq(True)
     layer_outputs = []
@@ -233,8 +238,8 @@ def test_dense_queries_use_their_own_predictors():
         states = outputs['hidden_states'][1]
         assert torch.equal(cls[1, :, -45:],
                            head.aux_cls_branches[1](states[:, -45:]))
-        assert torch.equal(cls[1, :, :30], head.cls_branches[1](
-            states[:, :30]))
+        assert torch.equal(cls[1, :, :30],
+                           head.cls_branches[1](states[:, :30]))
 
 
 def test_loss_over_kept_queries_equals_loss_without_the_others():
@@ -249,15 +254,15 @@ def test_loss_over_kept_queries_equals_loss_without_the_others():
     keep[0, [0, 2, 3, 6, 7]] = True
     keep[1, [1, 2, 4, 5, 6]] = True
     keys = ('loss_cls', 'loss_bbox', 'loss_iou')
-    kept = matched_set_loss(head, '', cls[None], boxes[None], gts, metas,
-                            keeps=[keep])
-    subset = head.loss_by_feat_single(
-        cls[keep].reshape(2, 5, 5), boxes[keep].reshape(2, 5, 4), gts, metas)
+    kept = matched_set_loss(
+        head, '', cls[None], boxes[None], gts, metas, keeps=[keep])
+    subset = head.loss_by_feat_single(cls[keep].reshape(2, 5, 5),
+                                      boxes[keep].reshape(2, 5, 4), gts, metas)
     for key, expected in zip(keys, subset):
         assert torch.allclose(kept[key], expected)
     full = matched_set_loss(head, '', cls[None], boxes[None], gts, metas)
-    for key, expected in zip(keys, head.loss_by_feat_single(
-            cls, boxes, gts, metas)):
+    for key, expected in zip(keys,
+                             head.loss_by_feat_single(cls, boxes, gts, metas)):
         assert torch.allclose(full[key], expected)
     assert not torch.allclose(full['loss_cls'], kept['loss_cls'])
 
@@ -280,8 +285,8 @@ def test_prediction_with_fewer_candidates_than_max_per_img():
     inputs, samples = make_batch()
     results = predict(model, inputs, samples)
     with torch.no_grad():  # as predict, on the same (raw) inputs
-        outputs = model.forward_transformer(model.extract_feat(inputs),
-                                            copy.deepcopy(samples))
+        outputs = model.forward_transformer(
+            model.extract_feat(inputs), copy.deepcopy(samples))
     for keep, result in zip(outputs['query_keep'][-1], results):
         assert len(result.pred_instances) == keep.sum() * 5
         assert (result.pred_instances.scores > 0).all()
@@ -301,9 +306,10 @@ def test_ddq_combines_with_other_branches():
     """DDQ plus group and hybrid branches trains, and predicts exactly what
     a plain DDQ holding the same weights predicts."""
     cfg = ddq_cfg(True, suppressed='isolated')
-    cfg['branches'] = [dict(type='GroupQueryBranch', num_groups=2),
-                       dict(type='HybridMatchingBranch', num_queries=20,
-                            k_one_to_many=2)]
+    cfg['branches'] = [
+        dict(type='GroupQueryBranch', num_groups=2),
+        dict(type='HybridMatchingBranch', num_queries=20, k_one_to_many=2)
+    ]
     cfg['train_cfg']['assigner']['type'] = 'GroupOneToOneAssigner'
     torch.manual_seed(0)
     combined = _overlapping_boxes(build(cfg))
@@ -316,8 +322,9 @@ def test_ddq_combines_with_other_branches():
     assert all(torch.isfinite(v) for v in losses.values())
     plain = ddq(True, suppressed='isolated')
     plain.load_state_dict(combined.state_dict(), strict=False)
-    for ours, ref in zip(predict(combined, inputs, samples),
-                         predict(plain, inputs, samples)):
+    for ours, ref in zip(
+            predict(combined, inputs, samples),
+            predict(plain, inputs, samples)):
         assert torch.equal(ours.pred_instances.bboxes,
                            ref.pred_instances.bboxes)
         assert torch.equal(ours.pred_instances.scores,

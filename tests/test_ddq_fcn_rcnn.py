@@ -64,8 +64,10 @@ def prep(model, inputs, samples, training):
 def head_outputs(head, sizes=(16, 8, 4, 2, 1), seed=1, batch=2):
     """The head's outputs on random P3-P7 maps (a 128x128 image)."""
     gen = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(batch, head.in_channels, s, s, generator=gen)
-             for s in sizes]
+    feats = [
+        torch.randn(batch, head.in_channels, s, s, generator=gen)
+        for s in sizes
+    ]
     with torch.no_grad():
         return head(feats)
 
@@ -91,10 +93,11 @@ def hand_points(featmap_sizes):
     """The points of every level, level by level, row-major, by hand."""
     points = []
     for (h, w), stride in zip(featmap_sizes, STRIDES):
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w),
-                                indexing='ij')
-        points.append(torch.stack([(xs.flatten() + 0.5) * stride,
-                                   (ys.flatten() + 0.5) * stride], -1))
+        ys, xs = torch.meshgrid(
+            torch.arange(h), torch.arange(w), indexing='ij')
+        points.append(
+            torch.stack([(xs.flatten() + 0.5) * stride,
+                         (ys.flatten() + 0.5) * stride], -1))
     return points
 
 
@@ -115,17 +118,16 @@ def test_pyramid_shuffle_takes_the_documented_channels():
         torch.testing.assert_close(res[:, :c - 2 * s], feat[:, :c - 2 * s])
         torch.testing.assert_close(
             res[:, c - 2 * s:c - s],
-            F.interpolate(upper, size=size, mode='bilinear',
-                          align_corners=True))
+            F.interpolate(
+                upper, size=size, mode='bilinear', align_corners=True))
         torch.testing.assert_close(
             res[:, c - s:],
-            F.interpolate(lower, size=size, mode='bilinear',
-                          align_corners=True))
+            F.interpolate(
+                lower, size=size, mode='bilinear', align_corners=True))
     # the top and bottom levels exchange with themselves
     torch.testing.assert_close(out[last][:, c - 2 * s:c - s],
                                feats[last][:, c - s:])
-    torch.testing.assert_close(out[0][:, c - s:],
-                               feats[0][:, c - 2 * s:c - s])
+    torch.testing.assert_close(out[0][:, c - s:], feats[0][:, c - 2 * s:c - s])
 
 
 def test_towers_shuffle_before_their_last_convs(monkeypatch):
@@ -136,11 +138,11 @@ def test_towers_shuffle_before_their_last_convs(monkeypatch):
     def counting(feats, num_channels):
         calls.append(num_channels)
         return original(feats, num_channels)
+
     monkeypatch.setattr(ddq_fcn_head, 'pyramid_shuffle', counting)
     head.eval()
     head_outputs(head)
-    assert calls == [32] * (head.shuffled_cls_convs +
-                            head.shuffled_reg_convs)
+    assert calls == [32] * (head.shuffled_cls_convs + head.shuffled_reg_convs)
     assert (head.shuffled_cls_convs, head.shuffled_reg_convs) == (2, 1)
 
 
@@ -244,8 +246,10 @@ def test_distinct_queries_do_not_depend_on_the_batch_on_score_maps():
     head = fcn().bbox_head
     sizes = (16, 8, 4, 2, 1)
     gen = torch.Generator().manual_seed(0)
-    scores = [torch.rand(1, NUM_CLASSES, s, s, generator=gen).expand(
-        2, -1, -1, -1).clone() * 0.5 for s in sizes]
+    scores = [
+        torch.rand(1, NUM_CLASSES, s, s, generator=gen).expand(
+            2, -1, -1, -1).clone() * 0.5 for s in sizes
+    ]
     distances = [torch.ones(2, 4, s, s) for s in sizes]
     distances[-1][:, :2] = 50.
     distances[-1][:, 2:] = 0.1
@@ -305,8 +309,8 @@ def test_fcn_predict_returns_the_top_pairs_of_distinct_queries():
 def assigner(topk=1, **kwargs):
     from mmdet.registry import TASK_UTILS
     build(FCN_CFG.model)  # registers everything
-    return TASK_UTILS.build(dict(type='TopkHungarianAssignerPlus',
-                                 topk=topk, **kwargs))
+    return TASK_UTILS.build(
+        dict(type='TopkHungarianAssignerPlus', topk=topk, **kwargs))
 
 
 def mmdet_assigner(topk=1):
@@ -322,23 +326,25 @@ def test_classification_cost_is_focal_cost_of_the_logits():
     probs = torch.rand(12, NUM_CLASSES, generator=gen) * 0.98 + 0.01
     labels = torch.tensor([0, 3, 5, 3])
     boxes = torch.rand(12, 4, generator=gen) * 50
-    ours = assigner().cls_cost(InstanceData(scores=probs, bboxes=boxes),
-                               InstanceData(labels=labels), META)
+    ours = assigner().cls_cost(
+        InstanceData(scores=probs, bboxes=boxes), InstanceData(labels=labels),
+        META)
     focal = FocalLossCost(weight=2.0)
-    on_logits = focal(InstanceData(scores=torch.logit(probs)),
-                      InstanceData(labels=labels), META)
-    on_probs = focal(InstanceData(scores=probs), InstanceData(labels=labels),
-                     META)
+    on_logits = focal(
+        InstanceData(scores=torch.logit(probs)), InstanceData(labels=labels),
+        META)
+    on_probs = focal(
+        InstanceData(scores=probs), InstanceData(labels=labels), META)
     torch.testing.assert_close(ours, on_logits, rtol=1e-4, atol=1e-5)
     assert ours.shape == (12, 4)
     # mmdet 3.3 hands probabilities: a squashed, different cost
     assert not torch.allclose(on_probs, on_logits, rtol=0.1)
-    assert (on_probs.max() - on_probs.min()) * 3 < (on_logits.max() -
-                                                   on_logits.min())
+    assert (on_probs.max() - on_probs.min()) * 3 < (
+        on_logits.max() - on_logits.min())
     # the option back off reproduces mmdet's cost
     off = assigner(cls_cost_on_logits=False).cls_cost(
-        InstanceData(scores=probs, bboxes=boxes),
-        InstanceData(labels=labels), META)
+        InstanceData(scores=probs, bboxes=boxes), InstanceData(labels=labels),
+        META)
     torch.testing.assert_close(off, on_probs)
 
 
@@ -358,12 +364,12 @@ def test_cost_on_probabilities_option_assigns_as_mmdet():
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(30, NUM_CLASSES, generator=gen)
     xy = torch.rand(30, 2, generator=gen) * 60
-    boxes = torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=gen) * 30],
-                      1)
+    boxes = torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=gen) * 30], 1)
     gts = boxes[[2, 7, 11]] + torch.rand(3, 4, generator=gen) * 4
     labels = torch.tensor([1, 4, 1])
-    ours = assigner(topk=4, cls_cost_on_logits=False).assign(
-        scores, boxes, gts, labels, dict(META))
+    ours = assigner(
+        topk=4, cls_cost_on_logits=False).assign(scores, boxes, gts, labels,
+                                                 dict(META))
     theirs = mmdet_assigner(topk=4).assign(scores, boxes, gts, labels,
                                            dict(META))
     assert torch.equal(ours.gt_inds, theirs.gt_inds)
@@ -471,6 +477,7 @@ def _main_positives(head, outs, gts, metas):
         result = original(*args, **kwargs)
         captured.append(result)
         return result
+
     head.main_loss.assigner.assign = spy
     try:
         queries = head.distinct_queries(outs[0], outs[1])
@@ -555,9 +562,10 @@ def test_rpn_proposals_are_distinct_queries_padded_to_the_batch(padded):
     # features: compress(cls_feat | reg_feat) at each query's point
     image = counts.index(min(counts))
     q = queries[image]
-    point_feats = torch.cat(
-        [torch.cat([f[image].flatten(1) for f in feats], 1).t()
-         for feats in (outs[4], outs[5])], 1)
+    point_feats = torch.cat([
+        torch.cat([f[image].flatten(1) for f in feats], 1).t()
+        for feats in (outs[4], outs[5])
+    ], 1)
     with torch.no_grad():
         expected = head.compress(point_feats[q.point_ids])
     torch.testing.assert_close(proposals[image].features[:len(q)], expected)
@@ -579,6 +587,7 @@ def test_padded_proposals_never_become_predictions(padded, monkeypatch):
         if stage == roi_head.num_stages - 1:
             last_boxes.extend(results['detached_proposals'])
         return results
+
     monkeypatch.setattr(roi_head, '_bbox_forward', recording)
     with torch.no_grad():
         results = model.predict(inputs, copy.deepcopy(samples))
@@ -601,10 +610,8 @@ def _assert_same_predictions(ours, alone):
     ours, alone = ours.pred_instances, alone.pred_instances
     assert len(ours) == len(alone)
     assert torch.equal(ours.labels, alone.labels)
-    torch.testing.assert_close(ours.scores, alone.scores, rtol=1e-4,
-                               atol=1e-5)
-    torch.testing.assert_close(ours.bboxes, alone.bboxes, rtol=1e-3,
-                               atol=1e-2)
+    torch.testing.assert_close(ours.scores, alone.scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bboxes, alone.bboxes, rtol=1e-3, atol=1e-2)
 
 
 def test_image_without_padding_predicts_as_alone(padded):
@@ -632,17 +639,22 @@ def test_flexible_roi_extractor_averages_the_level_and_its_neighbours():
     from mmdet.registry import MODELS
     build(FCN_CFG.model)  # registers everything
     strides = [4, 8, 16, 32]
-    extractor = MODELS.build(dict(
-        type='FlexibleRoIExtractor',
-        roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=2),
-        out_channels=8, featmap_strides=strides))
+    extractor = MODELS.build(
+        dict(
+            type='FlexibleRoIExtractor',
+            roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=2),
+            out_channels=8,
+            featmap_strides=strides))
     gen = torch.Generator().manual_seed(0)
-    feats = [torch.randn(2, 8, 256 // s, 256 // s, generator=gen)
-             for s in strides]
+    feats = [
+        torch.randn(2, 8, 256 // s, 256 // s, generator=gen) for s in strides
+    ]
     sides = torch.tensor([20., 60., 130., 180., 250., 400., 500.])
-    rois = torch.stack([torch.arange(len(sides)).float() % 2,
-                        torch.full_like(sides, 3.), torch.full_like(sides, 5.),
-                        3. + sides, 5. + sides], 1)  # square: scale = side
+    rois = torch.stack([
+        torch.arange(len(sides)).float() % 2,
+        torch.full_like(sides, 3.),
+        torch.full_like(sides, 5.), 3. + sides, 5. + sides
+    ], 1)  # square: scale = side
     out = extractor(feats, rois)
     assert out.shape == (len(sides), 8, 7, 7)
     # mmdet's mapping: level floor(log2(scale / 56)) in [0, 3]
@@ -650,10 +662,11 @@ def test_flexible_roi_extractor_averages_the_level_and_its_neighbours():
     assert set(level.tolist()) == {0, 1, 2, 3}
     for i, lvl in enumerate(level.tolist()):
         used = [v for v in (lvl - 1, lvl, lvl + 1) if 0 <= v <= 3]
-        pooled = [roi_align(feats[v], rois[i:i + 1], (7, 7), 1. / strides[v],
-                            2, 'avg', True) for v in used]
-        torch.testing.assert_close(out[i:i + 1],
-                                   sum(pooled) / len(pooled))
+        pooled = [
+            roi_align(feats[v], rois[i:i + 1], (7, 7), 1. / strides[v], 2,
+                      'avg', True) for v in used
+        ]
+        torch.testing.assert_close(out[i:i + 1], sum(pooled) / len(pooled))
     # not SingleRoIExtractor: the mapped level alone differs
     single = roi_align(feats[level[2]], rois[2:3], (7, 7),
                        1. / strides[level[2]], 2, 'avg', True)
@@ -661,10 +674,11 @@ def test_flexible_roi_extractor_averages_the_level_and_its_neighbours():
 
 
 def test_query_roi_fusion_changes_stage_zero_features_and_trains(monkeypatch):
-    extractor = dict(RCNN_CFG.model.roi_head.bbox_roi_extractor,
-                     type='FlexibleRoIExtractor')
-    model = rcnn(roi_options=dict(query_roi_fusion=True,
-                                  bbox_roi_extractor=extractor))
+    extractor = dict(
+        RCNN_CFG.model.roi_head.bbox_roi_extractor,
+        type='FlexibleRoIExtractor')
+    model = rcnn(
+        roi_options=dict(query_roi_fusion=True, bbox_roi_extractor=extractor))
     roi_head = model.roi_head
     assert isinstance(roi_head.query_fusion, nn.Linear)
     assert (roi_head.query_fusion.in_features,
@@ -683,14 +697,16 @@ def test_query_roi_fusion_changes_stage_zero_features_and_trains(monkeypatch):
         if stage == 0:
             seen.append(object_feats.detach().clone())
         return original(stage, x, rois, object_feats, metas)
+
     monkeypatch.setattr(roi_head, '_bbox_forward', spy)
     with torch.no_grad():
         x = model.extract_feat(inputs)
         proposals = model.rpn_head.predict(x[1:], copy.deepcopy(samples))
         raw = torch.stack([p.features for p in proposals])
-        rois = torch.cat([torch.cat([torch.full((len(p), 1), float(i)),
-                                     p.bboxes], 1)
-                          for i, p in enumerate(proposals)])
+        rois = torch.cat([
+            torch.cat([torch.full((len(p), 1), float(i)), p.bboxes], 1)
+            for i, p in enumerate(proposals)
+        ])
         pooled = roi_head.bbox_roi_extractor[0](x[:6], rois).mean((2, 3))
         expected = roi_head.query_fusion(
             torch.cat([raw.flatten(0, 1), pooled], -1)).view_as(raw)
@@ -719,11 +735,12 @@ BOX_LOSSES = ('loss_bbox', 'loss_iou')
 @pytest.mark.parametrize('num_gts', [(0, 3), (0, 0)])
 @pytest.mark.parametrize('kind', ['fcn', 'fcn_near_centre', 'rcnn'])
 def test_empty_ground_truth(kind, num_gts):
-    model = dict(fcn=fcn, rcnn=rcnn,
-                 fcn_near_centre=lambda: fcn(positives_near_centre=9))[kind]()
+    model = dict(
+        fcn=fcn,
+        rcnn=rcnn,
+        fcn_near_centre=lambda: fcn(positives_near_centre=9))[kind]()
     model.train()
-    inputs, samples = prep(model, *make_batch(num_gts, seed=2, size=64),
-                           True)
+    inputs, samples = prep(model, *make_batch(num_gts, seed=2, size=64), True)
     losses = model.loss(inputs, samples)
     assert all(torch.isfinite(v).all() for v in losses.values())
     if sum(num_gts) == 0:
@@ -751,8 +768,8 @@ def _one_step(model, size=128):
     assert parameters_without_grad(model) == []
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.step()
-    changed = sum(not torch.equal(b, p) for b, p in
-                  zip(before, model.parameters()))
+    changed = sum(not torch.equal(b, p)
+                  for b, p in zip(before, model.parameters()))
     assert changed > len(before) // 2
     return losses
 
@@ -767,8 +784,9 @@ def test_fcn_config_trains_one_step():
     assert model.bbox_head.dqs_cfg == dict(type='nms', iou_threshold=0.7)
     assert model.bbox_head.nms_pre == 1000
     losses = _one_step(model)
-    assert set(losses) == {'loss_cls', 'loss_bbox', 'aux_loss_cls',
-                           'aux_loss_bbox'}
+    assert set(losses) == {
+        'loss_cls', 'loss_bbox', 'aux_loss_cls', 'aux_loss_bbox'
+    }
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
 
 
@@ -781,12 +799,15 @@ def test_rcnn_config_trains_one_step():
     assert type(model.rpn_head) is DDQFCNRPNHead
     assert type(model.roi_head) is DDQSparseRoIHead
     losses = _one_step(model)
-    stage_keys = {f's{i}.{name}' for i in range(2)
-                  for name in ('loss_cls', 'pos_acc', 'loss_bbox',
-                               'loss_iou')}
-    assert set(losses) == {'rpn_loss_cls', 'rpn_loss_bbox',
-                           'rpn_aux_loss_cls', 'rpn_aux_loss_bbox',
-                           'rpn_num_distinct'} | stage_keys
+    stage_keys = {
+        f's{i}.{name}'
+        for i in range(2)
+        for name in ('loss_cls', 'pos_acc', 'loss_bbox', 'loss_iou')
+    }
+    assert set(losses) == {
+        'rpn_loss_cls', 'rpn_loss_bbox', 'rpn_aux_loss_cls',
+        'rpn_aux_loss_bbox', 'rpn_num_distinct'
+    } | stage_keys
     for key, value in losses.items():
         assert torch.isfinite(value), key
         if 'loss' in key:

@@ -3,19 +3,22 @@ import pytest
 import torch
 
 from detr_testing import (assert_empty_gt_losses, assert_same_predictions,
-                          build, decode, deformable_detr_cfg,
-                          losses_with_seed, make_batch, noised_branch,
-                          parameters_without_grad, train_steps)
+                          build, decode, deformable_detr_cfg, losses_with_seed,
+                          make_batch, noised_branch, parameters_without_grad,
+                          train_steps)
 
 HYBRID = dict(type='HybridMatchingBranch', num_queries=40, k_one_to_many=3)
 
 
-def h_deformable_detr(branches=(HYBRID, ), look_forward_twice=True,
-                      seed=0):
+def h_deformable_detr(branches=(HYBRID, ), look_forward_twice=True, seed=0):
     torch.manual_seed(seed)
-    model = build(deformable_detr_cfg(
-        refine=True, two_stage=True, mixed_selection=True,
-        look_forward_twice=look_forward_twice, branches=branches))
+    model = build(
+        deformable_detr_cfg(
+            refine=True,
+            two_stage=True,
+            mixed_selection=True,
+            look_forward_twice=look_forward_twice,
+            branches=branches))
     model.train()
     return model
 
@@ -40,8 +43,8 @@ def test_trained_model_predicts_like_plain_deformable_detr():
     model = h_deformable_detr()
     train_steps(model)
     plain = h_deformable_detr(branches=())
-    missing, unexpected = plain.load_state_dict(model.state_dict(),
-                                                strict=False)
+    missing, unexpected = plain.load_state_dict(
+        model.state_dict(), strict=False)
     assert not missing
     assert unexpected == ['extra_branches.0.content.weight']
     assert_same_predictions(model, plain)
@@ -52,8 +55,8 @@ def test_hybrid_anchors_follow_the_class_agnostic_ranking():
     class-agnostic): main = top N, hybrid = ranks N .. N + M."""
     model = h_deformable_detr()
     inputs, samples = make_batch()
-    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                   True)
+    data = model.data_preprocessor(
+        dict(inputs=inputs, data_samples=samples), True)
     with torch.no_grad():
         feats = model.extract_feat(data['inputs'])
         enc_in, _ = model.pre_transformer(feats, data['data_samples'])
@@ -121,8 +124,9 @@ def test_hybrid_content_initialised_like_main():
 
 def test_misconfigurations_are_named():
     with pytest.raises(ValueError, match='mixed_selection=True'):
-        build(deformable_detr_cfg(refine=True, two_stage=True,
-                                  branches=(HYBRID, )))
+        build(
+            deformable_detr_cfg(
+                refine=True, two_stage=True, branches=(HYBRID, )))
     with pytest.raises(ValueError, match='needs as_two_stage'):
         build(deformable_detr_cfg(refine=True, mixed_selection=True))
     with pytest.raises(ValueError, match='needs with_box_refine'):

@@ -1,5 +1,4 @@
 """Our Deformable DETR and DINO: mmdet parity, branches, empty GT, DDP."""
-import copy
 
 import pytest
 import torch
@@ -8,12 +7,14 @@ from detr_testing import (build, deformable_detr_cfg, dino_cfg,
                           losses_with_seed, make_batch, predict)
 
 VARIANTS = {
-    'deformable-detr': lambda plus: deformable_detr_cfg(plus),
-    'deformable-detr-refine': lambda plus: deformable_detr_cfg(
-        plus, refine=True),
-    'deformable-detr-refine-twostage': lambda plus: deformable_detr_cfg(
-        plus, refine=True, two_stage=True),
-    'dino': lambda plus: dino_cfg(plus),
+    'deformable-detr':
+    lambda plus: deformable_detr_cfg(plus),
+    'deformable-detr-refine':
+    lambda plus: deformable_detr_cfg(plus, refine=True),
+    'deformable-detr-refine-twostage':
+    lambda plus: deformable_detr_cfg(plus, refine=True, two_stage=True),
+    'dino':
+    lambda plus: dino_cfg(plus),
 }
 
 
@@ -46,10 +47,9 @@ def test_predictions_equal_mmdet(pair):
     ref_results = predict(reference, inputs, samples)
     our_results = predict(ours, inputs, samples)
     for ref, res in zip(ref_results, our_results):
-        assert _rel_close(res.pred_instances.scores,
-                          ref.pred_instances.scores)
-        assert _rel_close(res.pred_instances.bboxes,
-                          ref.pred_instances.bboxes, atol=1e-4)
+        assert _rel_close(res.pred_instances.scores, ref.pred_instances.scores)
+        assert _rel_close(
+            res.pred_instances.bboxes, ref.pred_instances.bboxes, atol=1e-4)
         assert torch.equal(res.pred_instances.labels,
                            ref.pred_instances.labels)
 
@@ -70,8 +70,10 @@ def test_mmdet_checkpoint_file_loads(pair, tmp_path):
     from mmengine.runner import load_checkpoint
     name, reference, _ = pair
     path = tmp_path / 'mmdet.pth'
-    torch.save(dict(state_dict=reference.state_dict(),
-                    meta=dict(mmdet_version='3.3.0')), path)
+    torch.save(
+        dict(
+            state_dict=reference.state_dict(),
+            meta=dict(mmdet_version='3.3.0')), path)
     fresh = build(VARIANTS[name](True))
     load_checkpoint(fresh, str(path), strict=True)
     for key, value in reference.state_dict().items():
@@ -94,6 +96,7 @@ def test_activation_checkpointing_same_losses_and_gradients(
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
+
     monkeypatch.setattr(transformer, 'checkpoint', counting)
     grads, losses = [], []
     for num_cp in (0, 1):
@@ -105,12 +108,14 @@ def test_activation_checkpointing_same_losses_and_gradients(
         loss = losses_with_seed(model, *make_batch())
         sum(loss.values()).backward()
         losses.append(loss)
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
-                      if p.grad is not None})
+        grads.append({
+            k: p.grad.clone()
+            for k, p in model.named_parameters() if p.grad is not None
+        })
     assert len(calls) == 1  # the num_cp=1 model's first layer
     for key, value in losses[0].items():
         torch.testing.assert_close(losses[1][key], value)
     assert grads[0].keys() == grads[1].keys()
     for key, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][key], grad, rtol=1e-4,
-                                   atol=1e-6, msg=key)
+        torch.testing.assert_close(
+            grads[1][key], grad, rtol=1e-4, atol=1e-6, msg=key)

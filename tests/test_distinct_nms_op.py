@@ -42,8 +42,7 @@ def tied_boxes():
     disjoint = torch.cat([grid, grid + torch.tensor([7., 0.])])
     boxes = torch.stack([disjoint, torch.cat([grid, grid])])
     boxes = torch.cat([boxes, boxes + 1], -1)  # unit boxes
-    return boxes, torch.full((2, 18), 0.5), torch.ones(2, 18,
-                                                       dtype=torch.bool)
+    return boxes, torch.full((2, 18), 0.5), torch.ones(2, 18, dtype=torch.bool)
 
 
 def as_mask(indices, like):
@@ -67,8 +66,9 @@ def test_nms_keep_is_the_mask_of_distinct_indices(seed):
         # by descending score
         assert torch.all(scores[image, indices].diff() <= 0)
     assert (keep <= candidates).all() and keep.sum() < candidates.sum()
-    assert torch.equal(nms_keep(boxes, scores, 0.5),
-                       as_mask(distinct_indices(boxes, scores, NMS), scores))
+    assert torch.equal(
+        nms_keep(boxes, scores, 0.5),
+        as_mask(distinct_indices(boxes, scores, NMS), scores))
 
 
 def test_nms_keep_on_ties_and_empty_inputs():
@@ -98,14 +98,15 @@ def test_nms_keep_checks_and_opcheck():
 
 def test_distinct_mask_of_any_config_and_the_exportable_ones():
     boxes, scores, candidates = random_boxes(2, 40, seed=4)
-    assert torch.equal(distinct_mask(boxes, scores, NMS, candidates),
-                       nms_keep(boxes, scores, 0.5, candidates))
+    assert torch.equal(
+        distinct_mask(boxes, scores, NMS, candidates),
+        nms_keep(boxes, scores, 0.5, candidates))
     # a config the op cannot hold runs the index function itself
     other = dict(NMS, score_threshold=0.5)
-    expected = as_mask(distinct_indices(boxes, scores, other, candidates),
-                       scores)
-    assert torch.equal(distinct_mask(boxes, scores, other, candidates),
-                       expected)
+    expected = as_mask(
+        distinct_indices(boxes, scores, other, candidates), scores)
+    assert torch.equal(
+        distinct_mask(boxes, scores, other, candidates), expected)
     assert not (expected & (scores <= 0.5)).any()
     assert exportable_iou_threshold(dict(type='nms', iou_threshold=0.7)) \
         == 0.7
@@ -131,8 +132,9 @@ def test_ops_import_with_torch_alone():
 def exported():
     """``nms_keep`` at IoU 0.6 exported with a dynamic batch and box count,
     as an ONNX Runtime runner."""
-    if not all(importlib.util.find_spec(name) is not None
-               for name in ('onnx', 'onnxruntime', 'onnxscript')):
+    if not all(
+            importlib.util.find_spec(name) is not None
+            for name in ('onnx', 'onnxruntime', 'onnxscript')):
         reason = ('the deploy extra (onnx, onnxruntime, onnxscript) is not '
                   'installed: pip install -e ".[deploy]"')
         if os.environ.get('DETR_PLUS_REQUIRE_EXT') == '1':
@@ -148,17 +150,22 @@ def exported():
     dim = torch.export.Dim
     axes = {0: dim('bs'), 1: dim('n')}
     program = torch.onnx.export(
-        Keep(), random_boxes(2, 40, seed=1), dynamo=True,
+        Keep(),
+        random_boxes(2, 40, seed=1),
+        dynamo=True,
         dynamic_shapes=(axes, axes, axes),
-        custom_translation_table=nms_translation_table(), verbose=False)
+        custom_translation_table=nms_translation_table(),
+        verbose=False)
     ops_used = {n.op_type for n in program.model_proto.graph.node}
     assert 'NonMaxSuppression' in ops_used
     session = ort.InferenceSession(program.model_proto.SerializeToString())
     names = [i.name for i in session.get_inputs()]
 
     def run(*args):
-        return session.run(None, {name: arg.numpy()
-                                  for name, arg in zip(names, args)})[0]
+        return session.run(None, {
+            name: arg.numpy()
+            for name, arg in zip(names, args)
+        })[0]
 
     return Keep(), run
 
@@ -176,8 +183,8 @@ def test_onnx_lowering_on_ties_and_empty_inputs(exported):
     boxes, scores, candidates = tied_boxes()
     keep = run(boxes, scores, candidates)
     # which box of a tied pair survives is the runtime's choice
-    np.testing.assert_array_equal(keep[0], eager(boxes, scores,
-                                                 candidates)[0].numpy())
+    np.testing.assert_array_equal(keep[0],
+                                  eager(boxes, scores, candidates)[0].numpy())
     assert keep[1].sum() == 9 and (keep[1, :9] ^ keep[1, 9:]).all()
     none = torch.zeros_like(candidates)
     assert not run(boxes, scores, none).any()

@@ -7,23 +7,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from mmengine.config import Config
 
 from conftest import REPO_ROOT, run_tool
 from detr_testing import (build, ddq_cfg, dino_cfg, make_batch,
                           parameters_without_grad)
 
-CO_DINO = Config.fromfile(osp.join(REPO_ROOT,
-                                   'configs/shapes/co-dino-tiny_shapes.py'))
-BRANCHES = (dict(type='GroupQueryBranch', num_groups=2),
-            dict(type='HybridMatchingBranch', num_queries=30,
-                 k_one_to_many=2),
-            # zero padding (the official use_zero_padding): the default
-            # random negatives pad each image to its own batch's count,
-            # which a rank's half batch and the global batch draw differently
-            dict(type='CollaborativeBranch', name='co_atss',
-                 aux_head=CO_DINO.atss_head.to_dict(), zero_padding=True))
+CO_DINO = Config.fromfile(
+    osp.join(REPO_ROOT, 'configs/shapes/co-dino-tiny_shapes.py'))
+BRANCHES = (
+    dict(type='GroupQueryBranch', num_groups=2),
+    dict(type='HybridMatchingBranch', num_queries=30, k_one_to_many=2),
+    # zero padding (the official use_zero_padding): the default
+    # random negatives pad each image to its own batch's count,
+    # which a rank's half batch and the global batch draw differently
+    dict(
+        type='CollaborativeBranch',
+        name='co_atss',
+        aux_head=CO_DINO.atss_head.to_dict(),
+        zero_padding=True))
 WORLD = 2
 
 
@@ -31,15 +33,20 @@ def _cfg(dn, model='branches'):
     if model == 'ddq':  # NMS-selected queries, dense one-to-many branch
         cfg = ddq_cfg(dims=128, dn=dn, suppressed='isolated')
     else:
-        cfg = dino_cfg(dims=128, dn=dn, branches=BRANCHES,
-                       assigner='GroupOneToOneAssigner')
+        cfg = dino_cfg(
+            dims=128,
+            dn=dn,
+            branches=BRANCHES,
+            assigner='GroupOneToOneAssigner')
     cfg['backbone']['norm_eval'] = True  # BN batch statistics are per rank
     return cfg
 
 
 def _grads(model):
-    return {name: p.grad.detach().clone()
-            for name, p in model.named_parameters() if p.grad is not None}
+    return {
+        name: p.grad.detach().clone()
+        for name, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _step(model, forward, batch):
@@ -54,8 +61,8 @@ def _step(model, forward, batch):
 
 
 def _worker(rank, init_file, cfg, rank_batches, out):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}',
-                            rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        'gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = build(cfg)
@@ -68,16 +75,18 @@ def _worker(rank, init_file, cfg, rank_batches, out):
             unused += parameters_without_grad(model)
             if step == 0:
                 first = _grads(model)
-        torch.save(dict(grads=first, unused=unused),
-                   out.format(rank=rank))
+        torch.save(dict(grads=first, unused=unused), out.format(rank=rank))
     finally:
         dist.destroy_process_group()
 
 
 def _run_ddp(tmp_path, cfg, rank_batches):
     out = str(tmp_path / 'rank{rank}.pt')
-    mp.spawn(_worker, args=(str(tmp_path / 'init'), cfg, rank_batches, out),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / 'init'), cfg, rank_batches, out),
+        nprocs=WORLD,
+        join=True)
     return [torch.load(out.format(rank=r)) for r in range(WORLD)]
 
 
@@ -110,8 +119,8 @@ def test_ddp_gradients_equal_single_process_on_global_batch(tmp_path):
         assert set(got) == set(expected)
         for name, grad in expected.items():
             scale = float(grad.abs().max()) + 1e-12
-            torch.testing.assert_close(got[name], grad, rtol=1e-3,
-                                       atol=1e-4 * scale, msg=name)
+            torch.testing.assert_close(
+                got[name], grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 @pytest.mark.parametrize('model', ['branches', 'ddq'])
@@ -136,7 +145,8 @@ def test_ddp_rank_without_ground_truth(tmp_path, model):
     'group-dino-tiny_shapes.py', 'h-dino-tiny_shapes.py',
     'co-dino-tiny_shapes.py', 'ddq-detr-tiny_shapes.py',
     'h-deformable-detr-tiny_shapes.py', 'ddq-fcn-tiny_shapes.py',
-    'ddq-rcnn-tiny_shapes.py'])
+    'ddq-rcnn-tiny_shapes.py'
+])
 def test_dist_train_script_on_cpu(repo_root, tmp_path, config):
     """tools/dist_train.sh, 2 gloo processes, sparse data (many images
     without boxes), 2 iterations and the final evaluation."""
@@ -145,19 +155,23 @@ def test_dist_train_script_on_cpu(repo_root, tmp_path, config):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     work_dir = tmp_path / 'work'
-    proc = run_tool(
-        ['-c', 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))',
-         'bash', osp.join(repo_root, 'tools/dist_train.sh'),
-         osp.join(repo_root, 'configs/shapes', config), '2', '--work-dir',
-         str(work_dir), '--cfg-options', 'train_cfg.max_iters=2',
-         'train_dataloader.batch_size=2',
-         'train_dataloader.dataset.num_images=12',
-         'train_dataloader.dataset.shapes_cfg.min_objects=0',
-         'train_dataloader.dataset.shapes_cfg.mean_objects=0.5',
-         'val_dataloader.dataset.num_images=4',
-         'test_dataloader.dataset.num_images=4',
-         'default_hooks.logger.interval=1'],
-        cwd=tmp_path, env=dict(PORT=str(port)))
+    proc = run_tool([
+        '-c',
+        'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))',
+        'bash',
+        osp.join(repo_root, 'tools/dist_train.sh'),
+        osp.join(repo_root, 'configs/shapes', config), '2', '--work-dir',
+        str(work_dir), '--cfg-options', 'train_cfg.max_iters=2',
+        'train_dataloader.batch_size=2',
+        'train_dataloader.dataset.num_images=12',
+        'train_dataloader.dataset.shapes_cfg.min_objects=0',
+        'train_dataloader.dataset.shapes_cfg.mean_objects=0.5',
+        'val_dataloader.dataset.num_images=4',
+        'test_dataloader.dataset.num_images=4',
+        'default_hooks.logger.interval=1'
+    ],
+                    cwd=tmp_path,
+                    env=dict(PORT=str(port)))
     log = proc.stdout + proc.stderr
     assert "backend 'nccl' -> 'gloo'" in log
     assert 'Iter(train) [2/2]' in log and 'coco/bbox_mAP' in log

@@ -32,10 +32,15 @@ PAGES = ('index', 'installation', 'training', 'finetuning', 'deployment', 'op',
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp('site')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'mkdocs', 'build', '--strict', '-f',
-         osp.join(REPO_ROOT, 'mkdocs.yml'), '-d', str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([
+        sys.executable, '-m', 'mkdocs', 'build', '--strict', '-f',
+        osp.join(REPO_ROOT, 'mkdocs.yml'), '-d',
+        str(out)
+    ],
+                          cwd=REPO_ROOT,
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f'mkdocs build --strict failed:\n{log}'
     warnings = [line for line in log.splitlines() if 'WARNING' in line]
@@ -66,9 +71,8 @@ def test_plots_are_in_the_site(site):
 def test_api_reference_documents_the_public_modules(site):
     html = _html(site, 'api')
     for name in ('models.branches.GroupQueryBranch',
-                 'models.losses.matched_set_loss',
-                 'models.detectors.DINOPlus', 'utils.NonFiniteGuardHook',
-                 'ops.multi_scale_deformable_attn',
+                 'models.losses.matched_set_loss', 'models.detectors.DINOPlus',
+                 'utils.NonFiniteGuardHook', 'ops.multi_scale_deformable_attn',
                  'deployment.export_onnx'):
         assert f'id="projects_detr_plus.{name}"' in html, name
 

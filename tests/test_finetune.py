@@ -11,14 +11,15 @@ from conftest import REPO_ROOT, run_tool
 from detr_testing import build, dino_cfg, make_batch, predict
 from projects_detr_plus.models.compat.finetune import class_counts
 
-METHODS = ['dino', 'deformable-detr', 'deformable-detr-refine-twostage',
-           'h-deformable-detr', 'group-dino', 'h-dino', 'co-dino',
-           'ddq-detr']
+METHODS = [
+    'dino', 'deformable-detr', 'deformable-detr-refine-twostage',
+    'h-deformable-detr', 'group-dino', 'h-dino', 'co-dino', 'ddq-detr'
+]
 
 
 def _shapes_model(method, num_classes):
-    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes',
-                                   f'{method}-tiny_shapes.py'))
+    cfg = Config.fromfile(
+        osp.join(REPO_ROOT, 'configs/shapes', f'{method}-tiny_shapes.py'))
     cfg.model.bbox_head.num_classes = num_classes
     torch.manual_seed(num_classes)
     return build(cfg.model)
@@ -61,8 +62,8 @@ def test_only_class_count_changes_are_dropped():
 
 
 def test_co_dino_inconsistent_num_classes_names_each_place():
-    cfg = Config.fromfile(osp.join(REPO_ROOT,
-                                   'configs/shapes/co-dino-tiny_shapes.py'))
+    cfg = Config.fromfile(
+        osp.join(REPO_ROOT, 'configs/shapes/co-dino-tiny_shapes.py'))
     rcnn, atss = cfg.model.branches  # the official order
     atss.aux_head.num_classes = 80
     rcnn.aux_head.roi_head.bbox_head.num_classes = 80
@@ -73,8 +74,7 @@ def test_co_dino_inconsistent_num_classes_names_each_place():
     assert 'co_rcnn.aux_head.roi_head.bbox_head.num_classes=80' in message
     build_atss = copy.deepcopy(cfg.model)
     build_atss.branches[0].aux_head.roi_head.bbox_head.pop('num_classes')
-    with pytest.raises(ValueError,
-                       match='co_atss.aux_head.num_classes=80'):
+    with pytest.raises(ValueError, match='co_atss.aux_head.num_classes=80'):
         build(build_atss)
 
 
@@ -99,14 +99,19 @@ def test_finetune_six_class_checkpoint_into_three_classes(tmp_path):
     """tools/train.py: 2 iterations on 6 classes, then 2 iterations of a
     3-class model (a user's dataset: the first three shapes) from that
     checkpoint."""
-    small = ['train_dataloader.batch_size=2',
-             'train_dataloader.dataset.num_images=8',
-             'val_dataloader.dataset.num_images=4',
-             'test_dataloader.dataset.num_images=4',
-             'train_cfg.max_iters=2', 'default_hooks.logger.interval=1']
+    small = [
+        'train_dataloader.batch_size=2',
+        'train_dataloader.dataset.num_images=8',
+        'val_dataloader.dataset.num_images=4',
+        'test_dataloader.dataset.num_images=4', 'train_cfg.max_iters=2',
+        'default_hooks.logger.interval=1'
+    ]
     base = osp.join(REPO_ROOT, 'configs/shapes/dino-tiny_shapes.py')
-    run_tool([osp.join(REPO_ROOT, 'tools/train.py'), base, '--work-dir',
-              str(tmp_path / 'six'), '--cfg-options', *small], cwd=tmp_path)
+    run_tool([
+        osp.join(REPO_ROOT, 'tools/train.py'), base, '--work-dir',
+        str(tmp_path / 'six'), '--cfg-options', *small
+    ],
+             cwd=tmp_path)
     checkpoint = tmp_path / 'six' / 'iter_2.pth'
     assert checkpoint.exists()
     config = tmp_path / 'three_classes.py'
@@ -118,28 +123,34 @@ def test_finetune_six_class_checkpoint_into_three_classes(tmp_path):
         "val_dataloader = dict(dataset=dict(metainfo=metainfo))\n"
         "test_dataloader = val_dataloader\n"
         f"load_from = '{checkpoint}'\n")
-    proc = run_tool([osp.join(REPO_ROOT, 'tools/train.py'), str(config),
-                     '--work-dir', str(tmp_path / 'three'), '--cfg-options',
-                     *small], cwd=tmp_path)
+    proc = run_tool([
+        osp.join(REPO_ROOT, 'tools/train.py'),
+        str(config), '--work-dir',
+        str(tmp_path / 'three'), '--cfg-options', *small
+    ],
+                    cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert ('Checkpoint for 6 classes: 9 class-dependent weights keep their '
             'initialisation (num_classes=3)') in log
     assert 'dn_query_generator.label_embedding.weight (6, 128)->(3, 128)' \
         in log
     assert 'Iter(train) [2/2]' in log and 'coco/bbox_mAP' in log
-    fine_tuned = torch.load(tmp_path / 'three' / 'iter_2.pth',
-                            weights_only=False)['state_dict']
+    fine_tuned = torch.load(
+        tmp_path / 'three' / 'iter_2.pth', weights_only=False)['state_dict']
     assert fine_tuned['bbox_head.cls_branches.0.weight'].shape == (3, 128)
 
 
 def test_denoising_or_branch_num_classes_is_an_error_naming_it():
     cfg = dino_cfg(dims=128)
     cfg['dn_cfg']['num_classes'] = 80
-    with pytest.raises(ValueError, match=r'dn_cfg: num_classes=80 is set by '
-                       r'the detector \(num_classes=5'):
+    with pytest.raises(
+            ValueError,
+            match=r'dn_cfg: num_classes=80 is set by '
+            r'the detector \(num_classes=5'):
         build(cfg)
-    cfg = dino_cfg(dims=128, branches=(dict(type='HybridMatchingBranch',
-                                            num_queries=20,
-                                            num_classes=80), ))
+    cfg = dino_cfg(
+        dims=128,
+        branches=(dict(
+            type='HybridMatchingBranch', num_queries=20, num_classes=80), ))
     with pytest.raises(ValueError, match='HybridMatchingBranch: num_classes'):
         build(cfg)

@@ -8,6 +8,7 @@ from projects_detr_plus.ops import multi_scale_deformable_attn
 
 
 class OpOnly(torch.nn.Module):
+
     def forward(self, value, shapes, starts, locations, weights):
         return multi_scale_deformable_attn(value, shapes, starts, locations,
                                            weights)
@@ -20,8 +21,8 @@ def test_flop_handle_counts_the_op():
     value = torch.randn(bs, 39, heads, dims)
     locations = torch.rand(bs, queries, heads, levels, points, 2)
     weights = torch.rand(bs, queries, heads, levels, points)
-    analyzer = FlopAnalyzer(OpOnly(), (value, shapes, starts, locations,
-                                       weights))
+    analyzer = FlopAnalyzer(OpOnly(),
+                            (value, shapes, starts, locations, weights))
     counted = analyzer.by_operator()
     expected = 5 * bs * queries * heads * levels * points * dims
     assert counted['ms_deform_attn'] == expected
@@ -42,8 +43,8 @@ def test_dino_module_flops_include_the_op():
     assert 'detr_plus::ms_deform_attn' not in analyzer.unsupported_ops()
 
 
-@pytest.mark.parametrize('config', ['ddq-fcn-tiny_shapes.py',
-                                    'ddq-rcnn-tiny_shapes.py'])
+@pytest.mark.parametrize('config',
+                         ['ddq-fcn-tiny_shapes.py', 'ddq-rcnn-tiny_shapes.py'])
 def test_ddq_dense_detectors_flops(config):
     """mmdet's get_flops path (``_forward`` traced by mmengine) works for
     DDQ FCN / R-CNN, and counts the head (DDQ R-CNN: more than DDQ FCN's

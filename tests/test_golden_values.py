@@ -28,9 +28,14 @@ FAST_COCO = {
 
 
 def _params(configs):
-    return [pytest.param(c, id=c, marks=() if c.startswith('shapes/') or
-                         c in FAST_COCO else pytest.mark.slow)
-            for c in configs]
+    return [
+        pytest.param(
+            c,
+            id=c,
+            marks=()
+            if c.startswith('shapes/') or c in FAST_COCO else pytest.mark.slow)
+        for c in configs
+    ]
 
 
 def test_fast_configs_exist():
@@ -55,12 +60,26 @@ def test_golden_values(config):
 def test_differences_sees_one_changed_value():
     """The comparison is not blind: one loss, one gradient and one box
     moved by 1e-5 relative are each reported."""
-    record = dict(losses={'loss_cls': 1.0}, grad_norms={'w': 2.0, 'b': None},
-                  predictions=[dict(count=1, labels=[0], scores=[0.5],
-                                    bboxes=[[1.0, 2.0, 3.0, 4.0]])])
+    record = dict(
+        losses={'loss_cls': 1.0},
+        grad_norms={
+            'w': 2.0,
+            'b': None
+        },
+        predictions=[
+            dict(
+                count=1,
+                labels=[0],
+                scores=[0.5],
+                bboxes=[[1.0, 2.0, 3.0, 4.0]])
+        ])
     assert differences(record, json.loads(json.dumps(record))) == []
-    for part, change in (('losses', {'loss_cls': 1.00001}),
-                         ('grad_norms', {'w': 2.00002, 'b': None})):
+    for part, change in (('losses', {
+            'loss_cls': 1.00001
+    }), ('grad_norms', {
+            'w': 2.00002,
+            'b': None
+    })):
         assert differences(record, dict(record, **{part: change}))
     moved = json.loads(json.dumps(record))
     moved['predictions'][0]['bboxes'][0][2] = 3.00003

@@ -176,12 +176,13 @@ def _problem(num_groups, num_queries, num_classes, num_layers, seed=0):
         size = torch.rand(count, 2, generator=gen) * 0.3 + 0.1
         boxes = torch.cat([centre, size], 1)
         scale = torch.tensor([w, h, w, h], dtype=torch.float)
-        samples.append(DetDataSample(
-            metainfo=dict(img_shape=(h, w)),
-            gt_instances=InstanceData(
-                bboxes=bbox_cxcywh_to_xyxy(boxes) * scale,
-                labels=torch.randint(0, num_classes, (count, ),
-                                     generator=gen))))
+        samples.append(
+            DetDataSample(
+                metainfo=dict(img_shape=(h, w)),
+                gt_instances=InstanceData(
+                    bboxes=bbox_cxcywh_to_xyxy(boxes) * scale,
+                    labels=torch.randint(
+                        0, num_classes, (count, ), generator=gen))))
         if count == 0:
             boxes = torch.rand(1, 4, generator=gen) * 0.4 + 0.3
         near.append(boxes[torch.arange(total) % len(boxes)])
@@ -193,8 +194,8 @@ def _problem(num_groups, num_queries, num_classes, num_layers, seed=0):
         return (near + noise).clamp(0.02, 0.98)
 
     tensors = dict(
-        cls=torch.randn(num_layers, bs, total, num_classes,
-                        generator=gen) - 1.0,
+        cls=torch.randn(num_layers, bs, total, num_classes, generator=gen) -
+        1.0,
         box=boxes_near(num_layers),
         enc_cls=torch.randn(bs, total, num_classes, generator=gen) - 1.0,
         enc_box=boxes_near(1)[0])
@@ -214,9 +215,10 @@ def _targets(samples):
     for s in samples:
         h, w = s.metainfo['img_shape']
         factor = torch.tensor([w, h, w, h], dtype=torch.float)
-        targets.append(dict(
-            boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
-            labels=s.gt_instances.labels))
+        targets.append(
+            dict(
+                boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
+                labels=s.gt_instances.labels))
     return targets
 
 
@@ -240,32 +242,42 @@ def _our_losses(model, samples, t, monkeypatch):
     enc = [(t['enc_cls'][:, g * size:(g + 1) * size],
             t['enc_box'][:, g * size:(g + 1) * size])
            for g in range(extra + 1)]
-    query_sets = [query_set(MAIN, size),
-                  query_set(branch.name, extra * size, num_groups=extra,
-                            meta=dict(enc_losses=enc[1:], dn=[]))]
+    query_sets = [
+        query_set(MAIN, size),
+        query_set(
+            branch.name,
+            extra * size,
+            num_groups=extra,
+            meta=dict(enc_losses=enc[1:], dn=[]))
+    ]
     split = [predictions(0, size), predictions(size, None)]
-    monkeypatch.setattr(model, '_split_predictions', lambda *args: split,
-                        raising=False)
+    monkeypatch.setattr(
+        model, '_split_predictions', lambda *args: split, raising=False)
     assigned, normalisers = [], []
     assigner = model.bbox_head.assigner
     assign = assigner.assign
 
     def recording_assign(pred_instances, gt_instances, **kwargs):
         result = assign(pred_instances, gt_instances, **kwargs)
-        assigned.append((pred_instances.scores, kwargs.get('num_groups', 1),
-                         result.gt_inds))
+        assigned.append((pred_instances.scores, kwargs.get('num_groups',
+                                                           1), result.gt_inds))
         return result
+
     monkeypatch.setattr(assigner, 'assign', recording_assign)
     set_loss = set_losses.set_loss
 
     def recording_set_loss(head, cls_scores, bbox_preds, targets):
         normalisers.append((targets.num_pos, targets.cls_avg_factor))
         return set_loss(head, cls_scores, bbox_preds, targets)
+
     monkeypatch.setattr(set_losses, 'set_loss', recording_set_loss)
     monkeypatch.setattr(query_losses, 'set_loss', recording_set_loss)
     losses = model.branch_losses(
-        hidden_states=None, references=None, enc_outputs_class=enc[0][0],
-        enc_outputs_coord=enc[0][1], query_sets=query_sets,
+        hidden_states=None,
+        references=None,
+        enc_outputs_class=enc[0][0],
+        enc_outputs_coord=enc[0][1],
+        query_sets=query_sets,
         batch_data_samples=samples)
     return losses, assigned, normalisers
 
@@ -273,13 +285,17 @@ def _our_losses(model, samples, t, monkeypatch):
 def _outputs(t, rows=slice(None)):
     """LW-DETR's ``outputs`` of queries ``rows`` (all K groups: the model
     concatenates the groups along the query axis, ``lwdetr.py``:67-68)."""
+
     def layer(cls, box):
         return dict(pred_logits=cls[:, rows], pred_boxes=box[:, rows])
+
     layers = len(t['cls'])
-    return dict(layer(t['cls'][-1], t['box'][-1]),
-                aux_outputs=[layer(t['cls'][i], t['box'][i])
-                             for i in range(layers - 1)],
-                enc_outputs=layer(t['enc_cls'], t['enc_box']))
+    return dict(
+        layer(t['cls'][-1], t['box'][-1]),
+        aux_outputs=[
+            layer(t['cls'][i], t['box'][i]) for i in range(layers - 1)
+        ],
+        enc_outputs=layer(t['enc_cls'], t['enc_box']))
 
 
 def _criterion(model, num_groups):
@@ -287,8 +303,7 @@ def _criterion(model, num_groups):
     config's match-cost weights (class 2, L1 5, GIoU 2: also LW-DETR's
     ``set_cost_*`` defaults) and focal alpha (0.25, LW-DETR's)."""
     lwdetr, matcher = group_detr_reference.load()
-    costs = {type(c).__name__: c
-             for c in model.bbox_head.assigner.match_costs}
+    costs = {type(c).__name__: c for c in model.bbox_head.assigner.match_costs}
     assert (costs['FocalLossCost'].alpha, costs['FocalLossCost'].gamma) \
         == (0.25, 2)  # LW-DETR's matcher hard-codes these
     assert costs['IoUCost'].iou_mode == 'giou'
@@ -297,8 +312,10 @@ def _criterion(model, num_groups):
         matcher.HungarianMatcher(costs['FocalLossCost'].weight,
                                  costs['BBoxL1Cost'].weight,
                                  costs['IoUCost'].weight),
-        weight_dict={}, focal_alpha=model.bbox_head.loss_cls.alpha,
-        losses=['labels', 'boxes'], group_detr=num_groups)
+        weight_dict={},
+        focal_alpha=model.bbox_head.loss_cls.alpha,
+        losses=['labels', 'boxes'],
+        group_detr=num_groups)
     return criterion.train()
 
 
@@ -314,12 +331,14 @@ def _their_losses(model, samples, t, num_groups, rows=slice(None)):
     def recording(loss, outputs, targets, indices, num_boxes, **kwargs):
         seen.append(num_boxes)
         return get_loss(loss, outputs, targets, indices, num_boxes, **kwargs)
+
     criterion.get_loss = recording
     raw = criterion(_outputs(t, rows), _targets(samples))
     head = model.bbox_head
-    weights = dict(loss_ce=head.loss_cls.loss_weight,
-                   loss_bbox=head.loss_bbox.loss_weight,
-                   loss_giou=head.loss_iou.loss_weight)
+    weights = dict(
+        loss_ce=head.loss_cls.loss_weight,
+        loss_bbox=head.loss_bbox.loss_weight,
+        loss_giou=head.loss_iou.loss_weight)
     named = {}
     for key, value in raw.items():
         base, rest = '_'.join(key.split('_')[:2]), key.split('_')[2:]
@@ -343,12 +362,12 @@ def _group_key(key):
 
 
 def _close(actual, expected, msg):
-    torch.testing.assert_close(actual.reshape(()), expected.reshape(()),
-                               rtol=RTOL, atol=0, msg=msg)
+    torch.testing.assert_close(
+        actual.reshape(()), expected.reshape(()), rtol=RTOL, atol=0, msg=msg)
 
 
-K_CONFIGS = pytest.mark.parametrize('config', [SHAPES_CFG, COCO_CFG],
-                                    ids=['K3-shapes', 'K11-coco'])
+K_CONFIGS = pytest.mark.parametrize(
+    'config', [SHAPES_CFG, COCO_CFG], ids=['K3-shapes', 'K11-coco'])
 
 
 def _setup(config):
@@ -378,8 +397,9 @@ def test_per_group_matching_equals_lwdetr(config, monkeypatch):
     # the extra groups' decoder layers, each extra group's proposals
     # (each per image); checked against the scores each call got
     calls = ([(layer, 0, 1) for layer in range(layers)] + [('enc', 0, 1)] +
-             [(layer, 1, extra) for layer in range(layers)] +
-             [('enc', 1 + g, 1) for g in range(extra)])
+             [(layer, 1, extra)
+              for layer in range(layers)] + [('enc', 1 + g, 1)
+                                             for g in range(extra)])
     assert len(assigned) == len(calls) * bs
     ours = {}
     for n, (layer, first, count) in enumerate(calls):
@@ -400,12 +420,13 @@ def test_per_group_matching_equals_lwdetr(config, monkeypatch):
             outputs = outputs['enc_outputs']
         elif layer < layers - 1:
             outputs = outputs['aux_outputs'][layer]
-        outputs = {k: v.detach() for k, v in outputs.items()
-                   if k.startswith('pred_')}
+        outputs = {
+            k: v.detach()
+            for k, v in outputs.items() if k.startswith('pred_')
+        }
         theirs = matcher(outputs, _targets(samples), group_detr=num_groups)
         for image, (query, gt) in enumerate(theirs):
-            mine_query, mine_gt = (torch.cat(x)
-                                   for x in ours[(layer, image)])
+            mine_query, mine_gt = (torch.cat(x) for x in ours[(layer, image)])
             order = torch.argsort(mine_query)
             assert torch.equal(mine_query[order], query), (layer, image)
             assert torch.equal(mine_gt[order], gt), (layer, image)
@@ -415,8 +436,8 @@ def test_per_group_matching_equals_lwdetr(config, monkeypatch):
 
 @needs_reference
 @K_CONFIGS
-def test_losses_normalisers_and_group_weights_equal_lwdetr(config,
-                                                           monkeypatch):
+def test_losses_normalisers_and_group_weights_equal_lwdetr(
+        config, monkeypatch):
     """Every term of every decoder layer and of the encoder proposals:
     main + ``group_`` term = LW-DETR's K-group term; the main term =
     LW-DETR's group-0 term / K, the ``group_`` term = its groups 1..K-1
@@ -427,9 +448,11 @@ def test_losses_normalisers_and_group_weights_equal_lwdetr(config,
     ours, _, normalisers = _our_losses(model, samples, t, monkeypatch)
     with torch.no_grad():
         theirs, num_boxes = _their_losses(model, samples, t, num_groups)
-        per_group = [_their_losses(model, samples, t, 1,
-                                   slice(g * size, (g + 1) * size))
-                     for g in range(num_groups)]
+        per_group = [
+            _their_losses(model, samples, t, 1, slice(g * size,
+                                                      (g + 1) * size))
+            for g in range(num_groups)
+        ]
     assert num_boxes == num_groups * sum(NUM_GTS)
     assert [n for _, n in per_group] == [sum(NUM_GTS)] * num_groups
     assert len(theirs) == 3 * (layers + 1)
@@ -437,7 +460,8 @@ def test_losses_normalisers_and_group_weights_equal_lwdetr(config,
     for key, value in theirs.items():
         group_key = _group_key(key)
         # the reference's own 1 / K: K groups in one call = their mean
-        _close(value, sum(p[key] for p, _ in per_group) / num_groups,
+        _close(value,
+               sum(p[key] for p, _ in per_group) / num_groups,
                f'LW-DETR {key}: K groups in one call vs group mean')
         _close(ours[key] + ours[group_key], value, key)
         _close(ours[key], per_group[0][0][key] / num_groups,
@@ -470,10 +494,9 @@ def test_gradients_equal_lwdetr(config, monkeypatch):
     again = _copy(t)
     theirs, _ = _their_losses(model, samples, again, num_groups)
     names = sorted(t)
-    grads_ours = torch.autograd.grad(sum(ours.values()),
-                                     [t[n] for n in names])
-    grads_theirs = torch.autograd.grad(sum(theirs.values()),
-                                       [again[n] for n in names])
+    grads_ours = torch.autograd.grad(sum(ours.values()), [t[n] for n in names])
+    grads_theirs = torch.autograd.grad(
+        sum(theirs.values()), [again[n] for n in names])
     for name, mine, expected in zip(names, grads_ours, grads_theirs):
         assert expected.norm() > 0, name
         assert (mine - expected).norm() <= RTOL * expected.norm(), name
@@ -499,9 +522,11 @@ def test_per_group_denoising_is_averaged_as_paddle_group_dino():
     assert len(denoisers) == num_groups
     raw = [None] * num_groups
     for g, denoiser in enumerate(denoisers):
+
         def recording(*args, g=g, loss=denoiser.loss, **kwargs):
             raw[g] = loss(*args, **kwargs)
             return raw[g]
+
         denoiser.loss = recording
     losses = losses_with_seed(model, *make_batch(size=96))
     keys = sorted(raw[0])
@@ -551,11 +576,11 @@ def _paddle_anchors(memory_mask, spatial_shapes, eps=0.01):
     for level, (h, w) in enumerate(spatial_shapes.tolist()):
         valid = ~memory_mask[:, start:start + h * w].reshape(bs, h, w)
         size = 0.05 * 2.0**level
-        levels.append(torch.tensor([
-            [[(x + 0.5) / int(valid[image, 0, :].sum()),
-              (y + 0.5) / int(valid[image, :, 0].sum()), size, size]
-             for y in range(h) for x in range(w)]
-            for image in range(bs)]))
+        levels.append(
+            torch.tensor([[[(x + 0.5) / int(valid[image, 0, :].sum()),
+                            (y + 0.5) / int(valid[image, :, 0].sum()), size,
+                            size] for y in range(h) for x in range(w)]
+                          for image in range(bs)]))
         start += h * w
     anchors = torch.cat(levels, 1)
     valid = ((anchors > eps) & (anchors < 1 - eps)).all(-1) & ~memory_mask
@@ -570,9 +595,9 @@ def _paddle_selection(memory, anchors, valid, heads, num_queries):
     memory = memory.masked_fill(~valid[..., None], 0.0)
     groups = []
     for fc, norm, cls, box_layers in heads:
-        out = F.layer_norm(F.linear(memory, fc.weight, fc.bias),
-                           norm.normalized_shape, norm.weight, norm.bias,
-                           norm.eps)
+        out = F.layer_norm(
+            F.linear(memory, fc.weight, fc.bias), norm.normalized_shape,
+            norm.weight, norm.bias, norm.eps)
         logits = F.linear(out, cls.weight, cls.bias)
         delta = out
         for n, layer in enumerate(box_layers):
@@ -582,11 +607,13 @@ def _paddle_selection(memory, anchors, valid, heads, num_queries):
         coords = delta + anchors
         score = logits.max(-1).values.detach()  # ranks only
         picked = torch.tensor([
-            sorted(range(score.shape[1]), key=lambda k: -float(s[k])
-                   )[:num_queries] for s in score])
-        groups.append(tuple(
-            torch.stack([x[i][p] for i, p in enumerate(picked)])
-            for x in (coords, logits)) + (picked, ))
+            sorted(range(score.shape[1]),
+                   key=lambda k: -float(s[k]))[:num_queries] for s in score
+        ])
+        groups.append(
+            tuple(
+                torch.stack([x[i][p] for i, p in enumerate(picked)])
+                for x in (coords, logits)) + (picked, ))
     return groups
 
 
@@ -606,15 +633,17 @@ def test_per_group_selection_equals_paddle_group_dino():
     spatial_shapes = torch.tensor([[6, 8], [3, 4], [2, 2], [1, 1]])
     gen = torch.Generator().manual_seed(1)
     masks = []  # image 1 padded at the right and the bottom
-    for (h, w), (valid_h, valid_w) in zip(
-            spatial_shapes.tolist(), [(4, 6), (2, 3), (1, 2), (1, 1)]):
+    for (h, w), (valid_h, valid_w) in zip(spatial_shapes.tolist(), [(4, 6),
+                                                                    (2, 3),
+                                                                    (1, 2),
+                                                                    (1, 1)]):
         mask = torch.zeros(2, h, w, dtype=torch.bool)
         mask[1, valid_h:] = True
         mask[1, :, valid_w:] = True
         masks.append(mask.flatten(1))
     memory_mask = torch.cat(masks, 1)
-    memory = torch.randn(2, memory_mask.shape[1], model.embed_dims,
-                         generator=gen)
+    memory = torch.randn(
+        2, memory_mask.shape[1], model.embed_dims, generator=gen)
     context = model.query_context(memory, memory_mask, spatial_shapes)
     main, enc_cls, enc_coord = model.main_queries(context)
     group = branch.make_queries(main, context, model, [])
@@ -634,16 +663,15 @@ def test_per_group_selection_equals_paddle_group_dino():
     for g in range(num_groups - 1):
         rows = slice(g * size, (g + 1) * size)
         scores, coords = group.meta['enc_losses'][g]
-        ours.append((group.reference[:, rows], scores, coords,
-                     group.query[:, rows]))
+        ours.append(
+            (group.reference[:, rows], scores, coords, group.query[:, rows]))
     contents = [model.query_embedding.weight, *branch.content_tables()]
     for g, ((reference, scores, coords, content),
-            (paddle_coords, paddle_logits, _)) in enumerate(
-                zip(ours, expected)):
+            (paddle_coords, paddle_logits,
+             _)) in enumerate(zip(ours, expected)):
         torch.testing.assert_close(reference, paddle_coords, msg=str(g))
         torch.testing.assert_close(scores, paddle_logits, msg=str(g))
-        torch.testing.assert_close(coords, paddle_coords.sigmoid(),
-                                   msg=str(g))
+        torch.testing.assert_close(coords, paddle_coords.sigmoid(), msg=str(g))
         assert not reference.requires_grad  # Paddle: .detach()
         assert scores.requires_grad and coords.requires_grad
         assert torch.equal(content, contents[g][None].expand(2, -1, -1))

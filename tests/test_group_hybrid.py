@@ -11,17 +11,23 @@ from detr_testing import (assert_empty_gt_losses, assert_same_predictions,
 from projects_detr_plus.models.task_modules import (GroupOneToOneAssigner,
                                                     OneToOneAssigner)
 
-COSTS = [dict(type='FocalLossCost', weight=2.0),
-         dict(type='BBoxL1Cost', weight=5.0, box_format='xyxy'),
-         dict(type='IoUCost', iou_mode='giou', weight=2.0)]
+COSTS = [
+    dict(type='FocalLossCost', weight=2.0),
+    dict(type='BBoxL1Cost', weight=5.0, box_format='xyxy'),
+    dict(type='IoUCost', iou_mode='giou', weight=2.0)
+]
 GROUP = dict(type='GroupQueryBranch', num_groups=3)
 HYBRID = dict(type='HybridMatchingBranch', num_queries=40, k_one_to_many=3)
 
 
 def group_dino(dn=True, branches=(GROUP, ), dims=128):
     torch.manual_seed(0)
-    model = build(dino_cfg(dims=dims, dn=dn, branches=branches,
-                           assigner='GroupOneToOneAssigner'))
+    model = build(
+        dino_cfg(
+            dims=dims,
+            dn=dn,
+            branches=branches,
+            assigner='GroupOneToOneAssigner'))
     model.train()
     return model
 
@@ -34,10 +40,12 @@ def _instances(num_preds, num_gts, seed, size=64.0):
         return torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 20 + 1],
                          1)
 
-    preds = InstanceData(scores=torch.randn(num_preds, 4, generator=gen),
-                         bboxes=boxes(num_preds))
-    gts = InstanceData(bboxes=boxes(num_gts),
-                       labels=torch.randint(0, 4, (num_gts, ), generator=gen))
+    preds = InstanceData(
+        scores=torch.randn(num_preds, 4, generator=gen),
+        bboxes=boxes(num_preds))
+    gts = InstanceData(
+        bboxes=boxes(num_gts),
+        labels=torch.randint(0, 4, (num_gts, ), generator=gen))
     return preds, gts
 
 
@@ -114,8 +122,8 @@ def test_folded_blocks_equal_one_dense_mask():
     model.dense_self_attn_mask = True
     dense = decode(model, inputs, samples)
     assert isinstance(dense['query_sets'], list)
-    torch.testing.assert_close(blocks['hidden_states'],
-                               dense['hidden_states'], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        blocks['hidden_states'], dense['hidden_states'], rtol=1e-4, atol=1e-5)
 
 
 def _copy_main_group(model):
@@ -146,14 +154,14 @@ def test_identical_groups_give_the_single_group_loss():
     single.train()
     losses = losses_with_seed(model, *make_batch())
     expected = losses_with_seed(single, *make_batch())
-    torch.testing.assert_close(sum(losses.values()),
-                               sum(expected.values()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        sum(losses.values()), sum(expected.values()), rtol=1e-5, atol=1e-6)
     for key, value in expected.items():  # main group: weight 1 / K
         torch.testing.assert_close(losses[key], value / 3)
-        group_key = ('.group_'.join(key.split('.')) if '.' in key
-                     else f'group_{key}')
-        torch.testing.assert_close(losses[group_key], value * 2 / 3,
-                                   rtol=1e-4, atol=1e-6)
+        group_key = ('.group_'.join(key.split('.'))
+                     if '.' in key else f'group_{key}')
+        torch.testing.assert_close(
+            losses[group_key], value * 2 / 3, rtol=1e-4, atol=1e-6)
 
 
 def test_each_group_selects_its_own_anchors():
@@ -194,6 +202,7 @@ def test_each_group_has_isolated_denoising_queries():
         queries = original(*args, **kwargs)
         queries.query = queries.query + 5.0
         return queries
+
     denoiser.make_queries = noisy
     moved = decode(model, inputs, samples)
     start = size + num_dn  # the group branch follows main + dn
@@ -212,8 +221,8 @@ def test_group_denoising_losses_are_averaged_over_groups():
     for key in ('group_dn_loss_cls', 'd0.group_dn_loss_bbox',
                 'group_enc_loss_iou'):
         assert key in losses and losses[key] > 0, key
-    shared = group_dino(dn=False, branches=(dict(GROUP,
-                                                  shared_anchors=True), ))
+    shared = group_dino(
+        dn=False, branches=(dict(GROUP, shared_anchors=True), ))
     shared_losses = losses_with_seed(shared, *make_batch())
     assert not any('group_enc_' in key for key in shared_losses)
     assert not hasattr(shared.extra_branches[0], 'enc_cls')
@@ -226,12 +235,12 @@ def test_group_denoising_losses_are_averaged_over_groups():
 
 def test_group_content_initialised_like_main():
     model = group_dino(dn=False)
-    bound = (6.0 / (model.num_queries + model.embed_dims)) ** 0.5
+    bound = (6.0 / (model.num_queries + model.embed_dims))**0.5
     main = model.query_embedding.weight
     for table in model.extra_branches[0].content_tables():
         assert table.abs().max() <= bound
-        assert abs(float(table.std()) - float(main.std())) < 0.1 * float(
-            main.std())
+        assert abs(float(table.std()) -
+                   float(main.std())) < 0.1 * float(main.std())
 
 
 def test_loss_keys_per_branch_and_weights():
@@ -243,8 +252,8 @@ def test_loss_keys_per_branch_and_weights():
                 key = f'{layer}{prefix}{name}'
                 assert key in losses and torch.isfinite(losses[key]), key
                 assert losses[key] > 0, key
-    heavy = group_dino(branches=(dict(GROUP, loss_weight=3.0),
-                                 dict(HYBRID, loss_weight=0.5)))
+    heavy = group_dino(
+        branches=(dict(GROUP, loss_weight=3.0), dict(HYBRID, loss_weight=0.5)))
     heavy_losses = losses_with_seed(heavy, *make_batch())
     for prefix, weight in (('group_', 3.0), ('hybrid_', 0.5)):
         torch.testing.assert_close(heavy_losses[f'{prefix}loss_iou'],
@@ -262,6 +271,7 @@ def test_hybrid_matches_each_ground_truth_k_times():
         positives.append((len(pred_instances), len(gt_instances),
                           int((result.gt_inds > 0).sum())))
         return result
+
     assigner.assign = counting
     losses_with_seed(model, *make_batch(num_gts=(3, 5)))
     hybrid = [p for p in positives if p[0] == HYBRID['num_queries']]
@@ -282,11 +292,11 @@ def test_trained_group_dino_predicts_like_plain_dino():
     model = group_dino(branches=(GROUP, HYBRID))
     train_steps(model)
     plain = build(dino_cfg(dims=128))
-    missing, unexpected = plain.load_state_dict(model.state_dict(),
-                                                strict=False)
+    missing, unexpected = plain.load_state_dict(
+        model.state_dict(), strict=False)
     assert not missing
-    assert unexpected and all(k.startswith('extra_branches.')
-                              for k in unexpected)
+    assert unexpected and all(
+        k.startswith('extra_branches.') for k in unexpected)
     assert_same_predictions(model, plain)
 
 

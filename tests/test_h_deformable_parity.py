@@ -75,14 +75,20 @@ from projects_detr_plus.ops import force_pytorch
 CONFIG = osp.join(REPO_ROOT, 'configs/shapes/h-deformable-detr-tiny_shapes.py')
 DIMS, FFN, NUM_CLASSES = 256, 512, 91
 ONE2ONE, ONE2MANY = 20, 40
-SIZES = dict(enc_layers=2, dec_layers=3, dim_feedforward=FFN,
-             num_queries_one2one=ONE2ONE, num_queries_one2many=ONE2MANY)
+SIZES = dict(
+    enc_layers=2,
+    dec_layers=3,
+    dim_feedforward=FFN,
+    num_queries_one2one=ONE2ONE,
+    num_queries_one2many=ONE2MANY)
 CHANNELS, STRIDES = (64, 128, 256), (8, 16, 32)
 BATCH_SHAPE = (96, 128)  # (h, w)
 # image sizes (h, w): a padded batch (ours builds masks) and one without
 # padding (ours takes mmdet's maskless path, the reference all-False masks)
-BATCHES = {'padded': ((96, 128), (72, 104)),
-           'unpadded': ((96, 128), (96, 128))}
+BATCHES = {
+    'padded': ((96, 128), (72, 104)),
+    'unpadded': ((96, 128), (96, 128))
+}
 NUM_GTS = (3, 2)
 RTOL = 1e-5
 # reference loss name -> ours
@@ -150,17 +156,22 @@ def _problem(seed=0, batch='padded', num_gts=NUM_GTS):
     gen = torch.Generator().manual_seed(seed)
     h, w = BATCH_SHAPE
     shapes = BATCHES[batch]
-    feats = [torch.randn(len(shapes), c, h // s, w // s, generator=gen)
-             for c, s in zip(CHANNELS, STRIDES)]
+    feats = [
+        torch.randn(len(shapes), c, h // s, w // s, generator=gen)
+        for c, s in zip(CHANNELS, STRIDES)
+    ]
     samples = []
     for (img_h, img_w), count in zip(shapes, num_gts):
         scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=torch.float)
         xy = torch.rand(count, 2, generator=gen) * 0.6
         wh = torch.rand(count, 2, generator=gen) * 0.3 + 0.1
-        sample = DetDataSample(metainfo=dict(
-            img_shape=(img_h, img_w), ori_shape=(img_h, img_w),
-            batch_input_shape=BATCH_SHAPE, pad_shape=BATCH_SHAPE,
-            scale_factor=(1.0, 1.0)))
+        sample = DetDataSample(
+            metainfo=dict(
+                img_shape=(img_h, img_w),
+                ori_shape=(img_h, img_w),
+                batch_input_shape=BATCH_SHAPE,
+                pad_shape=BATCH_SHAPE,
+                scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
             bboxes=torch.cat([xy, xy + wh], 1) * scale,
             labels=torch.randint(0, NUM_CLASSES, (count, ), generator=gen))
@@ -182,9 +193,10 @@ def _reference_inputs(samples):
         h, w = s.img_shape
         mask[i, :h, :w] = False
         factor = torch.tensor([w, h, w, h], dtype=torch.float)
-        targets.append(dict(
-            boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
-            labels=s.gt_instances.labels))
+        targets.append(
+            dict(
+                boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
+                labels=s.gt_instances.labels))
     images = torch.zeros(len(samples), 3, *BATCH_SHAPE)
     return ref.misc.NestedTensor(images, mask), targets
 
@@ -211,11 +223,13 @@ def _their_losses(model, criterion, args, feats, samples):
     model.backbone[0].body.features = feats
     nested, targets = _reference_inputs(samples)
     outputs = model(nested)
-    raw = ref.engine.train_hybrid(outputs, targets, args.k_one2many,
-                                  criterion, args.lambda_one2many)
+    raw = ref.engine.train_hybrid(outputs, targets, args.k_one2many, criterion,
+                                  args.lambda_one2many)
     weights = criterion.weight_dict
-    return {_our_name(k): v * weights[k] for k, v in raw.items()
-            if k in weights}
+    return {
+        _our_name(k): v * weights[k]
+        for k, v in raw.items() if k in weights
+    }
 
 
 def _losses(ours, feats, samples):
@@ -284,11 +298,16 @@ def test_weight_map_covers_every_parameter_once(pair):
     pairs = reference.shared_parameters(model, ours, ONE2ONE)
     targets = [key for _, _, _, key, _ in pairs]
     assert len(targets) == len(set(targets))
-    expected = {name for name, _ in ours.named_parameters()
-                if not name.startswith('backbone.')}
+    expected = {
+        name
+        for name, _ in ours.named_parameters()
+        if not name.startswith('backbone.')
+    }
     assert set(targets) == expected
-    only = [name for name in reference.reference_parameters(model)
-            if reference.REFERENCE_ONLY.fullmatch(name)]
+    only = [
+        name for name in reference.reference_parameters(model)
+        if reference.REFERENCE_ONLY.fullmatch(name)
+    ]
     assert len(only) == 4
     assert len({name for name, *_ in pairs}) + len(only) == \
         len(reference.reference_parameters(model))
@@ -313,9 +332,12 @@ def test_every_loss_term_equals_the_authors(trained):
     assert sorted(ours) == sorted(theirs)
     assert len(ours) == 3 * (3 + 3 + 1)
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key].reshape(()),
-                                   value.reshape(()), rtol=RTOL, atol=0,
-                                   msg=key)
+        torch.testing.assert_close(
+            ours[key].reshape(()),
+            value.reshape(()),
+            rtol=RTOL,
+            atol=0,
+            msg=key)
 
 
 @needs_reference
@@ -337,8 +359,7 @@ def _predict_ours(ours, feats, samples):
     ours.eval()
     with torch.no_grad(), force_pytorch():
         raw = ours._forward(feats, copy.deepcopy(samples))
-        detections = ours.predict(feats, copy.deepcopy(samples),
-                                  rescale=False)
+        detections = ours.predict(feats, copy.deepcopy(samples), rescale=False)
     return raw, detections
 
 
@@ -365,8 +386,7 @@ def test_predictions_equal_the_authors(pair):
     ours, theirs = pair
     feats, samples = _problem(seed=1)
     (cls, box), detections = _predict_ours(ours, feats, samples)
-    (their_cls, their_box), expected = _predict_theirs(theirs, feats,
-                                                       samples)
+    (their_cls, their_box), expected = _predict_theirs(theirs, feats, samples)
     assert cls.shape == their_cls.shape == (3, 2, ONE2ONE, NUM_CLASSES)
     torch.testing.assert_close(cls, their_cls, rtol=RTOL, atol=0)
     torch.testing.assert_close(box, their_box, rtol=RTOL, atol=0)
@@ -377,12 +397,12 @@ def test_predictions_equal_the_authors(pair):
         boxes[:, 1::2].clamp_(0, h)
         pred = sample.pred_instances
         assert torch.equal(pred.labels, theirs_i['labels'])
-        torch.testing.assert_close(pred.scores, theirs_i['scores'],
-                                   rtol=RTOL, atol=0)
+        torch.testing.assert_close(
+            pred.scores, theirs_i['scores'], rtol=RTOL, atol=0)
         # pixels: 1e-5 of the image's size (a coordinate near 0 is the
         # difference cx - w / 2 of two larger numbers)
-        torch.testing.assert_close(pred.bboxes, boxes, rtol=RTOL,
-                                   atol=RTOL * max(h, w))
+        torch.testing.assert_close(
+            pred.bboxes, boxes, rtol=RTOL, atol=RTOL * max(h, w))
 
 
 def _sees_main(monkeypatch):
@@ -393,6 +413,7 @@ def _sees_main(monkeypatch):
         queries = make(self, *args, **kwargs)
         queries.sees_main = True
         return queries
+
     monkeypatch.setattr(HybridMatchingBranch, 'make_queries', leaky)
 
 
@@ -403,20 +424,21 @@ def test_the_comparison_sees_one_changed_detail(pair, change, monkeypatch):
     see the one-to-one ones, on our side: the one-to-many terms differ from
     the authors' (by more than 1e-3), the one-to-one ones do not."""
     _, theirs = pair
-    branch = dict(k=dict(k_one_to_many=5),
-                  weight=dict(loss_weight=0.5)).get(change, {})
+    branch = dict(
+        k=dict(k_one_to_many=5), weight=dict(loss_weight=0.5)).get(change, {})
     if change == 'sees_main':
         _sees_main(monkeypatch)
     ours, expected, _, _ = _run_both(_ours(**branch), theirs)
     ours = {k: v.detach().reshape(()) for k, v in ours.items()}
     expected = {k: v.detach().reshape(()) for k, v in expected.items()}
-    worst = max(abs(float(ours[k] / expected[k]) - 1.0)
-                for k in expected if 'hybrid' in k)
+    worst = max(
+        abs(float(ours[k] / expected[k]) - 1.0) for k in expected
+        if 'hybrid' in k)
     assert worst > 1e-3
     for key in expected:
         if 'hybrid' not in key:
-            torch.testing.assert_close(ours[key], expected[key], rtol=RTOL,
-                                       atol=0, msg=key)
+            torch.testing.assert_close(
+                ours[key], expected[key], rtol=RTOL, atol=0, msg=key)
 
 
 @needs_reference
@@ -444,9 +466,12 @@ def test_more_repeated_targets_than_queries(pair):
     mine, expected, _, _ = _run_both(ours, theirs, num_gts=(8, 2))
     assert sorted(mine) == sorted(expected)
     for key, value in expected.items():
-        torch.testing.assert_close(mine[key].reshape(()),
-                                   value.reshape(()), rtol=RTOL, atol=0,
-                                   msg=key)
+        torch.testing.assert_close(
+            mine[key].reshape(()),
+            value.reshape(()),
+            rtol=RTOL,
+            atol=0,
+            msg=key)
 
 
 def _dropouts(model):

@@ -17,8 +17,8 @@ IGNORED = shutil.ignore_patterns('.git', 'build', 'work_dirs', 'data', '*.so',
 
 
 def _run(cmd, cwd, timeout=3600):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (f'{cmd} exited {proc.returncode}\n'
                                   f'{proc.stdout[-3000:]}\n'
                                   f'{proc.stderr[-3000:]}')
@@ -36,24 +36,35 @@ def test_make_install_in_fresh_venv_leaves_pip_check_clean(tmp_path):
     python = str(tmp_path / 'venv' / 'bin' / 'python')
     _run(['make', 'install', f'PYTHON={python}'], repo)
     _run([python, '-m', 'pip', 'check'], repo)
-    active = _run([python, '-c', 'from projects_detr_plus import ops; '
-                   "print(ops.active_implementation('cpu'))"], tmp_path)
+    active = _run([
+        python, '-c', 'from projects_detr_plus import ops; '
+        "print(ops.active_implementation('cpu'))"
+    ], tmp_path)
     assert active.strip() == 'compiled'
-    small = ['--cfg-options', 'train_cfg.max_iters=1',
-             'train_dataloader.dataset.num_images=4',
-             'val_dataloader.dataset.num_images=2',
-             'test_dataloader.dataset.num_images=2']
+    small = [
+        '--cfg-options', 'train_cfg.max_iters=1',
+        'train_dataloader.dataset.num_images=4',
+        'val_dataloader.dataset.num_images=2',
+        'test_dataloader.dataset.num_images=2'
+    ]
     # the editable install: mmdet's tools through mim, our configs by path
-    _run([python, '-m', 'mim', 'train', 'mmdet',
-          str(repo / 'configs/shapes/dino-tiny_shapes.py'), '--work-dir',
-          str(tmp_path / 'editable'), *small], tmp_path)
+    _run([
+        python, '-m', 'mim', 'train', 'mmdet',
+        str(repo / 'configs/shapes/dino-tiny_shapes.py'), '--work-dir',
+        str(tmp_path / 'editable'), *small
+    ], tmp_path)
     # a regular install ships .mim/: mim finds our configs and model index
-    _run([python, '-m', 'pip', 'install', '--no-build-isolation',
-          '--no-deps', '.'], repo)
+    _run([
+        python, '-m', 'pip', 'install', '--no-build-isolation', '--no-deps',
+        '.'
+    ], repo)
     _run([python, '-m', 'pip', 'check'], repo)
-    listed = _run([python, '-m', 'mim', 'search', 'projects_detr_plus',
-                   '--valid-config'], tmp_path)
+    listed = _run([
+        python, '-m', 'mim', 'search', 'projects_detr_plus', '--valid-config'
+    ], tmp_path)
     assert 'h-deformable-detr-tiny_shapes' in listed
-    _run([python, '-m', 'mim', 'train', 'projects_detr_plus',
-          'dino-tiny_shapes.py', '--work-dir', str(tmp_path / 'regular'),
-          *small], tmp_path)
+    _run([
+        python, '-m', 'mim', 'train', 'projects_detr_plus',
+        'dino-tiny_shapes.py', '--work-dir',
+        str(tmp_path / 'regular'), *small
+    ], tmp_path)

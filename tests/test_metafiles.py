@@ -7,16 +7,20 @@ import yaml
 from conftest import REPO_ROOT
 
 # partial configs that other configs inherit, not models
-BASES = {'configs/shapes/shapes_runtime.py', 'configs/shapes/tiny_backbone.py',
-         'configs/shapes/co_detr_aux_heads.py',
-         'configs/ddq_fcn/detr_augmentation.py'}
+BASES = {
+    'configs/shapes/shapes_runtime.py', 'configs/shapes/tiny_backbone.py',
+    'configs/shapes/co_detr_aux_heads.py',
+    'configs/ddq_fcn/detr_augmentation.py'
+}
 
 
 def _metafiles():
     with open(osp.join(REPO_ROOT, 'model-index.yml')) as f:
         imports = yaml.safe_load(f)['Import']
-    return {path: yaml.safe_load(open(osp.join(REPO_ROOT, path)))
-            for path in imports}
+    return {
+        path: yaml.safe_load(open(osp.join(REPO_ROOT, path)))
+        for path in imports
+    }
 
 
 def test_every_config_is_listed_once_and_every_entry_exists():
@@ -28,20 +32,21 @@ def test_every_config_is_listed_once_and_every_entry_exists():
             assert model['Name'] == osp.splitext(
                 osp.basename(model['Config']))[0]
             listed.append(model['Config'])
-    shipped = {osp.relpath(p, REPO_ROOT) for p in glob.glob(
-        osp.join(REPO_ROOT, 'configs', '*', '*.py'))} - BASES
+    shipped = {
+        osp.relpath(p, REPO_ROOT)
+        for p in glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))
+    } - BASES
     assert sorted(listed) == sorted(shipped)
     assert sorted(osp.dirname(p) for p in _metafiles()) == sorted(
-        osp.relpath(p, REPO_ROOT) for p in glob.glob(
-            osp.join(REPO_ROOT, 'configs', '*')) if osp.isdir(p)
-        and osp.basename(p) != '__pycache__')
+        osp.relpath(p, REPO_ROOT)
+        for p in glob.glob(osp.join(REPO_ROOT, 'configs', '*'))
+        if osp.isdir(p) and osp.basename(p) != '__pycache__')
 
 
 def test_coco_entries_name_paper_code_and_whose_result():
     collections = {}
     for meta in _metafiles().values():
-        collections.update({c['Name']: c for c in meta.get('Collections',
-                                                           [])})
+        collections.update({c['Name']: c for c in meta.get('Collections', [])})
     for meta in _metafiles().values():
         for model in meta['Models']:
             collection = collections[model['In Collection']]
@@ -62,6 +67,9 @@ def test_mim_reads_the_model_index():
     from mim.commands.search import convert2df
     from modelindex.load_model_index import load
     frame = convert2df(load(osp.join(REPO_ROOT, 'model-index.yml')))
-    listed = {m['Name'] for meta in _metafiles().values()
-              for m in meta['Models']}
+    listed = {
+        m['Name']
+        for meta in _metafiles().values()
+        for m in meta['Models']
+    }
     assert set(frame.index) == listed

@@ -16,8 +16,7 @@ from detr_testing import (build, ddq_cfg, deformable_detr_cfg, dino_cfg,
                           losses_with_seed, make_batch, predict)
 from projects_detr_plus.models.branches import SetPredictions
 from projects_detr_plus.models.branches.ms_detr import MSDETRBranch
-from projects_detr_plus.models.task_modules.o2m_assigner import \
-    MSDETRAssigner
+from projects_detr_plus.models.task_modules.o2m_assigner import MSDETRAssigner
 
 NUM_CLASSES, NUM_QUERIES, NUM_LAYERS, DIMS = 5, 30, 6, 32
 SHAPES = ((96, 128), (80, 112), (64, 64))  # (h, w) per image
@@ -50,19 +49,19 @@ def _problem(seed=0):
             boxes[1] = boxes[0] + 0.01
             labels[1] = (labels[0] + 1) % NUM_CLASSES
         scale = torch.tensor([w, h, w, h], dtype=torch.float)
-        samples.append(DetDataSample(
-            metainfo=dict(img_shape=(h, w)),
-            gt_instances=InstanceData(
-                bboxes=bbox_cxcywh_to_xyxy(boxes) * scale, labels=labels)))
+        samples.append(
+            DetDataSample(
+                metainfo=dict(img_shape=(h, w)),
+                gt_instances=InstanceData(
+                    bboxes=bbox_cxcywh_to_xyxy(boxes) * scale, labels=labels)))
         near.append(boxes[torch.arange(NUM_QUERIES) % count])
-    noise = torch.randn(NUM_LAYERS, len(NUM_GTS), NUM_QUERIES, 4,
-                        generator=gen) * 0.05
+    noise = torch.randn(
+        NUM_LAYERS, len(NUM_GTS), NUM_QUERIES, 4, generator=gen) * 0.05
     tensors = dict(
-        hs=torch.randn(NUM_LAYERS, len(NUM_GTS), NUM_QUERIES, DIMS,
-                       generator=gen),
+        hs=torch.randn(
+            NUM_LAYERS, len(NUM_GTS), NUM_QUERIES, DIMS, generator=gen),
         box=(torch.stack(near) + noise).clamp(0.05, 0.95),
-        weight=torch.randn(NUM_LAYERS, NUM_CLASSES, DIMS, generator=gen) *
-        0.3,
+        weight=torch.randn(NUM_LAYERS, NUM_CLASSES, DIMS, generator=gen) * 0.3,
         bias=torch.randn(NUM_LAYERS, NUM_CLASSES, generator=gen) - 1.0)
     for value in tensors.values():
         value.requires_grad_(True)
@@ -76,17 +75,21 @@ def _targets(samples):
     for s in samples:
         h, w = s.metainfo['img_shape']
         factor = torch.tensor([w, h, w, h], dtype=torch.float)
-        targets.append(dict(
-            boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
-            labels=s.gt_instances.labels))
+        targets.append(
+            dict(
+                boxes=bbox_xyxy_to_cxcywh(s.gt_instances.bboxes / factor),
+                labels=s.gt_instances.labels))
     return targets
 
 
 def _branch(t, assigner=(), **kwargs):
-    branch = MSDETRBranch(NUM_CLASSES, DIMS, NUM_QUERIES,
-                          num_layers=NUM_LAYERS,
-                          assigner=dict(type='MSDETRAssigner',
-                                        **dict(assigner)), **kwargs)
+    branch = MSDETRBranch(
+        NUM_CLASSES,
+        DIMS,
+        NUM_QUERIES,
+        num_layers=NUM_LAYERS,
+        assigner=dict(type='MSDETRAssigner', **dict(assigner)),
+        **kwargs)
     with torch.no_grad():
         for layer, fc in enumerate(branch.cls_branches):
             fc.weight.copy_(t['weight'][layer])
@@ -101,9 +104,11 @@ def _our_losses(samples, t, assigner=(), seed=SEED, **kwargs):
     main = SetPredictions(torch.zeros(0), t['box'], t['hs'], [])
     torch.manual_seed(seed)
     losses = branch.supervise_main(SimpleNamespace(), main, samples)
-    inputs = dict(hs=t['hs'], box=t['box'], weight=[
-        fc.weight for fc in branch.cls_branches], bias=[
-        fc.bias for fc in branch.cls_branches])
+    inputs = dict(
+        hs=t['hs'],
+        box=t['box'],
+        weight=[fc.weight for fc in branch.cls_branches],
+        bias=[fc.bias for fc in branch.cls_branches])
     return losses, inputs
 
 
@@ -113,24 +118,32 @@ def _their_losses(samples, t):
     # o2m_matcher_k=6, focal_alpha 0.25; the one-to-one matcher's costs
     # (set_cost_* 2 / 5 / 2) do not enter the o2m terms
     criterion = detr.SetCriterion(
-        NUM_CLASSES, matcher.HungarianMatcher(2.0, 5.0, 2.0), {},
-        ['labels', 'boxes', 'cardinality'], num_queries=NUM_QUERIES)
-    logits = torch.stack([F.linear(t['hs'][i], t['weight'][i], t['bias'][i])
-                          for i in range(NUM_LAYERS)])
+        NUM_CLASSES,
+        matcher.HungarianMatcher(2.0, 5.0, 2.0), {},
+        ['labels', 'boxes', 'cardinality'],
+        num_queries=NUM_QUERIES)
+    logits = torch.stack([
+        F.linear(t['hs'][i], t['weight'][i], t['bias'][i])
+        for i in range(NUM_LAYERS)
+    ])
 
     def layer(cls, box):
         return dict(pred_logits=cls, pred_boxes=box)
 
-    o2m = dict(layer(logits[-1], t['box'][-1]),
-               aux_outputs=[layer(logits[i], t['box'][i])
-                            for i in range(NUM_LAYERS - 1)])
-    outputs = dict(layer(logits[-1].detach(), t['box'][-1].detach()),
-                   o2m_outputs=o2m)
+    o2m = dict(
+        layer(logits[-1], t['box'][-1]),
+        aux_outputs=[
+            layer(logits[i], t['box'][i]) for i in range(NUM_LAYERS - 1)
+        ])
+    outputs = dict(
+        layer(logits[-1].detach(), t['box'][-1].detach()), o2m_outputs=o2m)
     torch.manual_seed(SEED)
     raw = criterion(outputs, _targets(samples))
-    return {_our_name(key): value * REF_WEIGHTS[_base(key)]
-            for key, value in raw.items()
-            if key.startswith('loss_') and key.endswith('_o2m')}
+    return {
+        _our_name(key): value * REF_WEIGHTS[_base(key)]
+        for key, value in raw.items()
+        if key.startswith('loss_') and key.endswith('_o2m')
+    }
 
 
 def _base(key):
@@ -162,12 +175,14 @@ def test_assignment_equals_the_authors():
     sampled = capped = shared = 0
     for layer in range(NUM_LAYERS):
         with torch.no_grad():
-            logits = torch.stack([F.linear(h, t['weight'][layer],
-                                           t['bias'][layer])
-                                  for h in t['hs'][layer]])
+            logits = torch.stack([
+                F.linear(h, t['weight'][layer], t['bias'][layer])
+                for h in t['hs'][layer]
+            ])
         torch.manual_seed(SEED + layer)
-        expected = theirs(dict(pred_logits=logits,
-                               pred_boxes=t['box'][layer].detach()), targets)
+        expected = theirs(
+            dict(pred_logits=logits, pred_boxes=t['box'][layer].detach()),
+            targets)
         torch.manual_seed(SEED + layer)
         for image, target in enumerate(targets):
             args = (logits[image], t['box'][layer, image], target['boxes'],
@@ -194,18 +209,26 @@ def test_losses_and_gradients_equal_the_authors():
     assert sorted(ours) == sorted(theirs)
     assert len(ours) == 3 * NUM_LAYERS
     for key in ours:
-        torch.testing.assert_close(ours[key].reshape(()),
-                                   theirs[key].reshape(()),
-                                   rtol=RTOL, atol=0, msg=key)
+        torch.testing.assert_close(
+            ours[key].reshape(()),
+            theirs[key].reshape(()),
+            rtol=RTOL,
+            atol=0,
+            msg=key)
     mine = torch.autograd.grad(
         sum(v.sum() for v in ours.values()),
         [inputs['hs'], inputs['box'], *inputs['weight'], *inputs['bias']])
-    grads_ours = dict(hs=mine[0], box=mine[1],
-                      weight=torch.stack(mine[2:2 + NUM_LAYERS]),
-                      bias=torch.stack(mine[2 + NUM_LAYERS:]))
-    grads_theirs = dict(zip(grads_ours, torch.autograd.grad(
-        sum(v.sum() for v in theirs.values()),
-        [again[name] for name in grads_ours])))
+    grads_ours = dict(
+        hs=mine[0],
+        box=mine[1],
+        weight=torch.stack(mine[2:2 + NUM_LAYERS]),
+        bias=torch.stack(mine[2 + NUM_LAYERS:]))
+    grads_theirs = dict(
+        zip(
+            grads_ours,
+            torch.autograd.grad(
+                sum(v.sum() for v in theirs.values()),
+                [again[name] for name in grads_ours])))
     for name, grad in grads_ours.items():
         expected = grads_theirs[name]
         assert (grad - expected).norm() <= \
@@ -213,23 +236,25 @@ def test_losses_and_gradients_equal_the_authors():
 
 
 @needs_reference
-@pytest.mark.parametrize('change',
-                         ['k', 'threshold', 'mix', 'weight', 'seed'])
+@pytest.mark.parametrize('change', ['k', 'threshold', 'mix', 'weight', 'seed'])
 def test_the_comparison_sees_one_changed_detail(change):
     """k 6 -> 5, threshold 0.4 -> 0.5, the score 0.7 / 0.3 -> 0.6 / 0.4,
     the o2m classification weight 2 -> 1 or another seed (the sampling of
     the positives matters here) on our side breaks the equality."""
     samples, tensors = _problem()
-    assigner = dict(k=dict(k=5), threshold=dict(threshold=0.5),
-                    mix=dict(iou_weight=0.6, cls_weight=0.4)).get(change, {})
+    assigner = dict(
+        k=dict(k=5),
+        threshold=dict(threshold=0.5),
+        mix=dict(iou_weight=0.6, cls_weight=0.4)).get(change, {})
     kwargs = dict(loss_cls=dict(type='FocalLoss', use_sigmoid=True,
                                 gamma=2.0, alpha=0.25, loss_weight=1.0)) \
         if change == 'weight' else {}
-    ours, _ = _our_losses(samples, tensors, assigner,
-                          seed=SEED + (change == 'seed'), **kwargs)
+    ours, _ = _our_losses(
+        samples, tensors, assigner, seed=SEED + (change == 'seed'), **kwargs)
     theirs = _their_losses(samples, _copy(tensors))
-    worst = max(float((ours[k] - theirs[k]).abs().max().detach() /
-                      theirs[k].abs().max().detach()) for k in ours)
+    worst = max(
+        float((ours[k] - theirs[k]).abs().max().detach() /
+              theirs[k].abs().max().detach()) for k in ours)
     assert worst > 1e-3
 
 
@@ -239,8 +264,11 @@ MS_DETR = dict(type='MSDETRBranch', num_layers=2)
 def _ddetr_pp(branch=True, **branch_args):
     """A tiny Deformable DETR++ (two-stage, refine, mixed selection, look
     forward twice), with the branch or without."""
-    cfg = deformable_detr_cfg(refine=True, two_stage=True,
-                              mixed_selection=True, look_forward_twice=True)
+    cfg = deformable_detr_cfg(
+        refine=True,
+        two_stage=True,
+        mixed_selection=True,
+        look_forward_twice=True)
     cfg['bbox_head']['loss_cls']['loss_weight'] = 1.0
     if branch:
         cfg['branches'] = [dict(MS_DETR, **branch_args)]
@@ -265,8 +293,7 @@ def _pair(cfg_fn, **branch_args):
     base = build(cfg_fn(branch=False))
     torch.manual_seed(0)
     ours = build(cfg_fn(**branch_args))
-    missing, unexpected = ours.load_state_dict(base.state_dict(),
-                                               strict=False)
+    missing, unexpected = ours.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and missing and all(
         k.startswith('extra_branches.0.cls_branches') for k in missing)
     return ours, base
@@ -276,8 +303,9 @@ O2M_KEYS = sorted([f'o2m_loss_{t}' for t in ('cls', 'bbox', 'iou')] +
                   ['d0.o2m_loss_cls', 'd0.o2m_loss_bbox', 'd0.o2m_loss_iou'])
 
 
-@pytest.mark.parametrize('cfg_fn', [_ddetr_pp, _dino, _ddq],
-                         ids=['deformable-detr-pp', 'dino', 'ddq'])
+@pytest.mark.parametrize(
+    'cfg_fn', [_ddetr_pp, _dino, _ddq],
+    ids=['deformable-detr-pp', 'dino', 'ddq'])
 def test_it_adds_its_keys_and_leaves_every_other_loss(cfg_fn):
     """On two-stage Deformable DETR++, DINO (denoising included) and DDQ:
     the o2m terms of every layer are added, every other loss is
@@ -306,14 +334,14 @@ def test_it_adds_its_keys_and_leaves_every_other_loss(cfg_fn):
     assert ours.bbox_head.cls_branches[0].weight.grad is None
 
 
-@pytest.mark.parametrize('cfg_fn', [_ddetr_pp, _dino],
-                         ids=['deformable-detr-pp', 'dino'])
+@pytest.mark.parametrize(
+    'cfg_fn', [_ddetr_pp, _dino], ids=['deformable-detr-pp', 'dino'])
 def test_inference_is_the_base_models(cfg_fn):
     """Same weights, same predictions: the o2m heads take no part."""
     ours, base = _pair(cfg_fn)
     inputs, samples = make_batch()
-    for a, b in zip(predict(ours, inputs, samples),
-                    predict(base, inputs, samples)):
+    for a, b in zip(
+            predict(ours, inputs, samples), predict(base, inputs, samples)):
         assert torch.equal(a.pred_instances.bboxes, b.pred_instances.bboxes)
         assert torch.equal(a.pred_instances.scores, b.pred_instances.scores)
         assert torch.equal(a.pred_instances.labels, b.pred_instances.labels)
@@ -328,8 +356,7 @@ def test_encoder_loss_weights():
     ours.train(), base.train()
     more = losses_with_seed(ours, inputs, samples)
     plain = losses_with_seed(base, inputs, samples)
-    torch.testing.assert_close(more['enc_loss_cls'],
-                               2 * plain['enc_loss_cls'])
+    torch.testing.assert_close(more['enc_loss_cls'], 2 * plain['enc_loss_cls'])
     for key in ('enc_loss_bbox', 'enc_loss_iou', 'loss_cls', 'd0.loss_cls'):
         torch.testing.assert_close(more[key], plain[key])
 

@@ -10,8 +10,7 @@ from mmdet.registry import MODELS  # noqa: E402
 from projects_detr_plus.models.layers import \
     MultiScaleDeformableAttentionPlus  # noqa: E402
 
-CFG = dict(embed_dims=64, num_heads=4, num_levels=3, num_points=3,
-           dropout=0.0)
+CFG = dict(embed_dims=64, num_heads=4, num_levels=3, num_points=3, dropout=0.0)
 SHAPES = torch.tensor([[6, 5], [3, 3], [1, 2]])
 STARTS = torch.tensor([0, 30, 39])
 NUM_KEYS = 41
@@ -39,16 +38,20 @@ def make_inputs(batch_first, ref_dim, bs=2, num_query=7, seed=1):
     value = torch.randn(bs, NUM_KEYS, embed, generator=gen)
     if not batch_first:
         query, value = query.transpose(0, 1), value.transpose(0, 1)
-    reference_points = torch.rand(bs, num_query, CFG['num_levels'], ref_dim,
-                                  generator=gen)
+    reference_points = torch.rand(
+        bs, num_query, CFG['num_levels'], ref_dim, generator=gen)
     if ref_dim == 4:
         reference_points[..., 2:] *= 0.5
     mask = torch.zeros(bs, NUM_KEYS, dtype=torch.bool)
     mask[0, -5:] = True
-    return dict(query=query, value=value,
-                query_pos=torch.randn(query.shape, generator=gen),
-                key_padding_mask=mask, reference_points=reference_points,
-                spatial_shapes=SHAPES, level_start_index=STARTS)
+    return dict(
+        query=query,
+        value=value,
+        query_pos=torch.randn(query.shape, generator=gen),
+        key_padding_mask=mask,
+        reference_points=reference_points,
+        spatial_shapes=SHAPES,
+        level_start_index=STARTS)
 
 
 def test_registered_without_collision():
@@ -56,8 +59,8 @@ def test_registered_without_collision():
         MultiScaleDeformableAttentionPlus
     assert MODELS.get('MultiScaleDeformableAttention') is \
         mmcv_msda.MultiScaleDeformableAttention
-    module = MODELS.build(dict(type='MultiScaleDeformableAttentionPlus',
-                               **CFG))
+    module = MODELS.build(
+        dict(type='MultiScaleDeformableAttentionPlus', **CFG))
     assert module.impl == 'ours'
 
 
@@ -92,8 +95,8 @@ def test_matches_mmcv_module(impl, batch_first, ref_dim):
     got.square().sum().backward()
     ref_grads = dict(ref.named_parameters())
     for name, param in ours.named_parameters():
-        torch.testing.assert_close(param.grad, ref_grads[name].grad,
-                                   rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            param.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_identity_and_value_defaults():
@@ -101,8 +104,8 @@ def test_identity_and_value_defaults():
     inputs = make_inputs(False, 2, num_query=NUM_KEYS)
     inputs.pop('value')
     inputs['identity'] = torch.randn_like(inputs['query'])
-    torch.testing.assert_close(ours(**inputs), ref(**inputs), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        ours(**inputs), ref(**inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_reference_points():

@@ -48,8 +48,15 @@ def _clean_state(monkeypatch):
     msda._state['forced'] = previous
 
 
-def make_inputs(shapes, bs=2, nq=5, nh=2, dims=4, npts=2,
-                dtype=torch.float64, seed=0, spread=(-0.15, 1.15)):
+def make_inputs(shapes,
+                bs=2,
+                nq=5,
+                nh=2,
+                dims=4,
+                npts=2,
+                dtype=torch.float64,
+                seed=0,
+                spread=(-0.15, 1.15)):
     """Random op inputs; locations in ``spread`` (outside [0, 1] too)."""
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(shapes, dtype=torch.long).view(-1, 2)
@@ -71,7 +78,7 @@ def run(fn, value, shapes, starts, loc, attn, seed=1):
     gen = torch.Generator().manual_seed(seed)
     grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    return (out.detach(),) + tuple(grads)
+    return (out.detach(), ) + tuple(grads)
 
 
 def ours(value, shapes, starts, loc, attn):
@@ -117,8 +124,8 @@ SHAPE_CASES = [
 @pytest.mark.parametrize('shapes,nh,dims,npts', SHAPE_CASES)
 def test_compiled_matches_pytorch_path(compiled, shapes, nh, dims, npts,
                                        dtype):
-    args = make_inputs(shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts,
-                       dtype=dtype)
+    args = make_inputs(
+        shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts, dtype=dtype)
     got = run(ours, *args)
     with ops.force_pytorch():
         forced = run(ours, *args)
@@ -131,8 +138,8 @@ def test_compiled_matches_pytorch_path(compiled, shapes, nh, dims, npts,
 @pytest.mark.parametrize('impl', ['auto', 'pytorch'])
 def test_matches_mmcv(shapes, nh, dims, npts, dtype, impl):
     pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
-    args = make_inputs(shapes, bs=2, nq=6, nh=nh, dims=dims, npts=npts,
-                       dtype=dtype, seed=3)
+    args = make_inputs(
+        shapes, bs=2, nq=6, nh=nh, dims=dims, npts=npts, dtype=dtype, seed=3)
     with ops.force_pytorch(impl == 'pytorch'):
         got = run(ours, *args)
     assert_all_close(got, run(mmcv_reference, *args), dtype)
@@ -140,12 +147,14 @@ def test_matches_mmcv(shapes, nh, dims, npts, dtype, impl):
 
 def test_far_outside_and_edges(compiled):
     """Points far away, exactly on borders and at -1/W pixel edges."""
-    value, shapes, starts, _, attn = make_inputs([(4, 6), (3, 2)], nq=8,
+    value, shapes, starts, _, attn = make_inputs([(4, 6), (3, 2)],
+                                                 nq=8,
                                                  npts=3)
     # (not exactly at x == -1 or x == W, where the gradient jumps and
     # rounding decides the side)
-    edges = torch.tensor([-1e6, -0.5, -0.07, 0.0, 1 / 12, 0.5, 1.0, 1.07,
-                          1.25, 1e6], dtype=torch.float64)
+    edges = torch.tensor(
+        [-1e6, -0.5, -0.07, 0.0, 1 / 12, 0.5, 1.0, 1.07, 1.25, 1e6],
+        dtype=torch.float64)
     gen = torch.Generator().manual_seed(5)
     idx = torch.randint(len(edges), (2, 8, 2, 2, 3, 2), generator=gen)
     loc = edges[idx]
@@ -156,24 +165,33 @@ def test_far_outside_and_edges(compiled):
 
 def test_realistic_dino_like_shape(compiled):
     """A scaled-down encoder shape in float32."""
-    args = make_inputs([(16, 16), (8, 8), (4, 4), (2, 2)], bs=2, nq=340,
-                       nh=8, dims=32, npts=4, dtype=torch.float32, seed=7)
+    args = make_inputs([(16, 16), (8, 8), (4, 4), (2, 2)],
+                       bs=2,
+                       nq=340,
+                       nh=8,
+                       dims=32,
+                       npts=4,
+                       dtype=torch.float32,
+                       seed=7)
     assert_all_close(run(ours, *args), run(reference, *args), torch.float32)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_against_pytorch_path(compiled, data):
     nl = data.draw(st.integers(1, 4), label='levels')
     shapes = [(data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6)))
               for _ in range(nl)]
     args = make_inputs(
-        shapes, bs=data.draw(st.integers(1, 3), label='bs'),
+        shapes,
+        bs=data.draw(st.integers(1, 3), label='bs'),
         nq=data.draw(st.integers(0, 9), label='nq'),
         nh=data.draw(st.integers(1, 4), label='heads'),
-        dims=data.draw(st.sampled_from([1, 2, 3, 5, 8, 16, 17, 32]),
-                       label='dims'),
+        dims=data.draw(
+            st.sampled_from([1, 2, 3, 5, 8, 16, 17, 32]), label='dims'),
         npts=data.draw(st.integers(1, 5), label='points'),
         seed=data.draw(st.integers(0, 2**16), label='seed'))
     assert_all_close(run(ours, *args), run(reference, *args), torch.float64)
@@ -184,20 +202,30 @@ def test_fuzz_against_pytorch_path(compiled, data):
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize('impl', ['auto', 'pytorch'])
 def test_gradcheck_fp64(impl):
-    value, shapes, starts, loc, attn = make_inputs(
-        [(3, 4), (2, 2), (1, 1)], bs=2, nq=3, nh=2, dims=3, npts=2,
-        spread=(0.02, 0.98))
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2), (1, 1)],
+                                                   bs=2,
+                                                   nq=3,
+                                                   nh=2,
+                                                   dims=3,
+                                                   npts=2,
+                                                   spread=(0.02, 0.98))
     leaves = [t.requires_grad_() for t in (value, loc, attn)]
     with ops.force_pytorch(impl == 'pytorch'):
         assert torch.autograd.gradcheck(
-            lambda v, l, a: ours(v, shapes, starts, l, a), leaves,
-            eps=1e-6, atol=1e-6)
+            lambda v, p, a: ours(v, shapes, starts, p, a),
+            leaves,
+            eps=1e-6,
+            atol=1e-6)
 
 
 def opcheck_args():
-    value, shapes, starts, loc, attn = make_inputs(
-        [(3, 4), (2, 2)], bs=2, nq=3, nh=2, dims=4, npts=2,
-        dtype=torch.float32)
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2)],
+                                                   bs=2,
+                                                   nq=3,
+                                                   nh=2,
+                                                   dims=4,
+                                                   npts=2,
+                                                   dtype=torch.float32)
     return (value.requires_grad_(), shapes, starts, loc.requires_grad_(),
             attn.requires_grad_())
 
@@ -206,8 +234,7 @@ def opcheck_args():
 def test_opcheck(impl):
     with ops.force_pytorch(impl == 'pytorch'):
         torch.library.opcheck(OP, opcheck_args())
-        value, shapes, starts, loc, attn = (t.detach() for t in
-                                            opcheck_args())
+        value, shapes, starts, loc, attn = (t.detach() for t in opcheck_args())
         grad = torch.randn(2, 3, 8)
         torch.library.opcheck(
             torch.ops.detr_plus.ms_deform_attn_backward.default,
@@ -215,12 +242,16 @@ def test_opcheck(impl):
 
 
 def test_torch_compile_fullgraph():
-    value, shapes, starts, loc, attn = make_inputs(
-        [(4, 5), (2, 3)], bs=2, nq=6, nh=2, dims=8, npts=2,
-        dtype=torch.float32)
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 3)],
+                                                   bs=2,
+                                                   nq=6,
+                                                   nh=2,
+                                                   dims=8,
+                                                   npts=2,
+                                                   dtype=torch.float32)
 
-    def fn(v, l, a):
-        return (ours(v, shapes, starts, l, a) * 2).sum()
+    def fn(v, p, a):
+        return (ours(v, shapes, starts, p, a) * 2).sum()
 
     compiled_fn = torch.compile(fn, fullgraph=True, backend='aot_eager')
     leaves = [t.requires_grad_() for t in (value, loc, attn)]
@@ -232,16 +263,20 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.slow
 def test_torch_compile_inductor():
-    value, shapes, starts, loc, attn = make_inputs(
-        [(4, 5), (2, 3)], bs=2, nq=6, nh=2, dims=8, npts=2,
-        dtype=torch.float32)
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 3)],
+                                                   bs=2,
+                                                   nq=6,
+                                                   nh=2,
+                                                   dims=8,
+                                                   npts=2,
+                                                   dtype=torch.float32)
 
-    def fn(v, l, a):
-        return ours(v.relu(), shapes, starts, l, a).sum(-1)
+    def fn(v, p, a):
+        return ours(v.relu(), shapes, starts, p, a).sum(-1)
 
     compiled_fn = torch.compile(fn, fullgraph=True)
-    torch.testing.assert_close(compiled_fn(value, loc, attn),
-                               fn(value, loc, attn))
+    torch.testing.assert_close(
+        compiled_fn(value, loc, attn), fn(value, loc, attn))
 
 
 def test_torch_export():
@@ -251,7 +286,11 @@ def test_torch_export():
         def forward(self, value, shapes, starts, loc, attn):
             return ours(value, shapes, starts, loc, attn)
 
-    args = make_inputs([(4, 5), (2, 3)], bs=2, nq=6, nh=2, dims=8,
+    args = make_inputs([(4, 5), (2, 3)],
+                       bs=2,
+                       nq=6,
+                       nh=2,
+                       dims=8,
                        dtype=torch.float32)
     exported = torch.export.export(Attend(), args)
     assert 'detr_plus.ms_deform_attn' in str(exported.graph)
@@ -262,11 +301,13 @@ def test_torch_export():
 # layouts, dtypes, sizes
 # --------------------------------------------------------------------------
 def test_non_contiguous_inputs():
-    value, shapes, starts, loc, attn = make_inputs([(3, 5), (2, 2)], nq=6,
-                                                   nh=3, dims=5)
+    value, shapes, starts, loc, attn = make_inputs([(3, 5), (2, 2)],
+                                                   nq=6,
+                                                   nh=3,
+                                                   dims=5)
     value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
-    loc_nc = loc.permute(5, 0, 1, 2, 3, 4).contiguous().permute(
-        1, 2, 3, 4, 5, 0)
+    loc_nc = loc.permute(5, 0, 1, 2, 3,
+                         4).contiguous().permute(1, 2, 3, 4, 5, 0)
     attn_nc = attn.flip(0).contiguous().flip(0)[::1]
     shapes_nc = shapes.t().contiguous().t()
     assert not value_nc.is_contiguous() and not loc_nc.is_contiguous()
@@ -296,13 +337,14 @@ def test_int32_index_tensors():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_16bit_value_on_cpu(dtype):
     """16-bit values run in float32 and return the value's dtype."""
-    value, shapes, starts, loc, attn = make_inputs(
-        [(4, 4), (2, 2)], nq=6, dims=8, dtype=torch.float32)
+    value, shapes, starts, loc, attn = make_inputs([(4, 4), (2, 2)],
+                                                   nq=6,
+                                                   dims=8,
+                                                   dtype=torch.float32)
     want = ours(value.to(dtype).float(), shapes, starts, loc, attn)
     for loc_attn_dtype in (torch.float32, dtype):
         out, gv, gl, ga = run(ours, value.to(dtype), shapes, starts,
-                              loc.to(loc_attn_dtype),
-                              attn.to(loc_attn_dtype))
+                              loc.to(loc_attn_dtype), attn.to(loc_attn_dtype))
         assert out.dtype == gv.dtype == dtype
         assert gl.dtype == ga.dtype == loc_attn_dtype
         tol = 1e-2 if loc_attn_dtype == torch.float32 else 5e-2
@@ -313,8 +355,12 @@ def test_cpu_bf16_autocast():
     """A module-like pipeline under CPU bf16 autocast: no crash, close."""
     torch.manual_seed(0)
     proj = torch.nn.Linear(16, 16)
-    value_in, shapes, starts, loc, attn = make_inputs(
-        [(4, 4), (2, 2)], nq=6, nh=2, dims=8, npts=2, dtype=torch.float32)
+    value_in, shapes, starts, loc, attn = make_inputs([(4, 4), (2, 2)],
+                                                      nq=6,
+                                                      nh=2,
+                                                      dims=8,
+                                                      npts=2,
+                                                      dtype=torch.float32)
     x = torch.randn(2, 20, 16)
 
     def pipeline():
@@ -336,8 +382,12 @@ def test_cpu_bf16_autocast():
 # --------------------------------------------------------------------------
 def _bad(name):
     value, shapes, starts, loc, attn = make_inputs([(3, 2), (2, 2)], nq=4)
-    args = dict(value=value, spatial_shapes=shapes, level_start_index=starts,
-                sampling_locations=loc, attention_weights=attn)
+    args = dict(
+        value=value,
+        spatial_shapes=shapes,
+        level_start_index=starts,
+        sampling_locations=loc,
+        attention_weights=attn)
     if name == 'keys':
         args['value'] = value[:, :-1]
     elif name == 'last_dim':
@@ -377,14 +427,21 @@ def _bad(name):
 
 
 ERROR_CASES = {
-    'keys': 'num_keys', 'last_dim': 'sampling_locations',
-    'value_ndim': 'value', 'loc_ndim': 'sampling_locations',
-    'attn_shape': 'attention_weights', 'heads': 'sampling_locations',
+    'keys': 'num_keys',
+    'last_dim': 'sampling_locations',
+    'value_ndim': 'value',
+    'loc_ndim': 'sampling_locations',
+    'attn_shape': 'attention_weights',
+    'heads': 'sampling_locations',
     'levels': 'level_start_index|sampling_locations',
-    'batch': 'sampling_locations', 'dtype': 'sampling_locations',
-    'attn_dtype': 'attention_weights', 'shapes_dtype': 'spatial_shapes',
-    'shapes_cols': 'spatial_shapes', 'start_index': 'level_start_index',
-    'start_len': 'level_start_index', 'negative': 'spatial_shapes',
+    'batch': 'sampling_locations',
+    'dtype': 'sampling_locations',
+    'attn_dtype': 'attention_weights',
+    'shapes_dtype': 'spatial_shapes',
+    'shapes_cols': 'spatial_shapes',
+    'start_index': 'level_start_index',
+    'start_len': 'level_start_index',
+    'negative': 'spatial_shapes',
     'device': 'attention_weights',
 }
 
@@ -426,8 +483,13 @@ def deterministic():
 def test_deterministic_backward_bitwise(compiled, deterministic):
     """Many queries hit the same keys; grad bits repeat run to run and
     across thread counts (each grad_value element has one owner)."""
-    args = make_inputs([(8, 8), (4, 4), (2, 2)], bs=2, nq=400, nh=4,
-                       dims=32, npts=4, dtype=torch.float32,
+    args = make_inputs([(8, 8), (4, 4), (2, 2)],
+                       bs=2,
+                       nq=400,
+                       nh=4,
+                       dims=32,
+                       npts=4,
+                       dtype=torch.float32,
                        spread=(0.3, 0.6))
     results = []
     for threads in (2, 2, 1):
@@ -444,8 +506,10 @@ def test_deterministic_backward_bitwise(compiled, deterministic):
 @pytest.fixture
 def fresh_selection():
     """Forget the self-test results and warnings; restore afterwards."""
-    saved = {k: (set(v) if isinstance(v, set) else dict(v))
-             for k, v in msda._state.items() if k in ('warned', 'selftest')}
+    saved = {
+        k: (set(v) if isinstance(v, set) else dict(v))
+        for k, v in msda._state.items() if k in ('warned', 'selftest')
+    }
     msda._state['warned'].clear()
     msda._state['selftest'].clear()
     yield
@@ -491,13 +555,11 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch,
         ours(*args)
 
 
-def test_broken_extension_is_detected(compiled, monkeypatch,
-                                      fresh_selection):
+def test_broken_extension_is_detected(compiled, monkeypatch, fresh_selection):
     """A kernel returning zeros fails the self-test: warn, use PyTorch."""
-    monkeypatch.setattr(msda, '_compiled_forward',
-                        lambda value, *a: value.new_zeros(
-                            value.shape[0], a[2].shape[1],
-                            value.shape[2] * value.shape[3]))
+    monkeypatch.setattr(
+        msda, '_compiled_forward', lambda value, *a: value.new_zeros(
+            value.shape[0], a[2].shape[1], value.shape[2] * value.shape[3]))
     args = make_inputs([(3, 2), (2, 2)], nq=4)
     with pytest.warns(RuntimeWarning, match='self-test'):
         out = ours(*args)
@@ -535,19 +597,20 @@ class FakeMmcvExt:
                                im2col_step):
         self._check([value, loc, attn], shapes, starts, im2col_step)
         self.calls.append(('forward', value.dtype, im2col_step))
-        return msda.multi_scale_deformable_attn_pytorch(value, shapes, loc,
-                                                        attn)
+        return msda.multi_scale_deformable_attn_pytorch(
+            value, shapes, loc, attn)
 
     def ms_deform_attn_backward(self, value, shapes, starts, loc, attn,
                                 grad_output, grad_value, grad_loc, grad_attn,
                                 im2col_step):
-        self._check([value, loc, attn, grad_output, grad_value, grad_loc,
-                     grad_attn], shapes, starts, im2col_step)
+        self._check(
+            [value, loc, attn, grad_output, grad_value, grad_loc, grad_attn],
+            shapes, starts, im2col_step)
         self.calls.append(('backward', value.dtype, im2col_step))
         with msda.force_pytorch():
-            grads = msda._pytorch_backward(
-                grad_output, value, [tuple(s) for s in shapes.tolist()], loc,
-                attn)
+            grads = msda._pytorch_backward(grad_output, value,
+                                           [tuple(s) for s in shapes.tolist()],
+                                           loc, attn)
         for out, grad in zip((grad_value, grad_loc, grad_attn), grads):
             out += grad
 
@@ -565,21 +628,22 @@ def test_mmcv_im2col_step_divides_the_batch(batch, step):
     assert msda._mmcv_im2col_step(batch) == step
 
 
-@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
-                                   torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    'dtype', [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_mmcv_wrappers_match_reference(fake_mmcv, dtype):
     """16-bit values go to mmcv in float32 (bf16 works, fp16 accumulates in
     float32); results come back in the caller's dtypes."""
-    value, shapes, starts, loc, attn = make_inputs([(4, 3), (2, 2)], bs=3,
-                                                   nq=4, dims=8)
+    value, shapes, starts, loc, attn = make_inputs([(4, 3), (2, 2)],
+                                                   bs=3,
+                                                   nq=4,
+                                                   dims=8)
     value = value.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     loc32, attn32 = loc.float(), attn.float()
     if dtype == torch.float64:
         loc32, attn32 = loc, attn
     out = msda._mmcv_forward(value, shapes, starts, loc32, attn32)
     ct = msda._compute_dtype(dtype)
-    want = reference(value.to(ct), shapes, starts, loc32.to(ct),
-                     attn32.to(ct))
+    want = reference(value.to(ct), shapes, starts, loc32.to(ct), attn32.to(ct))
     assert out.dtype == dtype
     torch.testing.assert_close(out.to(ct), want.to(dtype).to(ct))
     grad = torch.randn(out.shape, dtype=torch.float64).to(dtype)
@@ -615,8 +679,10 @@ def test_op_falls_back_to_mmcv_with_one_warning(fake_mmcv, monkeypatch,
                         lambda device: 'simulated broken kernel')
     monkeypatch.setattr(msda, '_fallback', lambda device: 'mmcv')
     args = make_inputs([(5, 4), (2, 3)], bs=2, nq=6, nh=2, dims=4)
-    with pytest.warns(RuntimeWarning, match=r"simulated broken kernel.*"
-                      r"falling back to mmcv's CUDA kernel"):
+    with pytest.warns(
+            RuntimeWarning,
+            match=r"simulated broken kernel.*"
+            r"falling back to mmcv's CUDA kernel"):
         got = run(ours, *args)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -643,8 +709,8 @@ def test_mmcv_fallback_needs_a_working_mmcv_kernel(monkeypatch,
         step: value.new_zeros(value.shape[0], loc.shape[1],
                               value.shape[2] * value.shape[3])
     monkeypatch.setattr(msda, '_mmcv_ext', lambda: ext)
-    assert 'self-test' in msda._selftest(torch.device('cpu'),
-                                         msda._mmcv_forward)
+    assert 'self-test' in msda._selftest(
+        torch.device('cpu'), msda._mmcv_forward)
     assert msda._selftest(torch.device('cpu'), msda._mmcv_forward) is not None
     monkeypatch.setattr(msda, '_mmcv_ext', lambda: FakeMmcvExt())
     assert msda._selftest(torch.device('cpu'), msda._mmcv_forward) is None
@@ -673,7 +739,7 @@ def test_eager_calls_skip_the_library_dispatch(compiled):
     def through_library(value, shapes, starts, loc, attn):
         return OP(value, shapes, starts, loc, attn)
 
-    assert_all_close(run(ours, *args), run(through_library, *args),
-                     torch.float64)
+    assert_all_close(
+        run(ours, *args), run(through_library, *args), torch.float64)
     graph = make_fx(ours)(*args).graph
     assert OP in [node.target for node in graph.nodes]

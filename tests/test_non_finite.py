@@ -43,14 +43,17 @@ class InjectNaN(Hook):
 
         model.loss = poisoned_loss
         dict(model.named_parameters())[PARAMETER].register_hook(
-            lambda grad: grad * math.nan if self._now(runner)
-            and self.into == 'gradient' else grad)
+            lambda grad: grad * math.nan
+            if self._now(runner) and self.into == 'gradient' else grad)
         self.weights[0] = _parameters(model)
 
     def _now(self, runner):
         return runner.iter + 1 in self.iterations
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         self.weights[runner.iter + 1] = _parameters(runner.model)
 
@@ -62,18 +65,20 @@ def _train(tmp_path, monkeypatch, injector, iters=4, **guard):
         'work_dir': str(tmp_path / 'work'),
         'train_dataloader.batch_size': 2,
         'train_dataloader.dataset.num_images': 12,
-        'train_cfg.max_iters': iters, 'train_cfg.val_interval': 100,
+        'train_cfg.max_iters': iters,
+        'train_cfg.val_interval': 100,
         'default_hooks.checkpoint.interval': 2,
         'default_hooks.logger.interval': 1,
     })
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-    cfg.custom_hooks = [h for h in cfg.custom_hooks
-                        if h['type'] != 'NonFiniteGuardHook']
+    cfg.custom_hooks = [
+        h for h in cfg.custom_hooks if h['type'] != 'NonFiniteGuardHook'
+    ]
     cfg.custom_hooks.append(dict(type='NonFiniteGuardHook', **guard))
     runner = Runner.from_cfg(cfg)
     runner.register_hook(injector)
-    guard_hook = next(h for h in runner.hooks
-                      if isinstance(h, NonFiniteGuardHook))
+    guard_hook = next(
+        h for h in runner.hooks if isinstance(h, NonFiniteGuardHook))
     return runner, guard_hook
 
 
@@ -134,8 +139,10 @@ def test_raise_stops_with_the_terms_iteration_and_checkpoint(
 def test_more_skips_than_the_limit_stop(tmp_path, monkeypatch):
     injector = InjectNaN([2, 3])
     runner, guard = _train(tmp_path, monkeypatch, injector, max_skips=1)
-    with pytest.raises(NonFiniteTrainingError, match='2 steps skipped, '
-                       'more than max_skips=1'):
+    with pytest.raises(
+            NonFiniteTrainingError,
+            match='2 steps skipped, '
+            'more than max_skips=1'):
         runner.train()
     assert guard.skipped == 2
     assert _same(injector.weights[1], _parameters(runner.model))

@@ -8,8 +8,8 @@ from mmdet.registry import TASK_UTILS
 from mmengine.structures import InstanceData
 
 import projects_detr_plus.models.task_modules  # noqa: F401  (registration)
-from projects_detr_plus.models.task_modules import OneToOneAssigner
-from projects_detr_plus.models.task_modules import one_to_one_assigner
+from projects_detr_plus.models.task_modules import (OneToOneAssigner,
+                                                    one_to_one_assigner)
 
 NUM_CLASSES = 6
 DINO_COSTS = [
@@ -75,10 +75,12 @@ def _brute_force_min(cost):
     """Minimum total of an injective matching of the smaller side."""
     q, g = len(cost), len(cost[0])
     if q >= g:
-        return min(sum(cost[r][c] for c, r in enumerate(rows))
-                   for rows in itertools.permutations(range(q), g))
-    return min(sum(cost[r][c] for r, c in enumerate(cols))
-               for cols in itertools.permutations(range(g), q))
+        return min(
+            sum(cost[r][c] for c, r in enumerate(rows))
+            for rows in itertools.permutations(range(q), g))
+    return min(
+        sum(cost[r][c] for r, c in enumerate(cols))
+        for cols in itertools.permutations(range(g), q))
 
 
 @pytest.mark.parametrize('seed', range(6))
@@ -93,8 +95,8 @@ def test_assignment_is_optimal(seed):
         ours = cost[pos, result.gt_inds[pos] - 1].sum().item()
         assert len(pos) == min(num_preds, num_gts)
         assert result.gt_inds[pos].unique().numel() == len(pos)
-        assert ours == pytest.approx(_brute_force_min(cost.tolist()),
-                                     rel=1e-6, abs=1e-6)
+        assert ours == pytest.approx(
+            _brute_force_min(cost.tolist()), rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize('costs', [DINO_COSTS, DETR_COSTS])
@@ -119,8 +121,8 @@ def test_batch_cost_blocks_match_per_image_costs():
     for block, p, g, m in zip(blocks, preds, gts, metas):
         expected = assigner._total_cost(p, g, m).numpy()
         assert block.shape == expected.shape
-        assert torch.allclose(torch.from_numpy(block),
-                              torch.from_numpy(expected), atol=1e-5)
+        assert torch.allclose(
+            torch.from_numpy(block), torch.from_numpy(expected), atol=1e-5)
 
 
 def _no_scipy(*args, **kwargs):
@@ -132,8 +134,10 @@ def test_empty_gt_all_negative_without_scipy(monkeypatch):
                         _no_scipy)
     assigner = OneToOneAssigner(DINO_COSTS)
     preds, gts, metas = _batch(0, [0, 0], num_preds=7)
-    for result in [assigner.assign(preds[0], gts[0], metas[0]),
-                   *assigner.assign_batch(preds, gts, metas)]:
+    for result in [
+            assigner.assign(preds[0], gts[0], metas[0]),
+            *assigner.assign_batch(preds, gts, metas)
+    ]:
         assert result.num_gts == 0
         assert torch.equal(result.gt_inds, torch.zeros(7, dtype=torch.long))
         assert torch.equal(result.labels, torch.full((7, ), -1))
@@ -145,8 +149,10 @@ def test_zero_predictions(monkeypatch):
     assigner = OneToOneAssigner(DINO_COSTS)
     preds, gts, metas = _batch(1, [3, 0], num_preds=0)
     expected = HungarianAssigner(DINO_COSTS).assign(preds[0], gts[0], metas[0])
-    for result in [assigner.assign(preds[0], gts[0], metas[0]),
-                   *assigner.assign_batch(preds, gts, metas)]:
+    for result in [
+            assigner.assign(preds[0], gts[0], metas[0]),
+            *assigner.assign_batch(preds, gts, metas)
+    ]:
         assert result.gt_inds.shape == result.labels.shape == (0, )
     result = assigner.assign(preds[0], gts[0], metas[0])
     assert result.num_gts == expected.num_gts == 3
@@ -180,8 +186,8 @@ def test_built_from_registry_is_ours():
     assigner = TASK_UTILS.build(cfg)
     assert type(assigner) is OneToOneAssigner
     assert TASK_UTILS.get('HungarianAssigner') is HungarianAssigner
-    single = TASK_UTILS.build(dict(type='OneToOneAssigner',
-                                   match_costs=DINO_COSTS[0]))
+    single = TASK_UTILS.build(
+        dict(type='OneToOneAssigner', match_costs=DINO_COSTS[0]))
     assert len(single.match_costs) == 1
 
 
@@ -191,15 +197,18 @@ def test_detr_head_targets_equal_with_hungarian_assigner():
     def targets(assigner_type):
         torch.manual_seed(0)
         head = DETRHead(
-            num_classes=NUM_CLASSES, embed_dims=16,
-            loss_cls=dict(type='CrossEntropyLoss', bg_cls_weight=0.1,
-                          use_sigmoid=False, class_weight=1.0),
-            train_cfg=dict(assigner=dict(type=assigner_type,
-                                         match_costs=DETR_COSTS)))
+            num_classes=NUM_CLASSES,
+            embed_dims=16,
+            loss_cls=dict(
+                type='CrossEntropyLoss',
+                bg_cls_weight=0.1,
+                use_sigmoid=False,
+                class_weight=1.0),
+            train_cfg=dict(
+                assigner=dict(type=assigner_type, match_costs=DETR_COSTS)))
         gen = torch.Generator().manual_seed(11)
         _, gts, metas = _batch(11, [4, 0, 9])
-        scores = [torch.randn(10, NUM_CLASSES + 1, generator=gen)
-                  for _ in gts]
+        scores = [torch.randn(10, NUM_CLASSES + 1, generator=gen) for _ in gts]
         boxes = [torch.rand(10, 4, generator=gen) * 0.5 + 0.1 for _ in gts]
         return head.get_targets(scores, boxes, gts, metas)
 

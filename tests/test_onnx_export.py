@@ -26,9 +26,8 @@ from mmengine.config import Config
 from conftest import REPO_ROOT, run_tool
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_msda_op import SHAPE_CASES, make_inputs  # noqa: E402
-
 import projects_detr_plus.ops as ops  # noqa: E402
+from test_msda_op import SHAPE_CASES, make_inputs  # noqa: E402
 
 SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
 # what the exporter takes: the DETRs, DDQ FCN and DDQ R-CNN (not mmdet's
@@ -63,8 +62,9 @@ def _coco_configs():
 
 
 def _deploy_available():
-    return all(importlib.util.find_spec(name) is not None
-               for name in ('onnx', 'onnxruntime', 'onnxscript'))
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ('onnx', 'onnxruntime', 'onnxscript'))
 
 
 @pytest.fixture(scope='module')
@@ -93,8 +93,7 @@ def random_batch(shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def assert_same_detections(model, session, shape, seed=0,
-                           near_ties=0):
+def assert_same_detections(model, session, shape, seed=0, near_ties=0):
     """ONNX Runtime and PyTorch predict on one random batch of ``shape``;
     returns the number of valid detections per image. ``near_ties``: how
     many PyTorch detections of an image may lack an exported twin (a query
@@ -112,17 +111,22 @@ def assert_same_detections(model, session, shape, seed=0,
     for image, (d, l, ref) in enumerate(zip(dets, labels, refs)):
         # float32 noise grows with the coordinate: random weights put boxes
         # up to 10x the image size away (1.5e-5 relative seen at x=1224)
-        report = match_detections(d, l, ref.bboxes.numpy(),
-                                  ref.scores.numpy(), ref.labels.numpy(),
-                                  score_atol=1e-4,
-                                  box_atol=1e-4 * max(shape[-2:]),
-                                  box_rtol=1e-4)
-        unmatched = [p for p in report['problems']
-                     if p.startswith('no match')]
+        report = match_detections(
+            d,
+            l,
+            ref.bboxes.numpy(),
+            ref.scores.numpy(),
+            ref.labels.numpy(),
+            score_atol=1e-4,
+            box_atol=1e-4 * max(shape[-2:]),
+            box_rtol=1e-4)
+        unmatched = [p for p in report['problems'] if p.startswith('no match')]
         # a swap also shifts the sorted score lists by the swapped scores
         swapped = ('sorted scores differ', ) if near_ties else ()
-        others = [p for p in report['problems'] if p not in unmatched and
-                  not p.startswith(swapped)]
+        others = [
+            p for p in report['problems']
+            if p not in unmatched and not p.startswith(swapped)
+        ]
         assert not others, f'image {image}: {others[:5]}'
         assert len(unmatched) <= near_ties, f'image {image}: {unmatched[:5]}'
         assert report['matched'] >= len(ref.scores) - 2 - near_ties
@@ -130,17 +134,23 @@ def assert_same_detections(model, session, shape, seed=0,
     return counts
 
 
-def export_and_compare(deploy, model, tmp_path, sizes, export_shape=(2, 3,
-                                                                     128,
-                                                                     128),
-                       seeds=None, near_ties=0, dynamic_size=True):
+def export_and_compare(deploy,
+                       model,
+                       tmp_path,
+                       sizes,
+                       export_shape=(2, 3, 128, 128),
+                       seeds=None,
+                       near_ties=0,
+                       dynamic_size=True):
     out = str(tmp_path / 'model.onnx')
-    deploy.export_onnx(model, out, input_shape=export_shape,
-                       dynamic_size=dynamic_size)
+    deploy.export_onnx(
+        model, out, input_shape=export_shape, dynamic_size=dynamic_size)
     session = deploy.OnnxDetector(out)
     seeds = seeds or range(len(sizes))
-    return [assert_same_detections(model, session, shape, seed, near_ties)
-            for seed, shape in zip(seeds, sizes)]
+    return [
+        assert_same_detections(model, session, shape, seed, near_ties)
+        for seed, shape in zip(seeds, sizes)
+    ]
 
 
 def selection_margin(model, inputs):
@@ -157,8 +167,9 @@ def selection_margin(model, inputs):
         dim = args[1] if len(args) > 1 else kwargs.get('dim', -1)
         if n == k and scores.shape[dim] > k:
             ranked = scores.sort(dim=dim, descending=True).values
-            gaps.append(float((ranked.narrow(dim, k - 1, 1) -
-                               ranked.narrow(dim, k, 1)).min()))
+            gaps.append(
+                float((ranked.narrow(dim, k - 1, 1) -
+                       ranked.narrow(dim, k, 1)).min()))
         return topk(scores, *args, **kwargs)
 
     from projects_detr_plus.deployment.utils import reference_predictions
@@ -174,8 +185,11 @@ def tie_free_seeds(model, sizes, candidates=4):
     """Per size, the random-batch seed (of ``candidates``) whose query
     selection is farthest from a tie: random weights give near-equal
     scores, and a near-tie makes the comparison a coin toss, not a test."""
-    return [max(range(candidates), key=lambda seed: selection_margin(
-        model, random_batch(shape, seed))) for shape in sizes]
+    return [
+        max(range(candidates),
+            key=lambda seed: selection_margin(model, random_batch(shape, seed))
+            ) for shape in sizes
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -190,11 +204,14 @@ class Attend(torch.nn.Module):
 
 def export_op(args, mode='decompose', opset=18, dynamic_shapes=None):
     from projects_detr_plus.ops.onnx_lowering import msda_translation_table
-    return torch.onnx.export(Attend(), args, dynamo=True,
-                             opset_version=opset,
-                             dynamic_shapes=dynamic_shapes,
-                             custom_translation_table=msda_translation_table(
-                                 mode), verbose=False)
+    return torch.onnx.export(
+        Attend(),
+        args,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=dynamic_shapes,
+        custom_translation_table=msda_translation_table(mode),
+        verbose=False)
 
 
 def run_onnx(program, args):
@@ -206,36 +223,57 @@ def run_onnx(program, args):
 
 @pytest.mark.parametrize('shapes,nh,dims,npts', SHAPE_CASES)
 def test_msda_decomposition_matches_op(deploy, shapes, nh, dims, npts):
-    args = make_inputs(shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts,
-                       dtype=torch.float32)
+    args = make_inputs(
+        shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts, dtype=torch.float32)
     program = export_op(args)
     ops_used = {node.op_type for node in program.model_proto.graph.node}
     assert 'GridSample' in ops_used
-    assert not any(n.domain not in ('', 'ai.onnx')
-                   for n in program.model_proto.graph.node)
-    np.testing.assert_allclose(run_onnx(program, args),
-                               Attend()(*args).numpy(), rtol=0, atol=1e-5)
+    assert not any(
+        n.domain not in ('', 'ai.onnx')
+        for n in program.model_proto.graph.node)
+    np.testing.assert_allclose(
+        run_onnx(program, args), Attend()(*args).numpy(), rtol=0, atol=1e-5)
 
 
 def test_msda_decomposition_dynamic_sizes_and_opset20(deploy):
     """Exported at one set of level sizes, run at others (same number of
     levels), at opset 20 (GridSample's mode renamed 'linear')."""
     dim = torch.export.Dim
-    args = make_inputs([(6, 5), (3, 3)], bs=2, nq=7, nh=2, dims=8, npts=3,
-                       dtype=torch.float32, seed=1)
-    dynamic = ({0: dim('bs'), 1: dim('keys')}, None, None,
-               {0: dim('bs'), 1: dim('queries')}, {0: dim('bs'),
-                                                    1: dim('queries')})
+    args = make_inputs([(6, 5), (3, 3)],
+                       bs=2,
+                       nq=7,
+                       nh=2,
+                       dims=8,
+                       npts=3,
+                       dtype=torch.float32,
+                       seed=1)
+    dynamic = ({
+        0: dim('bs'),
+        1: dim('keys')
+    }, None, None, {
+        0: dim('bs'),
+        1: dim('queries')
+    }, {
+        0: dim('bs'),
+        1: dim('queries')
+    })
     program = export_op(args, opset=20, dynamic_shapes=dynamic)
     assert program.model_proto.opset_import[0].version == 20
-    other = make_inputs([(9, 4), (2, 7)], bs=3, nq=11, nh=2, dims=8, npts=3,
-                        dtype=torch.float32, seed=2)
-    np.testing.assert_allclose(run_onnx(program, other),
-                               Attend()(*other).numpy(), rtol=0, atol=1e-5)
+    other = make_inputs([(9, 4), (2, 7)],
+                        bs=3,
+                        nq=11,
+                        nh=2,
+                        dims=8,
+                        npts=3,
+                        dtype=torch.float32,
+                        seed=2)
+    np.testing.assert_allclose(
+        run_onnx(program, other), Attend()(*other).numpy(), rtol=0, atol=1e-5)
 
 
 def test_msda_custom_node(deploy):
     import onnx
+
     from projects_detr_plus.ops.onnx_lowering import CUSTOM_DOMAIN, CUSTOM_OP
     args = make_inputs([(4, 4), (2, 2)], nh=2, dims=8, dtype=torch.float32)
     model = export_op(args, mode='custom').model_proto
@@ -268,8 +306,7 @@ def test_wrapper_equals_predict(deploy):
         torch.testing.assert_close(d[:, :4], ref.bboxes, rtol=0, atol=0)
         # the sigmoid of the batch and of one image (predict) may differ by
         # an ulp where their vectorised loops split differently
-        torch.testing.assert_close(d[:, 4], ref.scores, rtol=2.4e-7,
-                                   atol=0)
+        torch.testing.assert_close(d[:, 4], ref.scores, rtol=2.4e-7, atol=0)
         assert torch.equal(l, ref.labels)
     with pytest.raises(ValueError, match='B, C, H, W'):
         deploy.ExportableDetector(model)(inputs[0])
@@ -281,12 +318,15 @@ def test_swin_window_reverse_twin(deploy):
     """The export-time twin of mmdet's ShiftWindowMSA.window_reverse gives
     its result (the batch size inferred instead of computed in floats)."""
     from mmdet.models.backbones.swin import ShiftWindowMSA
+
     from projects_detr_plus.deployment.mmdet_patches import window_reverse
     module = ShiftWindowMSA(embed_dims=8, num_heads=2, window_size=3)
     windows = torch.randn(3 * 4 * 2, 3, 3, 8)  # batch 3, 12 x 6 map
-    torch.testing.assert_close(window_reverse(module)(windows, 12, 6),
-                               module.window_reverse(windows, 12, 6),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        window_reverse(module)(windows, 12, 6),
+        module.window_reverse(windows, 12, 6),
+        rtol=0,
+        atol=0)
 
 
 @pytest.fixture(scope='module')
@@ -299,9 +339,11 @@ def dino_export(deploy, tmp_path_factory):
     checkpoint = str(folder / 'dino.pth')
     save_checkpoint(dict(state_dict=model.state_dict()), checkpoint)
     out = str(folder / 'dino.onnx')
-    proc = run_tool(['tools/deployment/export_onnx.py',
-                     osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), checkpoint,
-                     '--out', out, '--shape', '128', '128', '--verify'],
+    proc = run_tool([
+        'tools/deployment/export_onnx.py',
+        osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), checkpoint, '--out', out,
+        '--shape', '128', '128', '--verify'
+    ],
                     cwd=REPO_ROOT)
     assert 'same detections' in proc.stdout, proc.stdout
     return model, out
@@ -326,9 +368,9 @@ def test_ddq_onnx_runtime_matches_predict(deploy, tmp_path):
     as predict returns fewer boxes."""
     model = build('ddq-detr-tiny_shapes.py',
                   {'model.test_cfg.max_per_img': 600})
-    counts = export_and_compare(deploy, model, tmp_path,
-                                [(2, 3, 128, 128), (1, 3, 64, 64),
-                                 (3, 3, 96, 128)])
+    counts = export_and_compare(deploy, model, tmp_path, [(2, 3, 128, 128),
+                                                          (1, 3, 64, 64),
+                                                          (3, 3, 96, 128)])
     # 64 x 64: the zero queries are duplicates, NMS suppresses them
     assert counts[1][0] < 600
 
@@ -344,18 +386,19 @@ def test_ddq_fcn_onnx_runtime_matches_predict(deploy, tmp_path):
                   {'model.bbox_head.num_distinct_queries': 2046})
     with torch.no_grad():
         model.bbox_head.conv_reg.bias.fill_(1.5)
-    counts = export_and_compare(deploy, model, tmp_path,
-                                [(2, 3, 128, 128), (1, 3, 160, 96),
-                                 (3, 3, 96, 160)],
-                                export_shape=(2, 3, 256, 256))
+    counts = export_and_compare(
+        deploy,
+        model,
+        tmp_path, [(2, 3, 128, 128), (1, 3, 160, 96), (3, 3, 96, 160)],
+        export_shape=(2, 3, 256, 256))
     assert 0 < max(counts[0]) < 2046  # NMS suppressed some queries
 
 
 def test_ddq_fcn_export_needs_levels_above_one_pixel(deploy, tmp_path):
     model = build('ddq-fcn-tiny_shapes.py')
     with pytest.raises(ValueError, match='at least 129 pixels'):
-        deploy.export_onnx(model, str(tmp_path / 'm.onnx'),
-                           input_shape=(2, 3, 128, 128))
+        deploy.export_onnx(
+            model, str(tmp_path / 'm.onnx'), input_shape=(2, 3, 128, 128))
 
 
 def test_match_detections_box_tolerance_grows_with_the_coordinate():
@@ -368,19 +411,31 @@ def test_match_detections_box_tolerance_grows_with_the_coordinate():
     # K = 3 rows, the last one empty (a full list would excuse its lowest)
     dets = np.zeros((3, 5))
     dets[:2] = np.concatenate([ref_boxes, ref_scores[:, None]], 1)
-    dets[1, 2] += 0.018                    # 1.5e-5 relative at x = 1224
+    dets[1, 2] += 0.018  # 1.5e-5 relative at x = 1224
     labels = np.array([1, 2, -1])
-    strict = match_detections(dets, labels, ref_boxes, ref_scores,
-                              ref_labels, box_atol=0.016)
+    strict = match_detections(
+        dets, labels, ref_boxes, ref_scores, ref_labels, box_atol=0.016)
     assert not strict['ok'] and strict['matched'] == 1
     assert 'no match for PyTorch detection 1' in strict['problems'][0]
-    loose = match_detections(dets, labels, ref_boxes, ref_scores,
-                             ref_labels, box_atol=0.016, box_rtol=1e-4)
+    loose = match_detections(
+        dets,
+        labels,
+        ref_boxes,
+        ref_scores,
+        ref_labels,
+        box_atol=0.016,
+        box_rtol=1e-4)
     assert loose['ok'] and loose['matched'] == 2
     assert loose['max_box_diff'] == pytest.approx(0.018)
-    dets[0, 0] += 0.02                     # 0.02 px at x = 10: too far
-    report = match_detections(dets, labels, ref_boxes, ref_scores,
-                              ref_labels, box_atol=0.016, box_rtol=1e-4)
+    dets[0, 0] += 0.02  # 0.02 px at x = 10: too far
+    report = match_detections(
+        dets,
+        labels,
+        ref_boxes,
+        ref_scores,
+        ref_labels,
+        box_atol=0.016,
+        box_rtol=1e-4)
     assert not report['ok'] and report['matched'] == 1
 
 
@@ -389,34 +444,47 @@ def test_roi_align_matches_mmcv(aligned):
     """The grid_sample RoIAlign against mmcv's kernel: boxes inside, across
     and outside the map, empty and sub-pixel ones, two images."""
     from mmcv.ops import RoIAlign
+
     from projects_detr_plus.deployment.ddq_rcnn import roi_align
     gen = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 5, 9, 13, generator=gen)
-    corners = torch.rand(2, 7, 4, generator=gen) * torch.tensor(
-        [60., 40., 60., 40.]) - 10
-    boxes = torch.cat([torch.minimum(corners[..., :2], corners[..., 2:]),
-                       torch.maximum(corners[..., :2], corners[..., 2:])], -1)
+    corners = torch.rand(
+        2, 7, 4, generator=gen) * torch.tensor([60., 40., 60., 40.]) - 10
+    boxes = torch.cat([
+        torch.minimum(corners[..., :2], corners[..., 2:]),
+        torch.maximum(corners[..., :2], corners[..., 2:])
+    ], -1)
     boxes[0, 0] = torch.tensor([0., 0., 0., 0.])
     boxes[0, 1] = torch.tensor([20., 20., 20.5, 20.3])
     boxes[1, 1] = torch.tensor([-30., -30., -20., -25.])
     boxes[1, 2] = torch.tensor([45., 30., 80., 60.])
-    rois = torch.cat([torch.arange(2).repeat_interleave(7)[:, None].float(),
-                      boxes.flatten(0, 1)], 1)
+    rois = torch.cat([
+        torch.arange(2).repeat_interleave(7)[:, None].float(),
+        boxes.flatten(0, 1)
+    ], 1)
     for ratio in (1, 2, 3):
-        layer = RoIAlign((7, 6), spatial_scale=0.25, sampling_ratio=ratio,
+        layer = RoIAlign((7, 6),
+                         spatial_scale=0.25,
+                         sampling_ratio=ratio,
                          aligned=aligned)
         torch.testing.assert_close(
             roi_align(feat, boxes, (7, 6), 0.25, ratio, aligned),
-            layer(feat, rois), rtol=1e-5, atol=1e-5)
+            layer(feat, rois),
+            rtol=1e-5,
+            atol=1e-5)
 
 
 def _overlapping_ddq_rcnn(num_proposals, **options):
     """DDQ R-CNN whose proposal boxes overlap (regression bias 1.5: 4.5
     strides a side), so that NMS leaves fewer than ``num_proposals``
     distinct queries and images of a batch pad differently."""
-    model = build('ddq-rcnn-tiny_shapes.py', dict({
-        'model.rpn_head.num_distinct_queries': num_proposals,
-        'model.test_cfg.rcnn.max_per_img': 300}, **options))
+    model = build(
+        'ddq-rcnn-tiny_shapes.py',
+        dict(
+            {
+                'model.rpn_head.num_distinct_queries': num_proposals,
+                'model.test_cfg.rcnn.max_per_img': 300
+            }, **options))
     with torch.no_grad():
         model.rpn_head.conv_reg.bias.fill_(1.5)
     return model
@@ -441,9 +509,13 @@ def test_ddq_rcnn_wrapper_equals_predict_with_padding(fusion):
     counts = valid.sum(1).tolist()
     assert max(counts) < 300 and len(set(counts)) > 1, counts
     for d, l, ref in zip(dets, labels, reference_predictions(model, inputs)):
-        report = match_detections(d.numpy(), l.numpy(), ref.bboxes.numpy(),
-                                  ref.scores.numpy(), ref.labels.numpy(),
-                                  score_atol=1e-4)
+        report = match_detections(
+            d.numpy(),
+            l.numpy(),
+            ref.bboxes.numpy(),
+            ref.scores.numpy(),
+            ref.labels.numpy(),
+            score_atol=1e-4)
         assert report['ok'], report['problems'][:3]
 
 
@@ -453,10 +525,11 @@ def test_ddq_rcnn_onnx_runtime_matches_predict(deploy, tmp_path):
     class) pairs.  Exported at 256 x 256, run at other sizes and batches,
     with padded proposals."""
     model = _overlapping_ddq_rcnn(300)
-    counts = export_and_compare(deploy, model, tmp_path,
-                                [(2, 3, 128, 128), (1, 3, 160, 96),
-                                 (3, 3, 96, 160)],
-                                export_shape=(2, 3, 256, 256))
+    counts = export_and_compare(
+        deploy,
+        model,
+        tmp_path, [(2, 3, 128, 128), (1, 3, 160, 96), (3, 3, 96, 160)],
+        export_shape=(2, 3, 256, 256))
     assert min(min(c) for c in counts) > 0
 
 
@@ -468,9 +541,10 @@ def test_ddq_rcnn_export_refuses_what_it_does_not_rebuild(deploy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config,export_size', [
-    ('dino-tiny_shapes.py', 128), ('ddq-detr-tiny_shapes.py', 128),
-    ('ddq-rcnn-tiny_shapes.py', 256)])
+@pytest.mark.parametrize('config,export_size',
+                         [('dino-tiny_shapes.py', 128),
+                          ('ddq-detr-tiny_shapes.py', 128),
+                          ('ddq-rcnn-tiny_shapes.py', 256)])
 def test_openvino_runs_the_exported_graph(deploy, tmp_path, config,
                                           export_size):
     """The same file in OpenVINO (optional, not a dependency): standard
@@ -480,22 +554,26 @@ def test_openvino_runs_the_exported_graph(deploy, tmp_path, config,
     from projects_detr_plus.deployment.verify import match_detections
     model = build(config)
     out = str(tmp_path / 'model.onnx')
-    deploy.export_onnx(model, out,
-                       input_shape=(2, 3, export_size, export_size))
+    deploy.export_onnx(
+        model, out, input_shape=(2, 3, export_size, export_size))
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(out), 'CPU',
-                                  {'INFERENCE_PRECISION_HINT': 'f32'})
+    compiled = core.compile_model(
+        core.read_model(out), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
     for seed, shape in enumerate([(2, 3, 128, 128), (1, 3, 160, 96)]):
         inputs = random_batch(shape, seed)
         outputs = compiled([inputs.numpy()])
         dets, labels = outputs[0], outputs[1]
         for d, l, ref in zip(dets, labels,
                              reference_predictions(model, inputs)):
-            report = match_detections(d, l, ref.bboxes.numpy(),
-                                      ref.scores.numpy(), ref.labels.numpy(),
-                                      score_atol=1e-4,
-                                      box_atol=1e-4 * max(shape[-2:]),
-                                      box_rtol=1e-4)
+            report = match_detections(
+                d,
+                l,
+                ref.bboxes.numpy(),
+                ref.scores.numpy(),
+                ref.labels.numpy(),
+                score_atol=1e-4,
+                box_atol=1e-4 * max(shape[-2:]),
+                box_rtol=1e-4)
             assert report['ok'], report['problems'][:3]
 
 
@@ -505,10 +583,12 @@ def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):
     gen = np.random.default_rng(0)
     image = str(tmp_path / 'shapes.png')
     mmcv.imwrite(gen.integers(0, 255, (150, 200, 3), dtype=np.uint8), image)
-    proc = run_tool(['tools/deployment/onnx_demo.py', out,
-                     osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), image,
-                     '--out-dir', str(tmp_path / 'vis'), '--score-thr',
-                     '0'], cwd=REPO_ROOT)
+    proc = run_tool([
+        'tools/deployment/onnx_demo.py', out,
+        osp.join(SHAPES_DIR, 'dino-tiny_shapes.py'), image, '--out-dir',
+        str(tmp_path / 'vis'), '--score-thr', '0'
+    ],
+                    cwd=REPO_ROOT)
     drawn = mmcv.imread(str(tmp_path / 'vis' / 'shapes.png'))
     assert drawn.shape == (150, 200, 3)
     assert 'input (96, 128)' in proc.stdout and '100 detections' in \
@@ -521,8 +601,11 @@ def test_onnx_runtime_benchmark_quick(deploy, dino_export, tmp_path):
     import json
     _, out = dino_export
     result_file = tmp_path / 'onnx_runtime.json'
-    proc = run_tool(['benchmarks/onnx_runtime.py', '--quick', '--onnx', out,
-                     '--json', str(result_file)], cwd=REPO_ROOT)
+    proc = run_tool([
+        'benchmarks/onnx_runtime.py', '--quick', '--onnx', out, '--json',
+        str(result_file)
+    ],
+                    cwd=REPO_ROOT)
     result = json.loads(result_file.read_text())
     assert result['machine']['cores'] >= 1
     assert result['machine']['versions']['onnxruntime']
@@ -531,8 +614,8 @@ def test_onnx_runtime_benchmark_quick(deploy, dino_export, tmp_path):
     (row, ) = model['results']
     latency = row['latency_ms']
     assert latency['pytorch'] > 0 and latency['onnxruntime'] > 0
-    assert row['speedup_vs_pytorch'] == pytest.approx(
-        latency['pytorch'] / latency['onnxruntime'])
+    assert row['speedup_vs_pytorch'] == pytest.approx(latency['pytorch'] /
+                                                      latency['onnxruntime'])
     assert 'ONNX Runtime' in proc.stdout
 
 
@@ -543,17 +626,19 @@ def test_export_options_are_checked(deploy, tmp_path):
     with pytest.raises(ValueError, match='msda'):
         deploy.export_onnx(model, str(tmp_path / 'm.onnx'), msda='plugin')
     with pytest.raises(ValueError, match='input_shape'):
-        deploy.export_onnx(model, str(tmp_path / 'm.onnx'),
-                           input_shape=(3, 128, 128))
-    soft_nms = build('co-dino-tiny_shapes.py', {'model.test_cfg.nms': dict(
-        type='soft_nms', iou_threshold=0.8)})
+        deploy.export_onnx(
+            model, str(tmp_path / 'm.onnx'), input_shape=(3, 128, 128))
+    soft_nms = build(
+        'co-dino-tiny_shapes.py',
+        {'model.test_cfg.nms': dict(type='soft_nms', iou_threshold=0.8)})
     with pytest.raises(ValueError, match='model.test_cfg.nms=None'):
         deploy.export_onnx(soft_nms, str(tmp_path / 'm.onnx'))
 
 
-@pytest.mark.parametrize('config', ['ddq-detr-tiny_shapes.py',
-                                    'ddq-fcn-tiny_shapes.py',
-                                    'ddq-rcnn-tiny_shapes.py'])
+@pytest.mark.parametrize('config', [
+    'ddq-detr-tiny_shapes.py', 'ddq-fcn-tiny_shapes.py',
+    'ddq-rcnn-tiny_shapes.py'
+])
 def test_ddq_export_refuses_nms_options_it_would_drop(deploy, config):
     """The graph's NMS takes only an IoU threshold: a distinct-query config
     with any other key (or another type) is refused, not silently cut."""
@@ -579,10 +664,12 @@ def test_swin_dynamic_size_warns():
 
     from mmdet.models.backbones import ResNet, SwinTransformer
 
-    from projects_detr_plus.deployment.export import \
-        _warn_if_slow_dynamic_size
-    swin = SwinTransformer(embed_dims=24, depths=(1, 1, 1, 1),
-                           num_heads=(1, 1, 1, 1), window_size=4)
+    from projects_detr_plus.deployment.export import _warn_if_slow_dynamic_size
+    swin = SwinTransformer(
+        embed_dims=24,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        window_size=4)
     with pytest.warns(UserWarning, match='--static-size'):
         _warn_if_slow_dynamic_size(SimpleNamespace(backbone=swin))
     with warnings.catch_warnings():
@@ -613,17 +700,18 @@ def without_soft_nms(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config', [c for c in SHAPES_CONFIGS
-                                    if c not in FAST_CONFIGS])
+@pytest.mark.parametrize('config',
+                         [c for c in SHAPES_CONFIGS if c not in FAST_CONFIGS])
 def test_shapes_config_onnx_matches_predict(deploy, config, tmp_path):
     model = build(config, without_soft_nms(osp.join(SHAPES_DIR, config)))
     # DDQ FCN's P7 must be > 1 pixel in the example (256: 2 x 2)
     size = 128 if getattr(deploy.exportable(model), 'min_dynamic_size',
                           1) <= 128 else 256
-    export_and_compare(deploy, model, tmp_path,
-                       [(2, 3, 128, 128), (1, 3, 160, 112), (3, 3, 96,
-                                                             160)],
-                       export_shape=(2, 3, size, size))
+    export_and_compare(
+        deploy,
+        model,
+        tmp_path, [(2, 3, 128, 128), (1, 3, 160, 112), (3, 3, 96, 160)],
+        export_shape=(2, 3, size, size))
 
 
 @pytest.mark.slow
@@ -646,6 +734,12 @@ def test_coco_config_onnx_matches_predict(deploy, config, tmp_path):
         else None
     test_cfg = getattr(model, 'test_cfg', None) or {}
     near_ties = test_cfg.get('max_per_img', 100) // 100
-    export_and_compare(deploy, model, tmp_path, sizes,
-                       export_shape=(2, 3, 256, 256), seeds=seeds,
-                       near_ties=near_ties, dynamic_size=not static)
+    export_and_compare(
+        deploy,
+        model,
+        tmp_path,
+        sizes,
+        export_shape=(2, 3, 256, 256),
+        seeds=seeds,
+        near_ties=near_ties,
+        dynamic_size=not static)

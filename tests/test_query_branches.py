@@ -22,9 +22,13 @@ def dino():
 
 def _parts(bs=2, sizes=(4, 3, 2), dim=8):
     names = [MAIN, 'a', 'b']
-    return [QuerySet(name, torch.randn(bs, n, dim), torch.randn(bs, n, 4),
-                     sees_main=(name == 'a'))
-            for name, n in zip(names, sizes)]
+    return [
+        QuerySet(
+            name,
+            torch.randn(bs, n, dim),
+            torch.randn(bs, n, 4),
+            sees_main=(name == 'a')) for name, n in zip(names, sizes)
+    ]
 
 
 def test_dense_mask_layout():
@@ -59,8 +63,9 @@ def test_attention_blocks_group_what_may_see_each_other():
             group_block.group_size) == (7, 3, 2)
     assert torch.equal(group_block.mask, parts[2].attn_mask)
     # the dense mask of the grouped branch is block-diagonal
-    assert torch.equal(dense[7:, 7:], torch.block_diag(
-        *[~parts[2].attn_mask] * 3).logical_not())
+    assert torch.equal(
+        dense[7:, 7:],
+        torch.block_diag(*[~parts[2].attn_mask] * 3).logical_not())
 
 
 def test_padding_queries_are_invisible():
@@ -74,11 +79,11 @@ def test_padding_queries_are_invisible():
     torch.manual_seed(0)
     attn = MultiheadAttention(8, 2, batch_first=True).eval()
     parts = _parts(sizes=(4, 3, 3))
-    parts[2].padding = torch.tensor([[False, False, True],
-                                     [True, True, True]])
+    parts[2].padding = torch.tensor([[False, False, True], [True, True, True]])
     query, _, blocks = concat_query_sets(parts)
-    assert torch.equal(blocks[1].padding, torch.tensor(
-        [[False, False, True], [False, True, True]]))
+    assert torch.equal(
+        blocks[1].padding,
+        torch.tensor([[False, False, True], [False, True, True]]))
     pos = torch.zeros_like(query)
     with torch.no_grad():
         out = block_self_attention(attn, query, pos, blocks)
@@ -103,8 +108,7 @@ def test_branch_order_and_names_are_checked():
     with pytest.raises(ValueError, match='unique'):
         concat_query_sets(parts)
     with pytest.raises(ValueError, match='equal groups'):
-        QuerySet('g', torch.zeros(1, 5, 8), torch.zeros(1, 5, 4),
-                 num_groups=2)
+        QuerySet('g', torch.zeros(1, 5, 8), torch.zeros(1, 5, 4), num_groups=2)
 
 
 def test_main_alone_needs_no_mask():
@@ -124,15 +128,17 @@ def test_denoising_perturbation_leaves_main_bit_identical(dino):
     assert not torch.equal(dn_clean, dn_noisy), 'the perturbation bites'
     assert torch.equal(clean['hidden_states'][:, :, :num_main],
                        noisy['hidden_states'][:, :, :num_main])
-    for ref_clean, ref_noisy in zip(clean['references'],
-                                    noisy['references']):
+    for ref_clean, ref_noisy in zip(clean['references'], noisy['references']):
         assert torch.equal(ref_clean[:, :num_main], ref_noisy[:, :num_main])
 
 
 def test_predict_same_with_or_without_denoising(dino):
     plain = build(dino_cfg(dims=128, dn=False))
-    state = {k: v for k, v in dino.state_dict().items()
-             if not k.startswith('dn_query_generator.')}
+    state = {
+        k: v
+        for k, v in dino.state_dict().items()
+        if not k.startswith('dn_query_generator.')
+    }
     plain.load_state_dict(state, strict=True)
     inputs, samples = make_batch()
     with_dn = predict(copy.deepcopy(dino), inputs, samples)
@@ -148,8 +154,9 @@ def test_predict_same_with_or_without_denoising(dino):
 def test_losses_with_ground_truth_are_positive(dino):
     losses = losses_with_seed(dino, *make_batch())
     assert any(key.startswith('dn_') for key in losses)
-    assert {key for key in losses if 'enc_' in key} == {
-        'enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'}
+    assert {key
+            for key in losses if 'enc_' in key
+            } == {'enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'}
     for key, value in losses.items():
         assert torch.isfinite(value) and value > 0, key
 
@@ -160,8 +167,8 @@ def test_empty_ground_truth_losses_and_gradients(dino):
     model = copy.deepcopy(dino)
     model.zero_grad(set_to_none=True)
     inputs, samples = make_batch(num_gts=(0, 0))
-    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                   training=True)
+    data = model.data_preprocessor(
+        dict(inputs=inputs, data_samples=samples), training=True)
     losses = model.loss(data['inputs'], data['data_samples'])
     assert_empty_gt_losses(losses)
     sum(losses.values()).backward()
@@ -185,10 +192,11 @@ def test_crowded_image_has_bounded_denoising_queries(dino):
 def test_uncapped_crowd_would_exceed_bound():
     """Without the cap, mmdet's generator makes 2 queries per GT (#11021)."""
     from mmdet.models.layers import CdnQueryGenerator
-    generator = CdnQueryGenerator(num_classes=5, embed_dims=16,
-                                  num_matching_queries=10,
-                                  group_cfg=dict(dynamic=True,
-                                                 num_dn_queries=20))
-    _, samples = make_batch(num_gts=(500,))
+    generator = CdnQueryGenerator(
+        num_classes=5,
+        embed_dims=16,
+        num_matching_queries=10,
+        group_cfg=dict(dynamic=True, num_dn_queries=20))
+    _, samples = make_batch(num_gts=(500, ))
     _, _, _, meta = generator(samples)
     assert meta['num_denoising_queries'] == 1000 > 2 * 20

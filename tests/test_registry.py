@@ -41,15 +41,21 @@ EXPECTED = [
 
 
 def _ours(registry):
-    return {name: cls for name, cls in registry.module_dict.items()
-            if getattr(cls, '__module__', '').startswith('projects_detr_plus')}
+    return {
+        name: cls
+        for name, cls in registry.module_dict.items()
+        if getattr(cls, '__module__', '').startswith('projects_detr_plus')
+    }
 
 
 def _all_registries():
     import mmdet.registry as mmdet_registry
     from mmengine.registry import Registry
-    return {name: obj for name, obj in vars(mmdet_registry).items()
-            if isinstance(obj, Registry)}
+    return {
+        name: obj
+        for name, obj in vars(mmdet_registry).items()
+        if isinstance(obj, Registry)
+    }
 
 
 @pytest.mark.parametrize('registry_name,name', EXPECTED)
@@ -85,8 +91,10 @@ def test_import_after_all_mmdet_modules_has_no_collision():
         import projects_detr_plus
         print('ok')
     """)
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, '-c', code],
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith('ok')
 

@@ -68,8 +68,8 @@ def test_task_is_not_a_toy(val_split):
     assert max(counts) >= 10, 'crowded images must occur'
     present = {ann['category_id'] for ann in coco.loadAnns(coco.getAnnIds())}
     assert present == set(range(1, len(CLASSES) + 1)), 'every class appears'
-    sides = np.array([max(a['bbox'][2:]) for a in coco.loadAnns(
-        coco.getAnnIds())])
+    sides = np.array(
+        [max(a['bbox'][2:]) for a in coco.loadAnns(coco.getAnnIds())])
     assert sides.min() <= 12, 'small objects (about 8 px) must occur'
     assert sides.max() >= 0.5 * spec.image_size, 'large objects must occur'
     boxes = [a['bbox'] for a in coco.loadAnns(coco.getAnnIds())]
@@ -80,8 +80,10 @@ def test_task_is_not_a_toy(val_split):
 def _overlapping_pairs(coco):
     pairs = 0
     for image_id in coco.getImgIds():
-        boxes = np.array([a['bbox'] for a in coco.loadAnns(
-            coco.getAnnIds(imgIds=image_id))], dtype=float)
+        boxes = np.array([
+            a['bbox'] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        ],
+                         dtype=float)
         x1, y1 = boxes[:, 0], boxes[:, 1]
         x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
         iw = np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1)
@@ -113,9 +115,14 @@ def test_prepare_regenerates_on_changed_spec(tmp_path):
 
 def test_registered_dataset_loads_through_mmdet(tmp_path):
     from mmdet.registry import DATASETS
-    dataset = DATASETS.build(dict(
-        type='ShapesDataset', data_root=str(tmp_path), split='train',
-        num_images=6, seed=2, pipeline=[]))
+    dataset = DATASETS.build(
+        dict(
+            type='ShapesDataset',
+            data_root=str(tmp_path),
+            split='train',
+            num_images=6,
+            seed=2,
+            pipeline=[]))
     assert isinstance(dataset, ShapesDataset)
     assert len(dataset) == 6
     assert dataset.metainfo['classes'] == CLASSES
@@ -127,5 +134,4 @@ def test_registered_dataset_loads_through_mmdet(tmp_path):
 
 def test_dataset_rejects_derived_paths(tmp_path):
     with pytest.raises(ValueError, match='ann_file'):
-        ShapesDataset(data_root=str(tmp_path), ann_file='x.json',
-                      num_images=1)
+        ShapesDataset(data_root=str(tmp_path), ann_file='x.json', num_images=1)

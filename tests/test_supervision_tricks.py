@@ -15,8 +15,8 @@ from detr_testing import (build, ddq_cfg, deformable_detr_cfg, dino_cfg,
 
 def _align(cfg, layers):
     cfg['bbox_head']['loss_cls'] = dict(type='IABCELoss')
-    cfg.setdefault('branches', []).append(dict(
-        type='AlignDETRBranch', match_numbers=(2, ) * layers + (1, )))
+    cfg.setdefault('branches', []).append(
+        dict(type='AlignDETRBranch', match_numbers=(2, ) * layers + (1, )))
 
 
 def _stable(cfg, layers):
@@ -27,8 +27,8 @@ def _stable(cfg, layers):
 
 
 def _ms_detr(cfg, layers):
-    cfg.setdefault('branches', []).append(dict(
-        type='MSDETRBranch', num_layers=layers))
+    cfg.setdefault('branches',
+                   []).append(dict(type='MSDETRBranch', num_layers=layers))
 
 
 def _co_heads(cfg, layers):
@@ -41,21 +41,26 @@ def _co_heads(cfg, layers):
     aux['in_channels'] = cfg['encoder']['layer_cfg']['self_attn_cfg'][
         'embed_dims']
     aux['feat_channels'] = aux['in_channels']
-    cfg.setdefault('branches', []).append(dict(
-        type='CollaborativeBranch', name='co_atss', aux_head=aux))
+    cfg.setdefault('branches', []).append(
+        dict(type='CollaborativeBranch', name='co_atss', aux_head=aux))
 
 
 def _hybrid(cfg, layers):
-    cfg.setdefault('branches', []).append(dict(
-        type='HybridMatchingBranch', num_queries=40, k_one_to_many=3))
+    cfg.setdefault('branches', []).append(
+        dict(type='HybridMatchingBranch', num_queries=40, k_one_to_many=3))
 
 
 DETECTORS = {
-    'dino': lambda: dino_cfg(dims=256),
-    'deformable': lambda: deformable_detr_cfg(
-        refine=True, two_stage=True, mixed_selection=True,
+    'dino':
+    lambda: dino_cfg(dims=256),
+    'deformable':
+    lambda: deformable_detr_cfg(
+        refine=True,
+        two_stage=True,
+        mixed_selection=True,
         look_forward_twice=True),
-    'ddq': lambda: ddq_cfg(dims=256),
+    'ddq':
+    lambda: ddq_cfg(dims=256),
 }
 TRICKS = {'align': _align, 'stable': _stable, 'ms-detr': _ms_detr}
 COMBINATIONS = {
@@ -66,8 +71,11 @@ COMBINATIONS = {
 
 
 def _cases():
-    cases = {f'{d}+{t}': (d, (trick, )) for d in DETECTORS
-             for t, trick in TRICKS.items()}
+    cases = {
+        f'{d}+{t}': (d, (trick, ))
+        for d in DETECTORS
+        for t, trick in TRICKS.items()
+    }
     cases.update(COMBINATIONS)
     return cases
 
@@ -84,8 +92,10 @@ def test_trains_and_predicts_as_its_base(case):
     model = build(cfg)
     model.train()
     inputs, samples = make_batch()
-    losses = [v for value in losses_with_seed(model, inputs, samples).values()
-              for v in (value if isinstance(value, list) else [value])]
+    losses = [
+        v for value in losses_with_seed(model, inputs, samples).values()
+        for v in (value if isinstance(value, list) else [value])
+    ]
     assert all(torch.isfinite(v).all() for v in losses), case
     sum(v.sum() for v in losses).backward()
     assert model.bbox_head.cls_branches[0].weight.grad.abs().sum() > 0
@@ -93,8 +103,8 @@ def test_trains_and_predicts_as_its_base(case):
     base = build(base_cfg)
     missing, _ = base.load_state_dict(model.state_dict(), strict=False)
     assert not missing, missing
-    for ours, theirs in zip(predict(model, inputs, samples),
-                            predict(base, inputs, samples)):
+    for ours, theirs in zip(
+            predict(model, inputs, samples), predict(base, inputs, samples)):
         assert torch.equal(ours.pred_instances.bboxes,
                            theirs.pred_instances.bboxes), case
         assert torch.equal(ours.pred_instances.scores,

@@ -42,33 +42,45 @@ class Iterations(BaseMetric):
 
 
 def runner_of(tmp_path, hook, seen, max_iters=1000, resume=False):
-    loader = dict(dataset=[dict(inputs=torch.ones(1))] * 8, batch_size=1,
-                  sampler=dict(type='InfiniteSampler', shuffle=False),
-                  collate_fn=dict(type='default_collate'))
-    val_loader = dict(loader, sampler=dict(type='DefaultSampler',
-                                           shuffle=False))
+    loader = dict(
+        dataset=[dict(inputs=torch.ones(1))] * 8,
+        batch_size=1,
+        sampler=dict(type='InfiniteSampler', shuffle=False),
+        collate_fn=dict(type='default_collate'))
+    val_loader = dict(
+        loader, sampler=dict(type='DefaultSampler', shuffle=False))
     metric = Iterations(seen)
     runner = Runner(
-        model=SleepyModel(), work_dir=str(tmp_path),
-        train_dataloader=loader, val_dataloader=val_loader,
-        val_evaluator=[metric], val_cfg=dict(),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters,
-                       val_interval=max_iters),
+        model=SleepyModel(),
+        work_dir=str(tmp_path),
+        train_dataloader=loader,
+        val_dataloader=val_loader,
+        val_evaluator=[metric],
+        val_cfg=dict(),
+        train_cfg=dict(
+            by_epoch=False, max_iters=max_iters, val_interval=max_iters),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-        param_scheduler=[dict(type='MultiStepLR', by_epoch=False,
-                              milestones=[int(max_iters * 0.9)])],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           by_epoch=False, interval=10**6),
-                           logger=dict(type='LoggerHook', interval=10**6)),
-        custom_hooks=[hook], resume=resume, log_level='WARNING')
+        param_scheduler=[
+            dict(
+                type='MultiStepLR',
+                by_epoch=False,
+                milestones=[int(max_iters * 0.9)])
+        ],
+        default_hooks=dict(
+            checkpoint=dict(
+                type='CheckpointHook', by_epoch=False, interval=10**6),
+            logger=dict(type='LoggerHook', interval=10**6)),
+        custom_hooks=[hook],
+        resume=resume,
+        log_level='WARNING')
     metric.runner_iter = lambda: runner.iter
     return runner
 
 
 def test_length_evaluations_and_lr_drop_follow_the_budget(tmp_path):
     seen = []
-    hook = TrainTimeBudgetHook(seconds=40 * STEP, calibrate=3,
-                               evaluations=2, recheck=None)
+    hook = TrainTimeBudgetHook(
+        seconds=40 * STEP, calibrate=3, evaluations=2, recheck=None)
     runner = runner_of(tmp_path, hook, seen)
     runner.train()
     total, interval = hook.decided
@@ -168,11 +180,13 @@ def test_without_recheck_the_first_decision_stands(tmp_path):
     assert clock.now == 30 + 70 * 2  # the budget overrun
 
 
-@pytest.mark.parametrize('kwargs', [dict(seconds=0), dict(seconds=5,
-                                                          calibrate=0),
-                                    dict(seconds=5, evaluations=0),
-                                    dict(seconds=5, lr_drop_at=1.5),
-                                    dict(seconds=5, recheck=0)])
+@pytest.mark.parametrize('kwargs', [
+    dict(seconds=0),
+    dict(seconds=5, calibrate=0),
+    dict(seconds=5, evaluations=0),
+    dict(seconds=5, lr_drop_at=1.5),
+    dict(seconds=5, recheck=0)
+])
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         TrainTimeBudgetHook(**kwargs)
@@ -183,8 +197,8 @@ def test_recheck_keeps_the_number_of_evaluations(tmp_path):
     after 30 steps: the length shrinks, the validation made at 25 stays the
     first, and there are still exactly 4, the last at the end."""
     clock, seen = FakeClock(), []
-    hook = TrainTimeBudgetHook(seconds=100, calibrate=10, recheck=10,
-                               evaluations=4)
+    hook = TrainTimeBudgetHook(
+        seconds=100, calibrate=10, recheck=10, evaluations=4)
     hook._clock = clock
     runner = runner_of(tmp_path, hook, seen)
     runner.model = TimedModel(clock, lambda s: 1.0 if s <= 30 else 2.0)

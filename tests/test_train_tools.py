@@ -18,9 +18,11 @@ TINY_DATA = [
 
 
 def _train(repo_root, cwd, work_dir, *extra, options=(), config=CONFIG):
-    args = [osp.join(repo_root, 'tools/train.py'),
-            osp.join(repo_root, config), '--work-dir', str(work_dir), *extra,
-            '--cfg-options', *TINY_DATA, *options]
+    args = [
+        osp.join(repo_root, 'tools/train.py'),
+        osp.join(repo_root, config), '--work-dir',
+        str(work_dir), *extra, '--cfg-options', *TINY_DATA, *options
+    ]
     return run_tool(args, cwd=cwd)
 
 
@@ -42,11 +44,15 @@ def resumed_run(repo_root, tmp_path_factory):
     cwd = tmp_path_factory.mktemp('resume')
     work_dir = cwd / 'work'
     # validation right after each checkpoint: it must not shift the streams
-    first = ['train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
-             'train_cfg.val_interval=2']
+    first = [
+        'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+        'train_cfg.val_interval=2'
+    ]
     _train(repo_root, cwd, work_dir, options=first)
-    second = ['train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2',
-              'train_cfg.val_interval=2']
+    second = [
+        'train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2',
+        'train_cfg.val_interval=2'
+    ]
     proc = _train(repo_root, cwd, work_dir, '--resume', options=second)
     return work_dir, proc
 
@@ -58,8 +64,8 @@ def test_three_iterations_train_evaluate_and_repeat_bit_identically(
     runs = []
     for name in ('first', 'second'):
         work_dir = tmp_path / name
-        runs.append((_train(repo_root, tmp_path, work_dir, options=options),
-                     _train_losses(work_dir)))
+        runs.append((_train(repo_root, tmp_path, work_dir,
+                            options=options), _train_losses(work_dir)))
     (proc, losses), (_, repeated) = runs
     assert sorted(losses) == [1, 2, 3]
     assert all(loss > 0 and loss == loss for loss in losses.values())
@@ -70,8 +76,12 @@ def test_three_iterations_train_evaluate_and_repeat_bit_identically(
 
 def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     work_dir = tmp_path / 'work'
-    _train(repo_root, tmp_path, work_dir, options=['train_cfg.max_iters=3'],
-           config='configs/shapes/deformable-detr-tiny_shapes.py')
+    _train(
+        repo_root,
+        tmp_path,
+        work_dir,
+        options=['train_cfg.max_iters=3'],
+        config='configs/shapes/deformable-detr-tiny_shapes.py')
     losses = _train_losses(work_dir)
     assert sorted(losses) == [1, 2, 3]
     assert all(loss > 0 for loss in losses.values())
@@ -84,19 +94,25 @@ def test_deformable_detr_shapes_config_trains(repo_root, tmp_path):
     'configs/shapes/co-dino-tiny_shapes.py',
     'configs/shapes/ddq-detr-tiny_shapes.py',
     'configs/shapes/ddq-fcn-tiny_shapes.py',
-    'configs/shapes/ddq-rcnn-tiny_shapes.py'])
+    'configs/shapes/ddq-rcnn-tiny_shapes.py'
+])
 def test_amp_on_cpu_trains_with_bf16_autocast(repo_root, tmp_path, config):
     """Every method, 4 iterations of bf16 autocast: finite losses and
     gradient norms."""
     work_dir = tmp_path / 'work'
-    _train(repo_root, tmp_path, work_dir, '--amp',
-           options=['train_cfg.max_iters=4'], config=config)
+    _train(
+        repo_root,
+        tmp_path,
+        work_dir,
+        '--amp',
+        options=['train_cfg.max_iters=4'],
+        config=config)
     losses = _train_losses(work_dir, key='loss')
     grad_norms = _train_losses(work_dir, key='grad_norm')
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(0 < loss < float('inf') for loss in losses.values())
     assert all(0 < norm < float('inf') for norm in grad_norms.values())
-    (dumped,) = work_dir.glob('*.py')
+    (dumped, ) = work_dir.glob('*.py')
     assert "type='CPUBF16AutocastOptimWrapper'" in dumped.read_text()
 
 
@@ -128,10 +144,14 @@ def test_resume_is_exact(resumed_run, repo_root):
     checkpoint = torch.load(work_dir / 'iter_2.pth', weights_only=False)
     assert set(checkpoint['rng_state']) >= {'python', 'numpy', 'torch'}
     straight = work_dir.parent / 'straight'
-    _train(repo_root, work_dir.parent, straight,
-           options=['train_cfg.max_iters=4',
-                    'default_hooks.checkpoint.interval=2',
-                    'train_cfg.val_interval=2'])
+    _train(
+        repo_root,
+        work_dir.parent,
+        straight,
+        options=[
+            'train_cfg.max_iters=4', 'default_hooks.checkpoint.interval=2',
+            'train_cfg.val_interval=2'
+        ])
     resumed, uninterrupted = _train_losses(work_dir), _train_losses(straight)
     assert resumed[1] == uninterrupted[1] and resumed[2] == uninterrupted[2]
     assert resumed[3] == uninterrupted[3]
@@ -143,24 +163,36 @@ def test_resume_without_the_hook_changes_the_trajectory(repo_root, tmp_path):
     denoising noise after resuming differs (so that test can fail)."""
     work_dir = tmp_path / 'work'
     no_hook = ['custom_hooks=[]', 'default_hooks.checkpoint.interval=2']
-    _train(repo_root, tmp_path, work_dir,
-           options=['train_cfg.max_iters=2', *no_hook])
-    _train(repo_root, tmp_path, work_dir, '--resume',
-           options=['train_cfg.max_iters=3', *no_hook])
+    _train(
+        repo_root,
+        tmp_path,
+        work_dir,
+        options=['train_cfg.max_iters=2', *no_hook])
+    _train(
+        repo_root,
+        tmp_path,
+        work_dir,
+        '--resume',
+        options=['train_cfg.max_iters=3', *no_hook])
     straight = tmp_path / 'straight'
-    _train(repo_root, tmp_path, straight,
-           options=['train_cfg.max_iters=3', *no_hook])
+    _train(
+        repo_root,
+        tmp_path,
+        straight,
+        options=['train_cfg.max_iters=3', *no_hook])
     assert _train_losses(work_dir)[3] != _train_losses(straight)[3]
 
 
 def test_test_tool_evaluates_a_checkpoint(resumed_run, repo_root):
     work_dir, _ = resumed_run
-    proc = run_tool([osp.join(repo_root, 'tools/test.py'),
-                     osp.join(repo_root, CONFIG),
-                     str(work_dir / 'iter_4.pth'),
-                     '--work-dir', str(work_dir / 'test'),
-                     '--out', str(work_dir / 'preds.pkl'),
-                     '--cfg-options', *TINY_DATA], cwd=work_dir.parent)
+    proc = run_tool([
+        osp.join(repo_root, 'tools/test.py'),
+        osp.join(repo_root, CONFIG),
+        str(work_dir / 'iter_4.pth'), '--work-dir',
+        str(work_dir / 'test'), '--out',
+        str(work_dir / 'preds.pkl'), '--cfg-options', *TINY_DATA
+    ],
+                    cwd=work_dir.parent)
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
     import pickle
     with open(work_dir / 'preds.pkl', 'rb') as f:
@@ -174,10 +206,12 @@ def test_demo_draws_ground_truth_beside_predictions(repo_root, tmp_path):
     draws each val image 4x enlarged, ground truth left of predictions."""
     import mmcv
     work_dir = tmp_path / 'demo'
-    proc = run_tool([osp.join(repo_root, 'tools/demo.py'),
-                     osp.join(repo_root, CONFIG), '--work-dir', str(work_dir),
-                     '--num-vis', '2', '--cfg-options', *TINY_DATA,
-                     'train_cfg.max_iters=2', 'train_cfg.val_interval=2'],
+    proc = run_tool([
+        osp.join(repo_root, 'tools/demo.py'),
+        osp.join(repo_root, CONFIG), '--work-dir',
+        str(work_dir), '--num-vis', '2', '--cfg-options', *TINY_DATA,
+        'train_cfg.max_iters=2', 'train_cfg.val_interval=2'
+    ],
                     cwd=tmp_path)
     assert 'DEMO: shapes val COCO bbox mAP = ' in proc.stdout
     result = json.loads((work_dir / 'demo_result.json').read_text())
@@ -204,17 +238,28 @@ def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
     recipe = 'configs/shapes/group-dino-tiny_shapes.py'
 
     def study(name, seeds, finals, **extra):
-        summary = {m: dict(final_per_seed={str(s): v for s, v in
-                                           zip(seeds, values)})
-                   for m, values in finals.items()}
-        (tmp_path / name).write_text(json.dumps(dict(
-            iters=2000, seeds=seeds, summary=summary,
-            methods=dict(dino=demo.DINO, recipe=recipe), **extra)))
+        summary = {
+            m: dict(final_per_seed={
+                str(s): v
+                for s, v in zip(seeds, values)
+            })
+            for m, values in finals.items()
+        }
+        (tmp_path / name).write_text(
+            json.dumps(
+                dict(
+                    iters=2000,
+                    seeds=seeds,
+                    summary=summary,
+                    methods=dict(dino=demo.DINO, recipe=recipe),
+                    **extra)))
 
     assert demo.study_line(recipe, str(tmp_path)) is None
     study('convergence_a.json', [0], dict(dino=[0.1], recipe=[0.2]))
-    study('convergence_b.json', [0, 1, 2],
-          dict(dino=[0.2, 0.3, 0.4], recipe=[0.5, 0.6, 0.4]), seconds=900)
+    study(
+        'convergence_b.json', [0, 1, 2],
+        dict(dino=[0.2, 0.3, 0.4], recipe=[0.5, 0.6, 0.4]),
+        seconds=900)
     # as many seeds at equal iterations: the equal-wall-clock study wins
     study('convergence_c.json', [0, 1, 2],
           dict(dino=[0.9, 0.9, 0.9], recipe=[0.9, 0.9, 0.9]))
@@ -224,8 +269,8 @@ def test_demo_quotes_the_study_not_a_second_training(repo_root, tmp_path):
         'after 900 s of training in convergence_b.json; plain DINO in the '
         'study: 0.300 (seeds 0.200-0.400, 3 seeds) after 900 s of training'
         ' in convergence_b.json')
-    assert demo.study_line(demo.DINO, str(tmp_path)).startswith(
-        'plain DINO in the study: 0.300')
+    assert demo.study_line(
+        demo.DINO, str(tmp_path)).startswith('plain DINO in the study: 0.300')
 
 
 def test_demo_recipe_trains_for_its_time_budget(repo_root, tmp_path):
@@ -233,12 +278,13 @@ def test_demo_recipe_trains_for_its_time_budget(repo_root, tmp_path):
     budget ends far below the config's upper bound of 100000 iterations,
     with the single evaluation at the end."""
     work_dir = tmp_path / 'demo'
-    proc = run_tool([osp.join(repo_root, 'tools/demo.py'),
-                     osp.join(repo_root,
-                              'configs/shapes/ddq-detr-12min_shapes.py'),
-                     '--work-dir', str(work_dir), '--num-vis', '1',
-                     '--cfg-options', *TINY_DATA,
-                     'custom_hooks.2.seconds=4', 'custom_hooks.2.calibrate=2'],
+    proc = run_tool([
+        osp.join(repo_root, 'tools/demo.py'),
+        osp.join(repo_root,
+                 'configs/shapes/ddq-detr-12min_shapes.py'), '--work-dir',
+        str(work_dir), '--num-vis', '1', '--cfg-options', *TINY_DATA,
+        'custom_hooks.2.seconds=4', 'custom_hooks.2.calibrate=2'
+    ],
                     cwd=tmp_path)
     assert 'time budget:' in proc.stdout + proc.stderr
     result = json.loads((work_dir / 'demo_result.json').read_text())
@@ -259,14 +305,29 @@ def test_demo_quotes_the_study_of_the_config_a_budget_builds_on(
     assert demo.trained_configs('configs/shapes/ddq-detr-12min_shapes.py') \
         == ['configs/shapes/ddq-detr-12min_shapes.py', lean]
     assert demo.trained_configs(ddq) == [ddq]  # no budget: itself only
-    summary = {'dino': dict(final_per_seed={'0': 0.3}),
-               'ddq-detr-lean': dict(final_per_seed={'0': 0.52, '1': 0.5}),
-               'ddq-detr+2dec': dict(final_per_seed={'0': 0.9})}
-    (tmp_path / 'convergence_x.json').write_text(json.dumps(dict(
-        iters=1, seconds=780, seeds=[0, 1], summary=summary,
-        methods={'dino': demo.DINO, 'ddq-detr-lean': lean,
-                 'ddq-detr+2dec': ddq},
-        options={'ddq-detr+2dec': {'model.decoder.num_layers': 2}})))
+    summary = {
+        'dino': dict(final_per_seed={'0': 0.3}),
+        'ddq-detr-lean': dict(final_per_seed={
+            '0': 0.52,
+            '1': 0.5
+        }),
+        'ddq-detr+2dec': dict(final_per_seed={'0': 0.9})
+    }
+    (tmp_path / 'convergence_x.json').write_text(
+        json.dumps(
+            dict(
+                iters=1,
+                seconds=780,
+                seeds=[0, 1],
+                summary=summary,
+                methods={
+                    'dino': demo.DINO,
+                    'ddq-detr-lean': lean,
+                    'ddq-detr+2dec': ddq
+                },
+                options={'ddq-detr+2dec': {
+                    'model.decoder.num_layers': 2
+                }})))
     line = demo.study_line('configs/shapes/ddq-detr-12min_shapes.py',
                            str(tmp_path))
     assert line.startswith('this config (ddq-detr-lean-tiny_shapes.py) in '

@@ -25,8 +25,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import projects_detr_plus  # noqa: F401  (registers modules, trusted loader)
 from projects_detr_plus.models.compat.co_detr_checkpoints import (
-    SAME_NAMES, branch_kinds_from_config, is_official_layout,
-    official_key_map)
+    SAME_NAMES, branch_kinds_from_config, is_official_layout, official_key_map)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join(
@@ -37,14 +36,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='official checkpoint (.pth)')
     parser.add_argument('dst', help='checkpoint to write, DETR+ layout')
-    parser.add_argument('--config', default=DEFAULT_CONFIG,
-                        help='DETR+ Co-DINO config the checkpoint is for')
-    parser.add_argument('--drop-unmapped', action='store_true',
-                        help='leave out official keys the config has no '
-                        'counterpart for instead of failing')
-    parser.add_argument('--verify', action='store_true',
-                        help='load the result strictly into the config\'s '
-                        'detector')
+    parser.add_argument(
+        '--config',
+        default=DEFAULT_CONFIG,
+        help='DETR+ Co-DINO config the checkpoint is for')
+    parser.add_argument(
+        '--drop-unmapped',
+        action='store_true',
+        help='leave out official keys the config has no '
+        'counterpart for instead of failing')
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='load the result strictly into the config\'s '
+        'detector')
     return parser.parse_args(argv)
 
 
@@ -52,8 +57,10 @@ def official_state_dict(path):
     """The checkpoint and its state dict (``module.`` prefixes removed)."""
     checkpoint = _load_checkpoint(path, map_location='cpu')
     state_dict = checkpoint.get('state_dict', checkpoint)
-    state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v
-                  for k, v in state_dict.items()}
+    state_dict = {
+        (k[len('module.'):] if k.startswith('module.') else k): v
+        for k, v in state_dict.items()
+    }
     return checkpoint, state_dict
 
 
@@ -64,8 +71,8 @@ def report(mapping, unmapped, dropped):
           'keys')
     print(f'  renamed:   {len(mapping) - same}')
     print(f'  unchanged: {same} ({", ".join(n[:-1] for n in SAME_NAMES)})')
-    print(f'  unmapped:  {len(unmapped)}'
-          + (' (dropped)' if unmapped and dropped else ''))
+    print(f'  unmapped:  {len(unmapped)}' +
+          (' (dropped)' if unmapped and dropped else ''))
     for name in unmapped:
         print(f'    {name}')
 
@@ -82,9 +89,11 @@ def verify(config, state_dict):
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # size mismatches
         return str(error)
-    problems = [f'{what} keys: {", ".join(keys)}' for what, keys in (
-        ('missing', result.missing_keys),
-        ('unexpected', result.unexpected_keys)) if keys]
+    problems = [
+        f'{what} keys: {", ".join(keys)}'
+        for what, keys in (('missing', result.missing_keys),
+                           ('unexpected', result.unexpected_keys)) if keys
+    ]
     return '; '.join(problems)
 
 
@@ -108,9 +117,10 @@ def main(argv=None):
         if problems:
             sys.exit(f'strict load into {args.config} failed: {problems}')
         print(f'verified: loads strictly into {args.config}')
-    meta = dict(checkpoint.get('meta') or {},
-                converted_from=osp.basename(args.src),
-                converter='tools/convert_co_detr_checkpoint.py')
+    meta = dict(
+        checkpoint.get('meta') or {},
+        converted_from=osp.basename(args.src),
+        converter='tools/convert_co_detr_checkpoint.py')
     torch.save(dict(state_dict=converted, meta=meta), args.dst)
     print(f'wrote {args.dst}')
 

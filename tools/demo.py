@@ -4,7 +4,8 @@ Prints the COCO bbox mAP on shapes val and the wall time, writes
 ``<work-dir>/demo_result.json`` and ``<work-dir>/demo_predictions.png``
 (predictions drawn on a few val images with mmdet's visualizer).
 
-    python tools/demo.py configs/shapes/dino-tiny_shapes.py --work-dir work_dirs/demo
+    python tools/demo.py configs/shapes/dino-tiny_shapes.py \\
+        --work-dir work_dirs/demo
 """
 import argparse
 import glob
@@ -40,8 +41,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('--work-dir', default='work_dirs/demo')
-    parser.add_argument('--num-vis', type=int, default=4,
-                        help='val images drawn into the PNG')
+    parser.add_argument(
+        '--num-vis', type=int, default=4, help='val images drawn into the PNG')
     parser.add_argument('--score-thr', type=float, default=0.3)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
@@ -74,12 +75,12 @@ def draw_predictions(runner, out_file, num_images, score_thr, scale=4):
         for sample in samples:
             image = mmcv.imread(sample.img_path, channel_order='rgb')
             image, sample = enlarged(image, sample, scale)
-            visualizer.add_datasample('pred', image, sample, draw_gt=True,
-                                      pred_score_thr=score_thr)
+            visualizer.add_datasample(
+                'pred', image, sample, draw_gt=True, pred_score_thr=score_thr)
             drawings.append(visualizer.get_image())
             if len(drawings) == num_images:
-                mmcv.imwrite(np.concatenate(drawings, axis=0)[..., ::-1],
-                             out_file)
+                mmcv.imwrite(
+                    np.concatenate(drawings, axis=0)[..., ::-1], out_file)
                 return out_file
     return None
 
@@ -100,8 +101,10 @@ def trained_configs(config):
         return paths
     hooks = [hook.get('type') for hook in cfg.get('custom_hooks', [])]
     if 'TrainTimeBudgetHook' in hooks:
-        paths += [osp.normpath(osp.join(osp.dirname(config), base))
-                  for base in bases if '::' not in base]
+        paths += [
+            osp.normpath(osp.join(osp.dirname(config), base)) for base in bases
+            if '::' not in base
+        ]
     return paths
 
 
@@ -121,8 +124,8 @@ def study_line(config, results_dir):
         for name, study in studies:
             changed = study.get('options', {})  # variants: not the file
             for method, cfg in study.get('methods', {}).items():
-                finals = study['summary'].get(method, {}).get(
-                    'final_per_seed', {})
+                finals = study['summary'].get(method,
+                                              {}).get('final_per_seed', {})
                 same = cfg and osp.normpath(cfg) == osp.normpath(path)
                 if same and finals and not changed.get(method):
                     length = (f'{study["seconds"]} s of training'
@@ -130,9 +133,9 @@ def study_line(config, results_dir):
                               f'{study["iters"]} iterations')
                     # most seeds, then equal wall clock (the demo's own
                     # measure), then the longest
-                    found.append((len(finals), bool(study.get('seconds')),
-                                  study['iters'], list(finals.values()),
-                                  length, name))
+                    found.append(
+                        (len(finals), bool(study.get('seconds')),
+                         study['iters'], list(finals.values()), length, name))
         return max(found, default=None)
 
     def text(entry):
@@ -141,8 +144,9 @@ def study_line(config, results_dir):
                 f'{max(finals):.3f}, {seeds} seeds) after {length} in '
                 f'{osp.basename(name)}')
 
-    ours = next(((path, entry) for path in trained_configs(config)
-                 if (entry := best(path))), None)  # the config itself first
+    ours = next(((path, entry)
+                 for path in trained_configs(config) if (entry := best(path))),
+                None)  # the config itself first
     dino = best(DINO)
     if dino is None:
         return None
@@ -166,21 +170,25 @@ def main():
     runner.register_hook(keep, priority='LOWEST')
     runner.train()  # the iteration-based loop validates at its last iteration
     seconds = time.time() - start
-    vis = draw_predictions(runner, osp.join(args.work_dir,
-                                            'demo_predictions.png'),
+    vis = draw_predictions(runner,
+                           osp.join(args.work_dir, 'demo_predictions.png'),
                            args.num_vis, args.score_thr)
     m_ap = keep.metrics.get('coco/bbox_mAP', float('nan'))
-    result = dict(config=args.config, bbox_mAP=m_ap,
-                  train_and_eval_seconds=round(seconds, 1),
-                  max_iters=runner.train_loop.max_iters,  # as trained
-                  metrics=keep.metrics, predictions_png=vis)
+    result = dict(
+        config=args.config,
+        bbox_mAP=m_ap,
+        train_and_eval_seconds=round(seconds, 1),
+        max_iters=runner.train_loop.max_iters,  # as trained
+        metrics=keep.metrics,
+        predictions_png=vis)
     with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
         json.dump(result, f, indent=2)
     print(f'\nDEMO: shapes val COCO bbox mAP = {m_ap:.3f} after '
           f'{result["max_iters"]} iterations in {seconds / 60:.1f} min '
           f'(train + eval); predictions drawn to {vis}')
-    study = study_line(osp.relpath(osp.abspath(args.config), ROOT),
-                       osp.join(ROOT, 'benchmarks', 'results'))
+    study = study_line(
+        osp.relpath(osp.abspath(args.config), ROOT),
+        osp.join(ROOT, 'benchmarks', 'results'))
     if study:
         print(study)
 

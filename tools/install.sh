@@ -9,6 +9,7 @@
 #   - mmdet==3.3.0, mmengine 0.10.x, pycocotools, scipy, openmim;
 #   - the optional deploy extra (onnx, onnxruntime, onnxscript);
 #   - the docs requirements (mkdocs, mkdocstrings-python);
+#   - the style tools (flake8, isort, yapf, codespell; pinned);
 #   - this package (editable, with its compiled MSDeformAttn extension).
 set -euo pipefail
 PYTHON=${PYTHON:-python}
@@ -77,6 +78,15 @@ fi
 if ! have "import mkdocs, mkdocstrings_handlers.python"; then
     say "installing the docs requirements (mkdocs, mkdocstrings-python)"
     $PIP install -r "$ROOT/requirements-docs.txt"
+fi
+
+# the style tools (requirements-lint.txt, pinned): `make lint` and
+# tests/test_lint.py
+if ! have "import importlib.metadata as m; assert [m.version(p) for p in
+        ('flake8', 'isort', 'yapf', 'codespell')] == ['7.5.0', '9.0.2',
+        '0.43.0', '2.4.3']"; then
+    say "installing the style tools (flake8, isort, yapf, codespell)"
+    $PIP install -r "$ROOT/requirements-lint.txt"
 fi
 
 if ! have "import pytest, hypothesis"; then

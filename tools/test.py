@@ -22,14 +22,23 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save the metrics')
     parser.add_argument('--out', help='dump predictions to this pickle file')
-    parser.add_argument('--show-dir', help='save drawn predictions here '
-                        '(relative to the work dir)')
-    parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision inference')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
+    parser.add_argument(
+        '--show-dir',
+        help='save drawn predictions here '
+        '(relative to the work dir)')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='automatic mixed precision inference')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value')
+    parser.add_argument(
+        '--launcher',
+        default='none',
+        choices=['none', 'pytorch', 'slurm', 'mpi'])
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
@@ -58,8 +67,8 @@ def build_config(args):
             raise ValueError(f'--out must be a .pkl file, got {args.out!r}')
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(
             cfg.test_evaluator, dict) else list(cfg.test_evaluator)
-        cfg.test_evaluator.append(dict(type='DumpDetResults',
-                                       out_file_path=args.out))
+        cfg.test_evaluator.append(
+            dict(type='DumpDetResults', out_file_path=args.out))
     return cfg
 
 

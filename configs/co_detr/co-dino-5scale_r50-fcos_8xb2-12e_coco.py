@@ -18,11 +18,15 @@ fcos_head = dict(
     centerness_on_reg=True,
     prior_scale=8.0,
     loss_cls=dict(
-        type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+        type='FocalLoss',
+        use_sigmoid=True,
+        gamma=2.0,
+        alpha=0.25,
         loss_weight=1.0 * _base_.aux_weight),
     loss_bbox=dict(type='GIoULoss', loss_weight=2.0 * _base_.aux_weight),
     loss_centerness=dict(
-        type='CrossEntropyLoss', use_sigmoid=True,
+        type='CrossEntropyLoss',
+        use_sigmoid=True,
         loss_weight=1.0 * _base_.aux_weight))
 
 model = dict(branches=[

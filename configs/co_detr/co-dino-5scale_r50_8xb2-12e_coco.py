@@ -34,7 +34,8 @@ rcnn_head = dict(
             target_means=[0.0, 0.0, 0.0, 0.0],
             target_stds=[1.0, 1.0, 1.0, 1.0]),
         loss_cls=dict(
-            type='CrossEntropyLoss', use_sigmoid=True,
+            type='CrossEntropyLoss',
+            use_sigmoid=True,
             loss_weight=1.0 * aux_weight),
         loss_bbox=dict(type='L1Loss', loss_weight=1.0 * aux_weight)),
     roi_head=dict(
@@ -57,29 +58,49 @@ rcnn_head = dict(
             reg_class_agnostic=False,
             reg_decoded_bbox=True,
             loss_cls=dict(
-                type='CrossEntropyLoss', use_sigmoid=False,
+                type='CrossEntropyLoss',
+                use_sigmoid=False,
                 loss_weight=1.0 * aux_weight),
             loss_bbox=dict(type='GIoULoss', loss_weight=10.0 * aux_weight))),
     train_cfg=dict(
         rpn=dict(
             assigner=dict(
-                type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3,
-                min_pos_iou=0.3, match_low_quality=True, ignore_iof_thr=-1),
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.7,
+                neg_iou_thr=0.3,
+                min_pos_iou=0.3,
+                match_low_quality=True,
+                ignore_iof_thr=-1),
             sampler=dict(
-                type='RandomSampler', num=256, pos_fraction=0.5,
-                neg_pos_ub=-1, add_gt_as_proposals=False),
-            allowed_border=-1, pos_weight=-1, debug=False),
+                type='RandomSampler',
+                num=256,
+                pos_fraction=0.5,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=False),
+            allowed_border=-1,
+            pos_weight=-1,
+            debug=False),
         rpn_proposal=dict(
-            nms_pre=4000, max_per_img=1000,
-            nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            nms_pre=4000,
+            max_per_img=1000,
+            nms=dict(type='nms', iou_threshold=0.7),
+            min_bbox_size=0),
         rcnn=dict(
             assigner=dict(
-                type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5,
-                min_pos_iou=0.5, match_low_quality=False, ignore_iof_thr=-1),
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.5,
+                neg_iou_thr=0.5,
+                min_pos_iou=0.5,
+                match_low_quality=False,
+                ignore_iof_thr=-1),
             sampler=dict(
-                type='RandomSampler', num=512, pos_fraction=0.25,
-                neg_pos_ub=-1, add_gt_as_proposals=True),
-            pos_weight=-1, debug=False)))
+                type='RandomSampler',
+                num=512,
+                pos_fraction=0.25,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=True),
+            pos_weight=-1,
+            debug=False)))
 
 # official: bbox_head[0] (CoATSSHead) and train_cfg[2]
 atss_head = dict(
@@ -98,28 +119,38 @@ atss_head = dict(
         target_means=[0.0, 0.0, 0.0, 0.0],
         target_stds=[0.1, 0.1, 0.2, 0.2]),
     loss_cls=dict(
-        type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+        type='FocalLoss',
+        use_sigmoid=True,
+        gamma=2.0,
+        alpha=0.25,
         loss_weight=1.0 * aux_weight),
     loss_bbox=dict(type='GIoULoss', loss_weight=2.0 * aux_weight),
     loss_centerness=dict(
-        type='CrossEntropyLoss', use_sigmoid=True,
+        type='CrossEntropyLoss',
+        use_sigmoid=True,
         loss_weight=1.0 * aux_weight),
     train_cfg=dict(
         assigner=dict(type='ATSSAssigner', topk=9),
-        allowed_border=-1, pos_weight=-1, debug=False))
+        allowed_border=-1,
+        pos_weight=-1,
+        debug=False))
 
 # official CoDINOHead defaults: max_pos_coords=300, at least 9 queries per
 # image padded with the head's negatives (use_zero_padding=False); the
 # customized queries' losses weigh 1 (the paper's lambda_1)
-co_query = dict(type='CollaborativeBranch', max_queries=300, min_queries=9,
-                zero_padding=False, loss_weight=1.0)
+co_query = dict(
+    type='CollaborativeBranch',
+    max_queries=300,
+    min_queries=9,
+    zero_padding=False,
+    loss_weight=1.0)
 
 model = dict(
     backbone=dict(out_indices=(0, 1, 2, 3)),
     neck=dict(in_channels=[256, 512, 1024, 2048], num_outs=num_levels),
     # official: encoder with_cp=4 (FairScale); ours: torch's checkpointing
-    encoder=dict(num_cp=4,
-                 layer_cfg=dict(self_attn_cfg=dict(num_levels=num_levels))),
+    encoder=dict(
+        num_cp=4, layer_cfg=dict(self_attn_cfg=dict(num_levels=num_levels))),
     decoder=dict(layer_cfg=dict(cross_attn_cfg=dict(num_levels=num_levels))),
     num_feature_levels=num_levels,
     content_init='normal',  # official: CoDinoTransformer.init_weights N(0,1)
@@ -134,8 +165,12 @@ model = dict(
         sync_cls_avg_factor=True,
         # official: QualityFocalLoss beta 2 for the decoder, denoising,
         # encoder and customized-query losses (matching cost stays focal)
-        loss_cls=dict(_delete_=True, type='QualityFocalLoss',
-                      use_sigmoid=True, beta=2.0, loss_weight=1.0)),
+        loss_cls=dict(
+            _delete_=True,
+            type='QualityFocalLoss',
+            use_sigmoid=True,
+            beta=2.0,
+            loss_weight=1.0)),
     # official order of the auxiliary heads: RoI heads, then one-stage ones
     branches=[
         dict(co_query, name='co_rcnn', aux_head=rcnn_head),
@@ -143,8 +178,8 @@ model = dict(
     ],
     # official test_cfg[0]: top 300, then soft-NMS (+0.2 AP per the
     # maintainers); `nms=None` gives the NMS-free DINO output
-    test_cfg=dict(max_per_img=300,
-                  nms=dict(type='soft_nms', iou_threshold=0.8)))
+    test_cfg=dict(
+        max_per_img=300, nms=dict(type='soft_nms', iou_threshold=0.8)))
 
 # not official: at most 100 ground truths per image are denoised (DINO base,
 # dn_cfg.max_targets; mmdet #11021); the official code has no bound.

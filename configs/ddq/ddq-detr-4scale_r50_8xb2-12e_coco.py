@@ -4,7 +4,8 @@
 # checkpoints as mmdet's DDQDETR.
 _base_ = 'mmdet::ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py'
 
-custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+custom_imports = dict(
+    imports=['projects_detr_plus'], allow_failed_imports=False)
 # checkpoints carry the random generators: resume continues the same run
 custom_hooks = [dict(type='RandomStateHook'), dict(type='NonFiniteGuardHook')]
 
@@ -14,10 +15,12 @@ model = dict(
     # queries, so that mmdet's DDQ checkpoints predict as in mmdet;
     # 'isolated' removes them from self-attention altogether
     suppressed_queries='mmdet',
-    encoder=dict(layer_cfg=dict(
-        self_attn_cfg=dict(type='MultiScaleDeformableAttentionPlus'))),
-    decoder=dict(layer_cfg=dict(
-        cross_attn_cfg=dict(type='MultiScaleDeformableAttentionPlus'))),
+    encoder=dict(
+        layer_cfg=dict(
+            self_attn_cfg=dict(type='MultiScaleDeformableAttentionPlus'))),
+    decoder=dict(
+        layer_cfg=dict(
+            cross_attn_cfg=dict(type='MultiScaleDeformableAttentionPlus'))),
     bbox_head=dict(type='DDQHeadPlus', aux_num_pos=4),
     # at most 100 ground truths per image are denoised (mmdet #11021)
     dn_cfg=dict(max_targets=100),

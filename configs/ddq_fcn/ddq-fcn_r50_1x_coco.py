@@ -8,7 +8,8 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py',  # 12e, steps 8/11, warmup 500
     'mmdet::_base_/default_runtime.py'
 ]
-custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+custom_imports = dict(
+    imports=['projects_detr_plus'], allow_failed_imports=False)
 # a NaN / Inf loss or gradient skips its step and is named (DETR+)
 custom_hooks = [dict(type='NonFiniteGuardHook')]
 
@@ -48,7 +49,8 @@ model = dict(
         num_distinct_queries=300,  # head
         shuffle_channels=64,  # head (`shuffle_channles`)
         # head: the last 2 cls convs and the last reg conv shuffle
-        # (shuffled_cls_convs / shuffled_reg_convs None: stacked_convs - 2, - 3)
+        # (shuffled_cls_convs / shuffled_reg_convs None: stacked_convs - 2,
+        # - 3)
         # head: main_loss (top-1) and aux_loss (top-8): QFL beta 2, GIoU 2,
         # TopkHungarianAssigner (FocalLossCost 2 on logits, L1 5, GIoU 2),
         # alignment alpha 1, beta 6 -- the DDQFCNHead defaults
@@ -63,9 +65,14 @@ optim_wrapper = dict(
 # schedule_1x: 12 epochs, steps 8 / 11, linear warmup from 0.001 over 500
 # iterations -- ending as mmcv 1.x's (full lr at iteration 500: end=501)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
-         end=501),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
-         milestones=[8, 11], gamma=0.1)
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=12,
+        by_epoch=True,
+        milestones=[8, 11],
+        gamma=0.1)
 ]
 randomness = dict(seed=0)  # official tools/train.sh: --seed 0

@@ -12,18 +12,23 @@ detr_train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(
         type='RandomChoice',
-        transforms=[
-            [dict(type='RandomChoiceResize', scales=_scales,
-                  keep_ratio=True)],
-            [
-                dict(type='RandomChoiceResize',
-                     scales=[(1333, 400), (1333, 500), (1333, 600)],
-                     keep_ratio=True),
-                dict(type='RandomCrop', crop_type='absolute_range',
-                     crop_size=(384, 600), allow_negative_crop=True),
-                dict(type='RandomChoiceResize', scales=_scales,
-                     keep_ratio=True)
-            ]
-        ]),
+        transforms=[[
+            dict(type='RandomChoiceResize', scales=_scales, keep_ratio=True)
+        ],
+                    [
+                        dict(
+                            type='RandomChoiceResize',
+                            scales=[(1333, 400), (1333, 500), (1333, 600)],
+                            keep_ratio=True),
+                        dict(
+                            type='RandomCrop',
+                            crop_type='absolute_range',
+                            crop_size=(384, 600),
+                            allow_negative_crop=True),
+                        dict(
+                            type='RandomChoiceResize',
+                            scales=_scales,
+                            keep_ratio=True)
+                    ]]),
     dict(type='PackDetInputs')
 ]

@@ -7,7 +7,8 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py',  # 12e, steps 8/11, warmup 500
     'mmdet::_base_/default_runtime.py'
 ]
-custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+custom_imports = dict(
+    imports=['projects_detr_plus'], allow_failed_imports=False)
 # a NaN / Inf loss or gradient skips its step and is named (DETR+)
 custom_hooks = [dict(type='NonFiniteGuardHook')]
 
@@ -78,8 +79,11 @@ model = dict(
                 loss_bbox=dict(type='L1Loss', loss_weight=5.0),
                 loss_iou=dict(type='GIoULoss', loss_weight=2.0),
                 loss_cls=dict(
-                    type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                    alpha=0.25, loss_weight=2.0),
+                    type='FocalLoss',
+                    use_sigmoid=True,
+                    gamma=2.0,
+                    alpha=0.25,
+                    loss_weight=2.0),
                 bbox_coder=dict(
                     type='DeltaXYWHBBoxCoder',
                     clip_border=False,
@@ -109,9 +113,14 @@ optim_wrapper = dict(
 # schedule_1x: 12 epochs, steps 8 / 11, linear warmup from 0.001 over 500
 # iterations -- ending as mmcv 1.x's (full lr at iteration 500: end=501)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
-         end=501),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
-         milestones=[8, 11], gamma=0.1)
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=12,
+        by_epoch=True,
+        milestones=[8, 11],
+        gamma=0.1)
 ]
 randomness = dict(seed=0)  # official tools/train.sh: --seed 0

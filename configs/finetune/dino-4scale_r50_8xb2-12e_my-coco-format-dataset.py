@@ -1,6 +1,7 @@
 # Fine-tune DINO-4scale R50 (or any DETR+ config: change _base_) on your own
 # COCO-format dataset.  Edit the four marked lines; then
-#   python tools/train.py configs/finetune/dino-4scale_r50_8xb2-12e_my-coco-format-dataset.py
+#   python tools/train.py \
+#       configs/finetune/dino-4scale_r50_8xb2-12e_my-coco-format-dataset.py
 # `load_from` may be a checkpoint trained with another number of classes (a
 # COCO one): the class-dependent weights (class branches, the denoising label
 # embedding, auxiliary classifiers) keep their initialisation, with a log
@@ -23,9 +24,11 @@ model = dict(
 
 
 def _split(name):  # EDIT the file layout if yours differs
-    return dict(data_root=data_root, metainfo=metainfo,
-                ann_file=f'annotations/{name}.json',
-                data_prefix=dict(img=f'{name}/'))
+    return dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file=f'annotations/{name}.json',
+        data_prefix=dict(img=f'{name}/'))
 
 
 train_dataloader = dict(dataset=_split('train'))
@@ -36,6 +39,7 @@ test_evaluator = val_evaluator
 # before training and validation: the heads' num_classes must equal the
 # number of classes in metainfo (mmdet's check, error otherwise)
 custom_hooks = [
-    dict(type='RandomStateHook'), dict(type='NumClassCheckHook'),
+    dict(type='RandomStateHook'),
+    dict(type='NumClassCheckHook'),
     dict(type='NonFiniteGuardHook')
 ]

@@ -8,6 +8,9 @@
 _base_ = '../dino/dino-4scale_r50_8xb2-12e_coco.py'
 
 model = dict(branches=[
-    dict(type='HybridMatchingBranch', num_queries=1500, k_one_to_many=6,
-         loss_weight=1.0)
+    dict(
+        type='HybridMatchingBranch',
+        num_queries=1500,
+        k_one_to_many=6,
+        loss_weight=1.0)
 ])

@@ -24,14 +24,16 @@
 _base_ = ('../deformable_detr/'
           'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py')
 
-ffn = dict(feedforward_channels=2048,  # [pp900] 14: --dim_feedforward 2048
-           ffn_drop=0.0)  # [pp900] 19: --dropout 0.0
+ffn = dict(
+    feedforward_channels=2048,  # [pp900] 14: --dim_feedforward 2048
+    ffn_drop=0.0)  # [pp900] 19: --dropout 0.0
 model = dict(
     num_queries=900,  # [pp900] 18: --num_queries 900
     mixed_selection=True,  # [pp900] 20: --mixed_selection
-    encoder=dict(layer_cfg=dict(
-        self_attn_cfg=dict(dropout=0.0),  # [pp900] 19: --dropout 0.0
-        ffn_cfg=ffn)),
+    encoder=dict(
+        layer_cfg=dict(
+            self_attn_cfg=dict(dropout=0.0),  # [pp900] 19: --dropout 0.0
+            ffn_cfg=ffn)),
     decoder=dict(
         look_forward_twice=True,  # [pp900] 21: --look_forward_twice
         layer_cfg=dict(
@@ -58,7 +60,8 @@ model = dict(
                 cls_weight=0.3,  # [o2m] 210: coef_cls=0.3
                 positive_fraction=0.25),  # [o2m] 212
             loss_cls=dict(
-                type='FocalLoss', use_sigmoid=True,
+                type='FocalLoss',
+                use_sigmoid=True,
                 gamma=2.0,  # [detr] 287: sigmoid_focal_loss(..., gamma=2)
                 alpha=0.25,  # [main] 106: --focal_alpha 0.25
                 loss_weight=2.0),  # [pp900] 25: --o2m_cls_loss_coef 2
@@ -71,15 +74,20 @@ model = dict(
     ])
 
 optim_wrapper = dict(
-    optimizer=dict(lr=2e-4,  # [main] 31: --lr 2e-4
-                   weight_decay=1e-4))  # [main] 37: --weight_decay 1e-4
+    optimizer=dict(
+        lr=2e-4,  # [main] 31: --lr 2e-4
+        weight_decay=1e-4))  # [main] 37: --weight_decay 1e-4
 
 max_epochs = 12  # [pp900] 15: --epochs 12
 train_cfg = dict(max_epochs=max_epochs)
 param_scheduler = [
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[11],  # [pp900] 16: --lr_drop 11
-         gamma=0.1)
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[11],  # [pp900] 16: --lr_drop 11
+        gamma=0.1)
 ]
 # [pp900] 2, 10: 8 GPUs x 2 images ([main] 36: --batch_size 2)
 auto_scale_lr = dict(base_batch_size=16)

@@ -10,12 +10,22 @@
 _base_ = '../dino/dino-4scale_r50_8xb2-12e_coco.py'
 
 model = dict(branches=[
-    dict(type='MSDETRBranch', num_layers=6,
-         assigner=dict(type='MSDETRAssigner', k=6, threshold=0.4,
-                       iou_weight=0.7, cls_weight=0.3,
-                       positive_fraction=0.25),
-         loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                       alpha=0.25, loss_weight=2.0),
-         loss_bbox=dict(type='L1Loss', loss_weight=5.0),
-         loss_iou=dict(type='GIoULoss', loss_weight=2.0))
+    dict(
+        type='MSDETRBranch',
+        num_layers=6,
+        assigner=dict(
+            type='MSDETRAssigner',
+            k=6,
+            threshold=0.4,
+            iou_weight=0.7,
+            cls_weight=0.3,
+            positive_fraction=0.25),
+        loss_cls=dict(
+            type='FocalLoss',
+            use_sigmoid=True,
+            gamma=2.0,
+            alpha=0.25,
+            loss_weight=2.0),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0))
 ])

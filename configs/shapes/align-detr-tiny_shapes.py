@@ -4,8 +4,13 @@
 _base_ = ['./dino-tiny_shapes.py']
 
 model = dict(
-    bbox_head=dict(loss_cls=dict(
-        _delete_=True, type='IABCELoss', alpha=0.25, gamma=2.0,
-        loss_weight=1.0)),
-    branches=[dict(type='AlignDETRBranch', match_numbers=(2, 2, 2, 1),
-                   tau=1.5)])
+    bbox_head=dict(
+        loss_cls=dict(
+            _delete_=True,
+            type='IABCELoss',
+            alpha=0.25,
+            gamma=2.0,
+            loss_weight=1.0)),
+    branches=[
+        dict(type='AlignDETRBranch', match_numbers=(2, 2, 2, 1), tau=1.5)
+    ])

@@ -6,10 +6,17 @@
 # co-dino-tiny_shapes.py). Heads and extra queries are dropped at inference.
 _base_ = ['./ddq-detr-tiny_shapes.py', './co_detr_aux_heads.py']
 
-model = dict(
-    branches=[
-        dict(type='CollaborativeBranch', name='co_rcnn',
-             aux_head=_base_.rcnn_head, max_queries=300, min_queries=9),
-        dict(type='CollaborativeBranch', name='co_atss',
-             aux_head=_base_.atss_head, max_queries=300, min_queries=9),
-    ])
+model = dict(branches=[
+    dict(
+        type='CollaborativeBranch',
+        name='co_rcnn',
+        aux_head=_base_.rcnn_head,
+        max_queries=300,
+        min_queries=9),
+    dict(
+        type='CollaborativeBranch',
+        name='co_atss',
+        aux_head=_base_.atss_head,
+        max_queries=300,
+        min_queries=9),
+])

@@ -13,12 +13,24 @@ model = dict(
     bbox_head=dict(
         type='DINOHeadPlus',
         reference_eps=1e-3,
-        loss_cls=dict(_delete_=True, type='QualityFocalLoss',
-                      use_sigmoid=True, beta=2.0, loss_weight=1.0)),
+        loss_cls=dict(
+            _delete_=True,
+            type='QualityFocalLoss',
+            use_sigmoid=True,
+            beta=2.0,
+            loss_weight=1.0)),
     branches=[
-        dict(type='CollaborativeBranch', name='co_rcnn',
-             aux_head=_base_.rcnn_head, max_queries=300, min_queries=9),
-        dict(type='CollaborativeBranch', name='co_atss',
-             aux_head=_base_.atss_head, max_queries=300, min_queries=9),
+        dict(
+            type='CollaborativeBranch',
+            name='co_rcnn',
+            aux_head=_base_.rcnn_head,
+            max_queries=300,
+            min_queries=9),
+        dict(
+            type='CollaborativeBranch',
+            name='co_atss',
+            aux_head=_base_.atss_head,
+            max_queries=300,
+            min_queries=9),
     ],
     test_cfg=dict(nms=dict(type='soft_nms', iou_threshold=0.8)))

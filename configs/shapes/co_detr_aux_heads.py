@@ -23,15 +23,21 @@ atss_head = dict(
         target_means=[0.0, 0.0, 0.0, 0.0],
         target_stds=[0.1, 0.1, 0.2, 0.2]),
     loss_cls=dict(
-        type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+        type='FocalLoss',
+        use_sigmoid=True,
+        gamma=2.0,
+        alpha=0.25,
         loss_weight=1.0 * aux_weight),
     loss_bbox=dict(type='GIoULoss', loss_weight=2.0 * aux_weight),
     loss_centerness=dict(
-        type='CrossEntropyLoss', use_sigmoid=True,
+        type='CrossEntropyLoss',
+        use_sigmoid=True,
         loss_weight=1.0 * aux_weight),
     train_cfg=dict(
         assigner=dict(type='ATSSAssigner', topk=9),
-        allowed_border=-1, pos_weight=-1, debug=False))
+        allowed_border=-1,
+        pos_weight=-1,
+        debug=False))
 
 rcnn_head = dict(
     type='CoRCNNHead',
@@ -40,14 +46,18 @@ rcnn_head = dict(
         in_channels=128,
         feat_channels=128,
         anchor_generator=dict(
-            type='AnchorGenerator', octave_base_scale=2, scales_per_octave=1,
-            ratios=[0.5, 1.0, 2.0], strides=strides),
+            type='AnchorGenerator',
+            octave_base_scale=2,
+            scales_per_octave=1,
+            ratios=[0.5, 1.0, 2.0],
+            strides=strides),
         bbox_coder=dict(
             type='DeltaXYWHBBoxCoder',
             target_means=[0.0, 0.0, 0.0, 0.0],
             target_stds=[1.0, 1.0, 1.0, 1.0]),
         loss_cls=dict(
-            type='CrossEntropyLoss', use_sigmoid=True,
+            type='CrossEntropyLoss',
+            use_sigmoid=True,
             loss_weight=1.0 * aux_weight),
         loss_bbox=dict(type='L1Loss', loss_weight=1.0 * aux_weight)),
     roi_head=dict(
@@ -69,26 +79,46 @@ rcnn_head = dict(
             reg_class_agnostic=False,
             reg_decoded_bbox=True,
             loss_cls=dict(
-                type='CrossEntropyLoss', use_sigmoid=False,
+                type='CrossEntropyLoss',
+                use_sigmoid=False,
                 loss_weight=1.0 * aux_weight),
             loss_bbox=dict(type='GIoULoss', loss_weight=10.0 * aux_weight))),
     train_cfg=dict(
         rpn=dict(
             assigner=dict(
-                type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3,
-                min_pos_iou=0.3, match_low_quality=True, ignore_iof_thr=-1),
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.7,
+                neg_iou_thr=0.3,
+                min_pos_iou=0.3,
+                match_low_quality=True,
+                ignore_iof_thr=-1),
             sampler=dict(
-                type='RandomSampler', num=256, pos_fraction=0.5,
-                neg_pos_ub=-1, add_gt_as_proposals=False),
-            allowed_border=-1, pos_weight=-1, debug=False),
+                type='RandomSampler',
+                num=256,
+                pos_fraction=0.5,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=False),
+            allowed_border=-1,
+            pos_weight=-1,
+            debug=False),
         rpn_proposal=dict(
-            nms_pre=1000, max_per_img=300,
-            nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            nms_pre=1000,
+            max_per_img=300,
+            nms=dict(type='nms', iou_threshold=0.7),
+            min_bbox_size=0),
         rcnn=dict(
             assigner=dict(
-                type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5,
-                min_pos_iou=0.5, match_low_quality=False, ignore_iof_thr=-1),
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.5,
+                neg_iou_thr=0.5,
+                min_pos_iou=0.5,
+                match_low_quality=False,
+                ignore_iof_thr=-1),
             sampler=dict(
-                type='RandomSampler', num=128, pos_fraction=0.25,
-                neg_pos_ub=-1, add_gt_as_proposals=True),
-            pos_weight=-1, debug=False)))
+                type='RandomSampler',
+                num=128,
+                pos_fraction=0.25,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=True),
+            pos_weight=-1,
+            debug=False)))

@@ -13,7 +13,8 @@ model = dict(
         layer_cfg=dict(
             self_attn_cfg=dict(
                 type='MultiScaleDeformableAttentionPlus',
-                embed_dims=128, batch_first=True),
+                embed_dims=128,
+                batch_first=True),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0))),
     decoder=dict(
@@ -24,7 +25,8 @@ model = dict(
                 embed_dims=128, num_heads=8, dropout=0.0, batch_first=True),
             cross_attn_cfg=dict(
                 type='MultiScaleDeformableAttentionPlus',
-                embed_dims=128, batch_first=True),
+                embed_dims=128,
+                batch_first=True),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0)),
         post_norm_cfg=None),

@@ -14,7 +14,9 @@ model = dict(
         layer_cfg=dict(
             self_attn_cfg=dict(
                 type='MultiScaleDeformableAttentionPlus',
-                embed_dims=128, num_levels=4, dropout=0.0),
+                embed_dims=128,
+                num_levels=4,
+                dropout=0.0),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0))),
     decoder=dict(
@@ -24,7 +26,9 @@ model = dict(
             self_attn_cfg=dict(embed_dims=128, num_heads=8, dropout=0.0),
             cross_attn_cfg=dict(
                 type='MultiScaleDeformableAttentionPlus',
-                embed_dims=128, num_levels=4, dropout=0.0),
+                embed_dims=128,
+                num_levels=4,
+                dropout=0.0),
             ffn_cfg=dict(
                 embed_dims=128, feedforward_channels=512, ffn_drop=0.0)),
         post_norm_cfg=None),

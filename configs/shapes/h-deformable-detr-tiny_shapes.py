@@ -7,6 +7,9 @@
 _base_ = ['./deformable-detr-refine-twostage-tiny_shapes.py']
 
 model = dict(branches=[
-    dict(type='HybridMatchingBranch', num_queries=200, k_one_to_many=6,
-         loss_weight=1.0)
+    dict(
+        type='HybridMatchingBranch',
+        num_queries=200,
+        k_one_to_many=6,
+        loss_weight=1.0)
 ])

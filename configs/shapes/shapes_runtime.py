@@ -2,7 +2,8 @@
 # The dataset is generated deterministically into `data_root` on first use.
 _base_ = ['mmdet::_base_/default_runtime.py']
 
-custom_imports = dict(imports=['projects_detr_plus'], allow_failed_imports=False)
+custom_imports = dict(
+    imports=['projects_detr_plus'], allow_failed_imports=False)
 
 dataset_type = 'ShapesDataset'
 data_root = 'data/shapes/'
@@ -80,13 +81,16 @@ param_scheduler = [
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=False, interval=max_iters,
+        type='CheckpointHook',
+        by_epoch=False,
+        interval=max_iters,
         max_keep_ckpts=2))
 # checkpoints carry the random generators: resume continues the same run;
 # mmdet's NumClassCheckHook stops a num_classes / dataset classes mismatch;
 # a NaN / Inf loss or gradient skips its step and is named
 custom_hooks = [
-    dict(type='RandomStateHook'), dict(type='NumClassCheckHook'),
+    dict(type='RandomStateHook'),
+    dict(type='NumClassCheckHook'),
     dict(type='NonFiniteGuardHook')
 ]
 log_processor = dict(by_epoch=False)

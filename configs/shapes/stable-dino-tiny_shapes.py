@@ -7,12 +7,24 @@ _base_ = ['./dino-tiny_shapes.py']
 
 model = dict(
     encoder=dict(type='DenseFusionEncoder'),
-    bbox_head=dict(loss_cls=dict(
-        _delete_=True, type='PositionSupervisedLoss', alpha=0.25, gamma=2.0,
-        ta_alpha=0.0, ta_beta=2.0, loss_weight=6.0)),
+    bbox_head=dict(
+        loss_cls=dict(
+            _delete_=True,
+            type='PositionSupervisedLoss',
+            alpha=0.25,
+            gamma=2.0,
+            ta_alpha=0.0,
+            ta_beta=2.0,
+            loss_weight=6.0)),
     dn_cfg=dict(negative_noise_offset=0.0, loss_cls_weight=1.0),
-    train_cfg=dict(assigner=dict(match_costs=[
-        dict(type='PositionModulatedFocalCost', weight=2.0, alpha=0.25,
-             gamma=2.0, beta=0.5),
-        dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-        dict(type='IoUCost', iou_mode='giou', weight=2.0)])))
+    train_cfg=dict(
+        assigner=dict(match_costs=[
+            dict(
+                type='PositionModulatedFocalCost',
+                weight=2.0,
+                alpha=0.25,
+                gamma=2.0,
+                beta=0.5),
+            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+            dict(type='IoUCost', iou_mode='giou', weight=2.0)
+        ])))

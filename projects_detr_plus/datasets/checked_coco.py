@@ -38,10 +38,14 @@ class CheckedCocoDataset(CocoDataset):
 
     def parse_data_info(self, raw_data_info):
         img_info = raw_data_info['raw_img_info']
-        checked = [self._checked(ann, img_info)
-                   for ann in raw_data_info['raw_ann_info']]
-        return super().parse_data_info(dict(
-            raw_data_info, raw_ann_info=[a for a in checked if a is not None]))
+        checked = [
+            self._checked(ann, img_info)
+            for ann in raw_data_info['raw_ann_info']
+        ]
+        return super().parse_data_info(
+            dict(
+                raw_data_info,
+                raw_ann_info=[a for a in checked if a is not None]))
 
     def _checked(self, ann, img_info):
         """``ann`` with its box clipped to the image, None to drop it."""
@@ -51,8 +55,9 @@ class CheckedCocoDataset(CocoDataset):
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise ValueError(f'{where}: bbox must be [x, y, w, h], got '
                              f'{bbox!r}')
-        if not all(isinstance(v, (int, float)) and math.isfinite(v)
-                   for v in bbox):
+        if not all(
+                isinstance(v, (int, float)) and math.isfinite(v)
+                for v in bbox):
             raise ValueError(f'{where}: bbox has NaN/inf or non-numeric '
                              f'coordinates: {bbox}')
         if ann.get('category_id') not in self.coco.cats:

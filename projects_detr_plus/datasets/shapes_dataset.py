@@ -42,19 +42,29 @@ class ShapesDataset(CheckedCocoDataset):
             and ``data_prefix`` are derived from the split.
     """
 
-    METAINFO = dict(classes=CLASSES,
-                    palette=[(220, 20, 60), (0, 128, 255), (0, 200, 0),
-                             (255, 200, 0), (160, 32, 240), (0, 200, 200)])
+    METAINFO = dict(
+        classes=CLASSES,
+        palette=[(220, 20, 60), (0, 128, 255), (0, 200, 0), (255, 200, 0),
+                 (160, 32, 240), (0, 200, 200)])
 
-    def __init__(self, data_root='data/shapes/', split='train',
-                 num_images=2000, image_size=128, seed=0, shapes_cfg=None,
+    def __init__(self,
+                 data_root='data/shapes/',
+                 split='train',
+                 num_images=2000,
+                 image_size=128,
+                 seed=0,
+                 shapes_cfg=None,
                  **kwargs):
         for derived in ('ann_file', 'data_prefix'):
             if derived in kwargs:
                 raise ValueError(f'ShapesDataset derives {derived!r} from '
                                  f'split={split!r}; do not set it')
-        spec = dict(split=split, num_images=num_images,
-                    image_size=image_size, seed=seed, **(shapes_cfg or {}))
+        spec = dict(
+            split=split,
+            num_images=num_images,
+            image_size=image_size,
+            seed=seed,
+            **(shapes_cfg or {}))
         self.shapes_spec = ShapesSpec(**spec)
         # Every DDP rank may generate: the files it writes are identical and
         # replaced atomically.

@@ -2,10 +2,11 @@
 
 Each image has a textured, noisy background and 1-20 filled shapes of
 ``CLASSES`` drawn in random colours (at least ``min_contrast`` from the mean
-colour behind them, so that every object is visible), sizes (about 8 px up to most of the image),
-positions and rotations.  Later shapes partially occlude earlier ones; a shape
-is only placed if every earlier shape keeps at least ``min_visible`` of its
-pixels, and its box is the tight box of its *visible* pixels (COCO convention).
+colour behind them, so that every object is visible), sizes (about 8 px up
+to most of the image), positions and rotations.  Later shapes partially
+occlude earlier ones; a shape is only placed if every earlier shape keeps
+at least ``min_visible`` of its pixels, and its box is the tight box of its
+*visible* pixels (COCO convention).
 
 The output is a COCO detection dataset::
 
@@ -62,8 +63,8 @@ def _polygon(name):
     if name == 'cross':
         a = 0.33
         return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
-                         [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a],
-                         [-a, -a]])
+                         [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a,
+                                                                       -a]])
     raise ValueError(f'no polygon for shape {name!r}')
 
 
@@ -72,7 +73,8 @@ def _shape_mask(name, size, rotation, aspect, canvas, centre):
     mask = np.zeros(canvas, np.uint8)
     radius = size / 2.0
     if name == 'circle':
-        axes = (max(1, int(round(radius))), max(1, int(round(radius * aspect))))
+        axes = (max(1, int(round(radius))), max(1,
+                                                int(round(radius * aspect))))
         cv2.ellipse(mask, (int(round(centre[0])), int(round(centre[1]))), axes,
                     np.degrees(rotation), 0, 360, 1, -1)
         return mask.astype(bool)
@@ -117,16 +119,20 @@ def _place_objects(rng, spec):
     size, objects = spec.image_size, []
     visible_owner = np.full((size, size), -1, np.int32)
     # about as many objects as a COCO image (7.3 on average), 1 to 20
-    count = int(np.clip(spec.min_objects + rng.poisson(spec.mean_objects -
-                                                       spec.min_objects),
-                        spec.min_objects, spec.max_objects))
+    count = int(
+        np.clip(
+            spec.min_objects +
+            rng.poisson(spec.mean_objects - spec.min_objects),
+            spec.min_objects, spec.max_objects))
     max_size = spec.max_object_frac * size / np.sqrt(max(1, count / 3))
     max_size = max(max_size, spec.min_object_size * 1.5)
     for _ in range(count):
         for _attempt in range(10):
             label = int(rng.integers(len(CLASSES)))
-            diameter = float(np.exp(rng.uniform(
-                np.log(spec.min_object_size), np.log(max_size))))
+            diameter = float(
+                np.exp(
+                    rng.uniform(
+                        np.log(spec.min_object_size), np.log(max_size))))
             centre = rng.uniform(0, size, 2)
             mask = _shape_mask(CLASSES[label], diameter,
                                rng.uniform(0, 2 * np.pi),
@@ -145,14 +151,15 @@ def _keeps_earlier_visible(objects, visible_owner, mask, spec):
     """Whether every earlier object keeps ``min_visible`` of its pixels."""
     if not objects:
         return True
-    visible = np.bincount(visible_owner[visible_owner >= 0],
-                          minlength=len(objects))
+    visible = np.bincount(
+        visible_owner[visible_owner >= 0], minlength=len(objects))
     covered = visible_owner[mask]
     lost = np.bincount(covered[covered >= 0], minlength=len(objects))
     full = np.array([full_mask.sum() for _, full_mask in objects])
     remaining = visible - lost
-    return bool(np.all((remaining >= spec.min_visible * full)
-                       & (remaining >= 12)))
+    return bool(
+        np.all((remaining >= spec.min_visible * full)
+               & (remaining >= 12)))
 
 
 def render_image(rng, spec):
@@ -167,10 +174,14 @@ def render_image(rng, spec):
         image[visible] = texture[visible]
         ys, xs = np.nonzero(visible)
         x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        annotations.append(dict(category_id=label + 1,
-                                bbox=[int(x1), int(y1), int(x2 - x1),
-                                      int(y2 - y1)],
-                                area=int(visible.sum()), iscrowd=0))
+        annotations.append(
+            dict(
+                category_id=label + 1,
+                bbox=[int(x1), int(y1),
+                      int(x2 - x1),
+                      int(y2 - y1)],
+                area=int(visible.sum()),
+                iscrowd=0))
     gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)  # jitter
     image = np.clip(image * gain + bias, 0, 255).astype(np.uint8)
     return image, annotations
@@ -182,19 +193,25 @@ def generate_split(root, spec):
     image_dir = osp.join(root, spec.split)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
-    coco = dict(images=[], annotations=[],
-                categories=[dict(id=i + 1, name=name)
-                            for i, name in enumerate(CLASSES)],
-                info=dict(description='DETR+ synthetic shapes',
-                          spec=asdict(spec)))
+    coco = dict(
+        images=[],
+        annotations=[],
+        categories=[
+            dict(id=i + 1, name=name) for i, name in enumerate(CLASSES)
+        ],
+        info=dict(description='DETR+ synthetic shapes', spec=asdict(spec)))
     for image_id in range(1, spec.num_images + 1):
         image, annotations = render_image(rng, spec)
         file_name = f'{image_id:06d}.png'
-        _atomic_write(osp.join(image_dir, file_name),
-                      cv2.imencode('.png', image)[1].tobytes())
-        coco['images'].append(dict(id=image_id, file_name=file_name,
-                                   width=spec.image_size,
-                                   height=spec.image_size))
+        _atomic_write(
+            osp.join(image_dir, file_name),
+            cv2.imencode('.png', image)[1].tobytes())
+        coco['images'].append(
+            dict(
+                id=image_id,
+                file_name=file_name,
+                width=spec.image_size,
+                height=spec.image_size))
         for ann in annotations:
             ann.update(id=len(coco['annotations']) + 1, image_id=image_id)
             coco['annotations'].append(ann)
@@ -217,7 +234,8 @@ def stored_spec(root, split):
 
 
 def _atomic_write(path, data):
-    """Write bytes so concurrent writers (DDP ranks) never leave a torn file."""
+    """Write bytes so that concurrent writers (DDP ranks) never leave a torn
+    file."""
     fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), suffix='.tmp')
     with os.fdopen(fd, 'wb') as f:
         f.write(data)

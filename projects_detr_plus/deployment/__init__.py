@@ -21,6 +21,7 @@ from .export import export_onnx, exportable, translation_table
 from .requirements import require
 from .runtime import OnnxDetector
 
-__all__ = ['ExportableDetector', 'ExportableDDQFCN', 'ExportableDDQRCNN',
-           'exportable', 'export_onnx', 'translation_table', 'OnnxDetector',
-           'require']
+__all__ = [
+    'ExportableDetector', 'ExportableDDQFCN', 'ExportableDDQRCNN',
+    'exportable', 'export_onnx', 'translation_table', 'OnnxDetector', 'require'
+]

@@ -46,7 +46,8 @@ class ExportableDDQFCN(nn.Module):
         scores, boxes, _ = head.candidates(scores, distances)  # (B, n, .)
         keep = distinct_mask(boxes, scores.max(-1).values, head.dqs_cfg)
         h, w = inputs.shape[2], inputs.shape[3]
-        scale = torch.tensor([w, h, w, h], dtype=boxes.dtype,
+        scale = torch.tensor([w, h, w, h],
+                             dtype=boxes.dtype,
                              device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), scale)
         # suppressed queries (score 0) fill the rows predict() leaves out

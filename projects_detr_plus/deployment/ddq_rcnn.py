@@ -29,8 +29,12 @@ from .outputs import top_detections
 __all__ = ['ExportableDDQRCNN', 'roi_align']
 
 
-def roi_align(feat: Tensor, boxes: Tensor, output_size, spatial_scale: float,
-              sampling_ratio: int, aligned: bool = True) -> Tensor:
+def roi_align(feat: Tensor,
+              boxes: Tensor,
+              output_size,
+              spatial_scale: float,
+              sampling_ratio: int,
+              aligned: bool = True) -> Tensor:
     """mmcv's ``RoIAlign`` (average pooling) on ``grid_sample``.
 
     mmcv samples ``sampling_ratio`` x ``sampling_ratio`` points per bin; a
@@ -54,27 +58,30 @@ def roi_align(feat: Tensor, boxes: Tensor, output_size, spatial_scale: float,
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
-    steps_y = torch.arange(out_h * s, dtype=feat.dtype,
-                           device=feat.device) + 0.5
-    steps_x = torch.arange(out_w * s, dtype=feat.dtype,
-                           device=feat.device) + 0.5
+    steps_y = torch.arange(
+        out_h * s, dtype=feat.dtype, device=feat.device) + 0.5
+    steps_x = torch.arange(
+        out_w * s, dtype=feat.dtype, device=feat.device) + 0.5
     ys = y1[..., None] + steps_y * (roi_h / (out_h * s))[..., None]
     xs = x1[..., None] + steps_x * (roi_w / (out_w * s))[..., None]
     inside = ((ys >= -1) & (ys <= height))[..., :, None] & \
         ((xs >= -1) & (xs <= width))[..., None, :]  # (B, N, oh*s, ow*s)
     gy = ys / max(height - 1, 1) * 2 - 1
     gx = xs / max(width - 1, 1) * 2 - 1
-    grid = torch.stack(torch.broadcast_tensors(
-        gx[..., None, :], gy[..., :, None]), dim=-1)  # (B, N, oh*s, ow*s, 2)
+    grid = torch.stack(
+        torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]),
+        dim=-1)  # (B, N, oh*s, ow*s, 2)
     sampled = F.grid_sample(
-        feat, grid.reshape(batch, num * out_h * s, out_w * s, 2),
-        mode='bilinear', padding_mode='border', align_corners=True)
+        feat,
+        grid.reshape(batch, num * out_h * s, out_w * s, 2),
+        mode='bilinear',
+        padding_mode='border',
+        align_corners=True)
     sampled = sampled.view(batch, channels, num, out_h * s, out_w * s)
     sampled = sampled * inside[:, None].to(sampled.dtype)
     pooled = sampled.view(batch, channels, num, out_h, s, out_w, s)
     pooled = pooled.mean((4, 6))  # (B, C, N, oh, ow)
-    return pooled.transpose(1, 2).reshape(batch * num, channels, out_h,
-                                          out_w)
+    return pooled.transpose(1, 2).reshape(batch * num, channels, out_h, out_w)
 
 
 class ExportableDDQRCNN(nn.Module):
@@ -105,8 +112,10 @@ class ExportableDDQRCNN(nn.Module):
         roi = self.detector.roi_head
         if roi.query_fusion is not None:
             pooled = self.roi_features(0, feats, boxes).mean((2, 3))
-            object_feats = roi.query_fusion(torch.cat(
-                [object_feats, pooled.view(object_feats.shape)], dim=-1))
+            object_feats = roi.query_fusion(
+                torch.cat([object_feats,
+                           pooled.view(object_feats.shape)],
+                          dim=-1))
         size = inputs.shape[2:]
         for stage in range(roi.num_stages):
             cls_score, object_feats, boxes = self.stage(
@@ -124,8 +133,8 @@ class ExportableDDQRCNN(nn.Module):
         keep = distinct_mask(boxes, best, rpn.dqs_cfg)
         top, valid = top_kept(keep, best, self.num_proposals)
         chosen = point_ids.gather(1, top)
-        features = rpn.compress(gather_rows(
-            rpn.point_features(cls_feats, reg_feats), chosen))
+        features = rpn.compress(
+            gather_rows(rpn.point_features(cls_feats, reg_feats), chosen))
         features = torch.where(valid[..., None], features,
                                torch.zeros_like(features))
         return gather_rows(boxes, top, valid), features, valid
@@ -135,13 +144,13 @@ class ExportableDDQRCNN(nn.Module):
         every level, the level ``map_roi_levels`` picks kept."""
         extractor = self.detector.roi_head.bbox_roi_extractor[stage]
         rois = torch.cat([boxes.new_zeros(*boxes.shape[:2], 1), boxes], -1)
-        levels = extractor.map_roi_levels(rois.flatten(0, 1),
-                                          extractor.num_inputs)
+        levels = extractor.map_roi_levels(
+            rois.flatten(0, 1), extractor.num_inputs)
         pooled = 0
         for level, layer in enumerate(extractor.roi_layers):
-            level_feats = roi_align(
-                feats[level], boxes, layer.output_size, layer.spatial_scale,
-                layer.sampling_ratio, layer.aligned)
+            level_feats = roi_align(feats[level], boxes, layer.output_size,
+                                    layer.spatial_scale, layer.sampling_ratio,
+                                    layer.aligned)
             pooled = pooled + level_feats * (levels == level).to(
                 level_feats.dtype)[:, None, None, None]
         return pooled
@@ -152,14 +161,15 @@ class ExportableDDQRCNN(nn.Module):
         head = self.detector.roi_head.bbox_head[stage]
         roi_feats = self.roi_features(stage, feats, boxes)
         batch, num = object_feats.shape[:2]
-        attn_feats = head.attention_norm(head.attention(
-            object_feats.transpose(0, 1),
-            key_padding_mask=~valid)).transpose(0, 1)
+        attn_feats = head.attention_norm(
+            head.attention(
+                object_feats.transpose(0, 1),
+                key_padding_mask=~valid)).transpose(0, 1)
         flat = attn_feats.reshape(-1, head.in_channels)
         flat = flat + head.instance_interactive_conv_dropout(
             head.instance_interactive_conv(flat, roi_feats))
-        obj_feat = head.ffn_norm(head.ffn(
-            head.instance_interactive_conv_norm(flat)))
+        obj_feat = head.ffn_norm(
+            head.ffn(head.instance_interactive_conv_norm(flat)))
         cls_feat = reg_feat = obj_feat
         for layer in head.cls_fcs:
             cls_feat = layer(cls_feat)
@@ -171,8 +181,8 @@ class ExportableDDQRCNN(nn.Module):
         if head.bbox_coder.clip_border:
             limit = boxes.new_tensor([size[1], size[0]] * 2)
             boxes = torch.minimum(boxes.clamp(min=0), limit)
-        return (cls_score, obj_feat.view(batch, num, -1),
-                boxes.view(batch, num, 4))
+        return (cls_score, obj_feat.view(batch, num,
+                                         -1), boxes.view(batch, num, 4))
 
     def top_pairs(self, cls_score, boxes, valid):
         """The top K (proposal, class) pairs of the valid proposals."""

@@ -66,8 +66,7 @@ class ExportableDetector(nn.Module):
         self.detector = detector
         test_cfg = detector.bbox_head.test_cfg or {}
         self.max_per_img = test_cfg.get('max_per_img', detector.num_queries)
-        self.score_thr = float((detector.test_cfg or {}).get('score_thr',
-                                                             0.0))
+        self.score_thr = float((detector.test_cfg or {}).get('score_thr', 0.0))
 
     def forward(self, inputs):
         """Detections of a preprocessed batch.
@@ -93,8 +92,8 @@ class ExportableDetector(nn.Module):
             decoder_inputs.update(more_inputs)
             head_inputs.update(det.forward_decoder(**decoder_inputs))
         cls_scores, bbox_preds = det.bbox_head(**head_inputs)
-        return self.detections(cls_scores[-1], bbox_preds[-1],
-                               inputs.shape[2], inputs.shape[3])
+        return self.detections(cls_scores[-1], bbox_preds[-1], inputs.shape[2],
+                               inputs.shape[3])
 
     def detections(self, cls_score, bbox_pred, img_h, img_w):
         """mmdet's ``DETRHead._predict_by_feat_single`` on the whole batch.
@@ -118,7 +117,8 @@ class ExportableDetector(nn.Module):
             labels = labels.gather(1, query)
         boxes = bbox_cxcywh_to_xyxy(gather_rows(bbox_pred, query))
         scale = torch.tensor([img_w, img_h, img_w, img_h],
-                             dtype=boxes.dtype, device=boxes.device)
+                             dtype=boxes.dtype,
+                             device=boxes.device)
         boxes = torch.minimum((boxes * scale).clamp(min=0), scale)
         dets = torch.cat([boxes, scores[..., None]], -1)
         # rows predict() drops: DDQ's suppressed queries (score 0), and

@@ -53,7 +53,10 @@ def _dynamic_shapes(dynamic_batch, dynamic_size, size_divisor=1):
     return {'inputs': axes} if axes else None
 
 
-def export_program(wrapper, example, dynamic_batch=True, dynamic_size=True,
+def export_program(wrapper,
+                   example,
+                   dynamic_batch=True,
+                   dynamic_size=True,
                    size_divisor=None):
     """``torch.export`` (non-strict) of :class:`ExportableDetector`.
 
@@ -78,9 +81,10 @@ def export_program(wrapper, example, dynamic_batch=True, dynamic_size=True,
         try:
             with torch.no_grad():
                 program = torch.export.export(
-                    wrapper, (example, ), strict=False,
-                    dynamic_shapes=_dynamic_shapes(dynamic_batch,
-                                                   dynamic_size, divisor))
+                    wrapper, (example, ),
+                    strict=False,
+                    dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size,
+                                                   divisor))
             return program, divisor
         except Exception as error:  # noqa: BLE001 - retried, then raised
             if index + 1 == len(divisors):
@@ -121,8 +125,8 @@ def _optimize(program) -> None:
     except ImportError:
         broken = set()
     if rules is not None:
-        rewriter._DEFAULT_REWRITE_RULES = tuple(
-            rule for rule in rules if rule not in broken)
+        rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in rules
+                                                if rule not in broken)
     try:
         optimizer.optimize_ir(program.model)
     finally:
@@ -161,12 +165,16 @@ def _warn_if_slow_dynamic_size(detector) -> None:
             'resize or pad inputs to it')
 
 
-def export_onnx(detector: torch.nn.Module, out: str,
+def export_onnx(detector: torch.nn.Module,
+                out: str,
                 input_shape: Sequence[int] = (2, 3, 640, 640),
-                dynamic_batch: bool = True, dynamic_size: bool = True,
-                opset: int = 18, msda: str = 'decompose',
+                dynamic_batch: bool = True,
+                dynamic_size: bool = True,
+                opset: int = 18,
+                msda: str = 'decompose',
                 metadata: Optional[Dict[str, str]] = None,
-                optimize: bool = True, size_divisor: Optional[int] = None):
+                optimize: bool = True,
+                size_divisor: Optional[int] = None):
     """Export ``detector``'s inference graph to the ONNX file ``out``.
 
     Args:
@@ -226,19 +234,25 @@ def export_onnx(detector: torch.nn.Module, out: str,
                                        dynamic_size, size_divisor)
     with torch.no_grad():
         program = torch.onnx.export(
-            exported, dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            exported,
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
             custom_translation_table=translation_table(msda),
-            optimize=False, verbose=False)
+            optimize=False,
+            verbose=False)
     if optimize:
         _optimize(program)
-    props = {'producer': 'projects_detr_plus',
-             'detr_plus.outputs': 'dets (B, K, 5) x1 y1 x2 y2 score in input '
-             'pixels; labels (B, K), -1 for empty rows',
-             'detr_plus.max_per_img': str(wrapper.max_per_img),
-             'detr_plus.msda': msda,
-             'detr_plus.size_divisor': str(divisor if dynamic_size else 0),
-             'detr_plus.detector': type(detector).__name__}
+    props = {
+        'producer': 'projects_detr_plus',
+        'detr_plus.outputs': 'dets (B, K, 5) x1 y1 x2 y2 score in input '
+        'pixels; labels (B, K), -1 for empty rows',
+        'detr_plus.max_per_img': str(wrapper.max_per_img),
+        'detr_plus.msda': msda,
+        'detr_plus.size_divisor': str(divisor if dynamic_size else 0),
+        'detr_plus.detector': type(detector).__name__
+    }
     props.update(metadata or {})
     program.model.metadata_props.update(props)
     folder = osp.dirname(osp.abspath(out))

@@ -17,8 +17,10 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-__all__ = ['pre_transformer', 'patched', 'pixel_grid', 'level_shapes',
-           'swin_windows', 'window_reverse']
+__all__ = [
+    'pre_transformer', 'patched', 'pixel_grid', 'level_shapes', 'swin_windows',
+    'window_reverse'
+]
 
 
 def pre_transformer(det, feats):
@@ -37,19 +39,25 @@ def pre_transformer(det, feats):
     for level, feat in enumerate(feats):
         pos = det.positional_encoding(None, input=feat)
         flat.append(feat.flatten(2).transpose(1, 2))
-        positions.append(pos.flatten(2).transpose(1, 2) +
-                         det.level_embed[level].view(1, 1, -1))
-    spatial_shapes = torch.tensor(
-        [[feat.shape[2], feat.shape[3]] for feat in feats], dtype=torch.long,
-        device=feats[0].device)
-    level_start_index = torch.cat((spatial_shapes.new_zeros((1, )),
-                                   spatial_shapes.prod(1).cumsum(0)[:-1]))
+        positions.append(
+            pos.flatten(2).transpose(1, 2) +
+            det.level_embed[level].view(1, 1, -1))
+    spatial_shapes = torch.tensor([[feat.shape[2], feat.shape[3]]
+                                   for feat in feats],
+                                  dtype=torch.long,
+                                  device=feats[0].device)
+    level_start_index = torch.cat((spatial_shapes.new_zeros(
+        (1, )), spatial_shapes.prod(1).cumsum(0)[:-1]))
     valid_ratios = feats[0].new_ones(feats[0].shape[0], len(feats), 2)
-    shared = dict(spatial_shapes=spatial_shapes,
-                  level_start_index=level_start_index,
-                  valid_ratios=valid_ratios)
-    encoder_inputs = dict(feat=torch.cat(flat, 1), feat_mask=None,
-                          feat_pos=torch.cat(positions, 1), **shared)
+    shared = dict(
+        spatial_shapes=spatial_shapes,
+        level_start_index=level_start_index,
+        valid_ratios=valid_ratios)
+    encoder_inputs = dict(
+        feat=torch.cat(flat, 1),
+        feat_mask=None,
+        feat_pos=torch.cat(positions, 1),
+        **shared)
     return encoder_inputs, dict(memory_mask=None, **shared)
 
 
@@ -100,10 +108,10 @@ def level_shapes(det, shapes):
         points = []
         for level, (h, w) in enumerate(shapes):
             ref_x, ref_y = pixel_grid(h, w, device)
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level,
-                                                            1] * h)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level,
-                                                            0] * w)
+            ref_y = ref_y.reshape(-1)[None] / (
+                valid_ratios[:, None, level, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (
+                valid_ratios[:, None, level, 0] * w)
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
@@ -115,7 +123,8 @@ def level_shapes(det, shapes):
         proposals = []
         for level, (h, w) in enumerate(shapes):
             grid_x, grid_y = pixel_grid(h, w, memory.device)
-            scale = torch.tensor([w, h], dtype=torch.float32,
+            scale = torch.tensor([w, h],
+                                 dtype=torch.float32,
                                  device=memory.device)
             grid = torch.stack([grid_x, grid_y], -1)[None] / scale
             grid = grid.expand(bs, -1, -1, -1)
@@ -146,8 +155,8 @@ def swin_windows(backbone):
         for module in backbone.modules():
             if type(module).__name__ == 'ShiftWindowMSA' and hasattr(
                     module, 'window_reverse'):
-                stack.enter_context(patched(
-                    module, window_reverse=window_reverse(module)))
+                stack.enter_context(
+                    patched(module, window_reverse=window_reverse(module)))
         yield
 
 
@@ -159,7 +168,6 @@ def window_reverse(module):
         size = module.window_size
         x = windows.view(-1, h // size, w // size, size, size,
                          windows.shape[-1])
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w,
-                                                   windows.shape[-1])
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, windows.shape[-1])
 
     return reverse

@@ -27,8 +27,7 @@ def top_detections(scores: Tensor, boxes: Tensor, k: int):
         always, those beyond the image's pairs of positive score empty.
     """
     top_scores, queries, labels = top_class_pairs(scores, k, pad=True)
-    dets = torch.cat([gather_rows(boxes, queries), top_scores[..., None]],
-                     -1)
+    dets = torch.cat([gather_rows(boxes, queries), top_scores[..., None]], -1)
     kept = top_scores > 0
     dets = torch.where(kept[..., None], dets, torch.zeros_like(dets))
     return dets, torch.where(kept, labels, torch.full_like(labels, -1))

@@ -4,8 +4,11 @@ import importlib
 __all__ = ['DEPLOY_PACKAGES', 'require']
 
 # import name -> what to install
-DEPLOY_PACKAGES = {'onnx': 'onnx', 'onnxruntime': 'onnxruntime',
-                   'onnxscript': 'onnxscript'}
+DEPLOY_PACKAGES = {
+    'onnx': 'onnx',
+    'onnxruntime': 'onnxruntime',
+    'onnxscript': 'onnxscript'
+}
 INSTALL_HINT = ('pip install "projects_detr_plus[deploy]" (or, from a '
                 'checkout, `pip install -e ".[deploy]"` / `make install`)')
 

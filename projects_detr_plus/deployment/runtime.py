@@ -24,18 +24,20 @@ class OnnxDetector:
         ImportError: when onnxruntime is missing, naming the deploy extra.
     """
 
-    def __init__(self, path: str,
+    def __init__(self,
+                 path: str,
                  providers: Sequence[str] = ('CPUExecutionProvider', ),
-                 threads: Optional[int] = None, spinning: bool = True):
+                 threads: Optional[int] = None,
+                 spinning: bool = True):
         ort = require('onnxruntime')
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
         if not spinning:
-            options.add_session_config_entry(
-                'session.intra_op.allow_spinning', '0')
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=list(providers))
+            options.add_session_config_entry('session.intra_op.allow_spinning',
+                                             '0')
+        self.session = ort.InferenceSession(
+            str(path), options, providers=list(providers))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -8,12 +8,16 @@ from mmengine.config import Config
 
 from .verify import match_detections
 
-__all__ = ['build_detector', 'reference_predictions', 'verify_export',
-           'test_pipeline', 'dataset_meta']
+__all__ = [
+    'build_detector', 'reference_predictions', 'verify_export',
+    'test_pipeline', 'dataset_meta'
+]
 
 
-def build_detector(config, checkpoint: Optional[str] = None,
-                   device: str = 'cpu', cfg_options: Optional[Dict] = None):
+def build_detector(config,
+                   checkpoint: Optional[str] = None,
+                   device: str = 'cpu',
+                   cfg_options: Optional[Dict] = None):
     """The config's detector in eval mode, with ``checkpoint`` loaded.
 
     Without a checkpoint the weights are the config's initialisation
@@ -45,16 +49,24 @@ def reference_predictions(model, inputs) -> List:
     """
     from mmdet.structures import DetDataSample
     h, w = inputs.shape[-2:]
-    samples = [DetDataSample(metainfo=dict(
-        img_shape=(h, w), batch_input_shape=(h, w), ori_shape=(h, w),
-        scale_factor=(1.0, 1.0))) for _ in range(inputs.shape[0])]
+    samples = [
+        DetDataSample(
+            metainfo=dict(
+                img_shape=(h, w),
+                batch_input_shape=(h, w),
+                ori_shape=(h, w),
+                scale_factor=(1.0, 1.0))) for _ in range(inputs.shape[0])
+    ]
     with torch.no_grad():
         results = model.predict(inputs, samples, rescale=False)
     return [r.pred_instances.cpu() for r in results]
 
 
-def verify_export(model, onnx_file: str, input_shape: Sequence[int],
-                  seed: int = 0, score_atol: float = 1e-4,
+def verify_export(model,
+                  onnx_file: str,
+                  input_shape: Sequence[int],
+                  seed: int = 0,
+                  score_atol: float = 1e-4,
                   box_rtol: float = 1e-4) -> Dict:
     """Run ``onnx_file`` in ONNX Runtime and ``model.predict`` on one
     random batch and match the detections (:func:`match_detections`).
@@ -75,10 +87,11 @@ def verify_export(model, onnx_file: str, input_shape: Sequence[int],
     refs = reference_predictions(model, inputs.to(device))
     dets, labels = OnnxDetector(onnx_file)(inputs)
     box_atol = box_rtol * max(input_shape[-2:])
-    images = [match_detections(d, l, r.bboxes.numpy(), r.scores.numpy(),
-                               r.labels.numpy(), score_atol, box_atol,
-                               box_rtol)
-              for d, l, r in zip(dets, labels, refs)]
+    images = [
+        match_detections(d, l, r.bboxes.numpy(), r.scores.numpy(),
+                         r.labels.numpy(), score_atol, box_atol, box_rtol)
+        for d, l, r in zip(dets, labels, refs)
+    ]
     ok = all(report['ok'] for report in images)
     summary = (f'ONNX Runtime vs PyTorch on a random {tuple(input_shape)} '
                f'batch: {"same detections" if ok else "MISMATCH"}; '
@@ -95,8 +108,10 @@ def test_pipeline(cfg: Config):
     """The config's test pipeline without annotation loading, composed."""
     from mmcv.transforms import Compose
     from mmdet.utils import get_test_pipeline_cfg
-    steps = [step for step in copy.deepcopy(get_test_pipeline_cfg(cfg))
-             if step['type'] != 'LoadAnnotations']
+    steps = [
+        step for step in copy.deepcopy(get_test_pipeline_cfg(cfg))
+        if step['type'] != 'LoadAnnotations'
+    ]
     return Compose(steps)
 
 

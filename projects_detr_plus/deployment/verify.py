@@ -16,7 +16,11 @@ import numpy as np
 __all__ = ['match_detections']
 
 
-def match_detections(dets, labels, ref_bboxes, ref_scores, ref_labels,
+def match_detections(dets,
+                     labels,
+                     ref_bboxes,
+                     ref_scores,
+                     ref_labels,
                      score_atol: float = 1e-4,
                      box_atol: float = 1e-2,
                      box_rtol: float = 0.0) -> Dict:
@@ -73,10 +77,12 @@ def match_detections(dets, labels, ref_bboxes, ref_scores, ref_labels,
             score_diffs.append(abs(scores[i] - ref_scores[j]))
             box_diffs.append(box_gap[i])
         elif not (full and ref_scores[j] <= lowest + score_atol):
-            problems.append(
-                f'no match for PyTorch detection {j} (label '
-                f'{ref_labels[j]}, score {ref_scores[j]:.6f}, box '
-                f'{np.round(ref_bboxes[j], 3).tolist()})')
-    return dict(ok=not problems, problems=problems, matched=int(used.sum()),
-                max_score_diff=float(max(score_diffs)),
-                max_box_diff=float(max(box_diffs)))
+            problems.append(f'no match for PyTorch detection {j} (label '
+                            f'{ref_labels[j]}, score {ref_scores[j]:.6f}, box '
+                            f'{np.round(ref_bboxes[j], 3).tolist()})')
+    return dict(
+        ok=not problems,
+        problems=problems,
+        matched=int(used.sum()),
+        max_score_diff=float(max(score_diffs)),
+        max_box_diff=float(max(box_diffs)))

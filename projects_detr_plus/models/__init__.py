@@ -3,12 +3,27 @@ DETR+.
 
 Importing this package registers them into mmdet's registries.
 """
-from . import (aux_heads, branches, detectors, heads, layers,  # noqa
-               roi_heads, task_modules)
-from .branches import QuerySet, DenoisingBranch
+from . import (aux_heads, branches, detectors, heads, layers, roi_heads,
+               task_modules)
+from .branches import DenoisingBranch, QuerySet
 from .detectors import DDQDETRPlus, DeformableDETRPlus, DINOPlus
 from .heads import DDQHeadPlus
 from .task_modules import OneToOneAssigner
 
-__all__ = ['QuerySet', 'DenoisingBranch', 'DDQDETRPlus', 'DDQHeadPlus',
-           'DeformableDETRPlus', 'DINOPlus', 'OneToOneAssigner']
+__all__ = [
+    'QuerySet',
+    'DenoisingBranch',
+    'DDQDETRPlus',
+    'DDQHeadPlus',
+    'DeformableDETRPlus',
+    'DINOPlus',
+    'OneToOneAssigner',
+    # the subpackages, imported to register their modules
+    'aux_heads',
+    'branches',
+    'detectors',
+    'heads',
+    'layers',
+    'roi_heads',
+    'task_modules'
+]

@@ -61,8 +61,8 @@ def top_kept(keep: Tensor, scores: Tensor, k: int):
         (0 where invalid) and ``valid`` (B, k) bool.
     """
     ranked = torch.where(keep, scores, scores.new_tensor(-1.0))
-    ranked = torch.cat([ranked, ranked.new_full((ranked.shape[0], k), -2.0)],
-                       1)
+    ranked = torch.cat(
+        [ranked, ranked.new_full((ranked.shape[0], k), -2.0)], 1)
     top, index = ranked.topk(k, dim=1)
     valid = top >= 0
     return torch.where(valid, index, 0), valid

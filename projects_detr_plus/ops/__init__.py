@@ -17,8 +17,15 @@ from .nms import (distinct_indices, distinct_mask, exportable_iou_threshold,
 from .onnx_lowering import msda_translation_table
 
 __all__ = [
-    'multi_scale_deformable_attn', 'multi_scale_deformable_attn_pytorch',
-    'active_implementation', 'force_pytorch', 'implementation_info',
-    'msda_translation_table', 'distinct_indices', 'distinct_mask',
-    'nms_keep', 'exportable_iou_threshold', 'nms_translation_table',
+    'multi_scale_deformable_attn',
+    'multi_scale_deformable_attn_pytorch',
+    'active_implementation',
+    'force_pytorch',
+    'implementation_info',
+    'msda_translation_table',
+    'distinct_indices',
+    'distinct_mask',
+    'nms_keep',
+    'exportable_iou_threshold',
+    'nms_translation_table',
 ]

@@ -41,8 +41,11 @@ from torch.autograd.function import once_differentiable
 from ._ext import ext_cpu_isa, ext_error, ext_has_cuda, load_ext
 
 __all__ = [
-    'multi_scale_deformable_attn', 'multi_scale_deformable_attn_pytorch',
-    'active_implementation', 'force_pytorch', 'implementation_info',
+    'multi_scale_deformable_attn',
+    'multi_scale_deformable_attn_pytorch',
+    'active_implementation',
+    'force_pytorch',
+    'implementation_info',
 ]
 
 ENV_IMPL = 'DETR_PLUS_MSDA_IMPL'
@@ -58,10 +61,12 @@ def _check_args(value: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, sampling_locations: Tensor,
                 attention_weights: Tensor) -> None:
     """Metadata-only checks (ranks, sizes, dtypes, devices): no device sync."""
-    named = dict(value=value, spatial_shapes=spatial_shapes,
-                 level_start_index=level_start_index,
-                 sampling_locations=sampling_locations,
-                 attention_weights=attention_weights)
+    named = dict(
+        value=value,
+        spatial_shapes=spatial_shapes,
+        level_start_index=level_start_index,
+        sampling_locations=sampling_locations,
+        attention_weights=attention_weights)
     for name, tensor in named.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f'{name} must be a torch.Tensor, got '
@@ -161,8 +166,12 @@ def _level_inputs(value: Tensor, loc: Tensor, attn: Tensor, level: int,
 
 def _sample(value_l: Tensor, grid_l: Tensor) -> Tensor:
     """Bilinear samples (bs*nh, D, nq, np), zeros outside the map."""
-    return F.grid_sample(value_l, grid_l, mode='bilinear',
-                         padding_mode='zeros', align_corners=False)
+    return F.grid_sample(
+        value_l,
+        grid_l,
+        mode='bilinear',
+        padding_mode='zeros',
+        align_corners=False)
 
 
 def multi_scale_deformable_attn_pytorch(value: Tensor, spatial_shapes: Tensor,
@@ -180,9 +189,9 @@ def multi_scale_deformable_attn_pytorch(value: Tensor, spatial_shapes: Tensor,
     start = 0
     for level, (h, w) in enumerate(spatial_shapes.tolist()):
         if h * w > 0:
-            value_l, grid_l, attn_l = _level_inputs(
-                value, sampling_locations, attention_weights, level, start,
-                (h, w))
+            value_l, grid_l, attn_l = _level_inputs(value, sampling_locations,
+                                                    attention_weights, level,
+                                                    start, (h, w))
             out = out + (_sample(value_l, grid_l) * attn_l).sum(-1)
         start += h * w
     return out.view(bs, nh * dims, nq).transpose(1, 2).contiguous()
@@ -200,8 +209,8 @@ def _pytorch_forward(value: Tensor, spatial_shapes: Tensor,
 
 
 def _pytorch_backward(grad_output: Tensor, value: Tensor,
-                      shapes: List[Tuple[int, int]], sampling_locations: Tensor,
-                      attention_weights: Tensor):
+                      shapes: List[Tuple[int, int]],
+                      sampling_locations: Tensor, attention_weights: Tensor):
     """Gradients of the reference path via aten.grid_sampler_2d_backward.
 
     No autograd graph is needed (the op body runs below autograd).
@@ -210,8 +219,8 @@ def _pytorch_backward(grad_output: Tensor, value: Tensor,
     ct = _compute_dtype(value.dtype)
     bs, nk, nh, dims = value.shape
     _, nq, _, nl, npts, _ = sampling_locations.shape
-    v, loc, attn = (t.to(ct) for t in (value, sampling_locations,
-                                       attention_weights))
+    v, loc, attn = (
+        t.to(ct) for t in (value, sampling_locations, attention_weights))
     # (bs, nq, nh*D) -> (bs*nh, D, nq, 1)
     go = grad_output.to(ct).reshape(bs, nq, nh, dims).permute(0, 2, 3, 1)
     go = go.reshape(bs * nh, dims, nq, 1)
@@ -226,8 +235,9 @@ def _pytorch_backward(grad_output: Tensor, value: Tensor,
             grad_attn[:, :, level] = (_sample(value_l, grid_l) * go).sum(1)
             gv, gg = torch.ops.aten.grid_sampler_2d_backward(
                 go * attn_l, value_l, grid_l, 0, 0, False, [True, True])
-            grad_value[:, start:start + h * w] = gv.view(
-                bs, nh, dims, h * w).permute(0, 3, 1, 2)
+            grad_value[:, start:start + h * w] = gv.view(bs, nh, dims,
+                                                         h * w).permute(
+                                                             0, 3, 1, 2)
             grad_grid[:, :, level] = gg
         start += h * w
     grad_loc = (grad_grid * 2).view(bs, nh, nq, nl, npts, 2).transpose(1, 2)
@@ -242,16 +252,19 @@ def _pytorch_backward(grad_output: Tensor, value: Tensor,
 # --------------------------------------------------------------------------
 def _compiled_forward(value, spatial_shapes, level_start_index,
                       sampling_locations, attention_weights):
-    return torch.ops.detr_plus_C.msda_forward(
-        value, spatial_shapes, level_start_index, sampling_locations,
-        attention_weights)
+    return torch.ops.detr_plus_C.msda_forward(value, spatial_shapes,
+                                              level_start_index,
+                                              sampling_locations,
+                                              attention_weights)
 
 
 def _compiled_backward(grad_output, value, spatial_shapes, level_start_index,
                        sampling_locations, attention_weights):
-    return torch.ops.detr_plus_C.msda_backward(
-        grad_output, value, spatial_shapes, level_start_index,
-        sampling_locations, attention_weights)
+    return torch.ops.detr_plus_C.msda_backward(grad_output, value,
+                                               spatial_shapes,
+                                               level_start_index,
+                                               sampling_locations,
+                                               attention_weights)
 
 
 # --------------------------------------------------------------------------
@@ -281,14 +294,15 @@ def _alert_not_deterministic(what: str) -> None:
         raise RuntimeError(message)
 
 
-def _mmcv_forward(value, spatial_shapes, level_start_index,
-                  sampling_locations, attention_weights):
+def _mmcv_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights):
     """mmcv's CUDA forward in the compute dtype (float32 for 16-bit values,
     so bfloat16 works and float16 accumulates in float32 as ours does)."""
     ct = _compute_dtype(value.dtype)
     out = _mmcv_ext().ms_deform_attn_forward(
         value.to(ct).contiguous(), spatial_shapes.contiguous(),
-        level_start_index.contiguous(), sampling_locations.to(ct).contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.to(ct).contiguous(),
         attention_weights.to(ct).contiguous(),
         _mmcv_im2col_step(value.shape[0]))
     return out.to(value.dtype)
@@ -299,15 +313,17 @@ def _mmcv_backward(grad_output, value, spatial_shapes, level_start_index,
     """mmcv's CUDA backward (atomics: not deterministic), compute dtype."""
     _alert_not_deterministic("mmcv's MSDeformAttn CUDA backward")
     ct = _compute_dtype(value.dtype)
-    v, loc, attn = (t.to(ct).contiguous() for t in (
-        value, sampling_locations, attention_weights))
+    v, loc, attn = (
+        t.to(ct).contiguous()
+        for t in (value, sampling_locations, attention_weights))
     grads = [torch.zeros_like(t) for t in (v, loc, attn)]
-    _mmcv_ext().ms_deform_attn_backward(
-        v, spatial_shapes.contiguous(), level_start_index.contiguous(), loc,
-        attn, grad_output.to(ct).contiguous(), *grads,
-        _mmcv_im2col_step(value.shape[0]))
-    return (grads[0].to(value.dtype),
-            grads[1].to(sampling_locations.dtype),
+    _mmcv_ext().ms_deform_attn_backward(v, spatial_shapes.contiguous(),
+                                        level_start_index.contiguous(), loc,
+                                        attn,
+                                        grad_output.to(ct).contiguous(),
+                                        *grads,
+                                        _mmcv_im2col_step(value.shape[0]))
+    return (grads[0].to(value.dtype), grads[1].to(sampling_locations.dtype),
             grads[2].to(attention_weights.dtype))
 
 
@@ -419,14 +435,18 @@ def _warn_once(device: torch.device, problem: str, fallback: str) -> None:
         f'projects_detr_plus: the compiled MSDeformAttn kernel is not used '
         f'on {device.type} because {problem}; falling back to {fallback}. '
         'Build it with `pip install --no-build-isolation -e .` or `python '
-        'setup.py build_ext --inplace`.', RuntimeWarning, stacklevel=3)
+        'setup.py build_ext --inplace`.',
+        RuntimeWarning,
+        stacklevel=3)
 
 
 _FALLBACKS = {
-    'mmcv': "mmcv's CUDA kernel (float32 accumulation; same results within "
-            'float rounding)',
-    'pytorch': 'the pure-PyTorch implementation (same results, slower, more '
-               'memory)',
+    'mmcv':
+    "mmcv's CUDA kernel (float32 accumulation; same results within "
+    'float rounding)',
+    'pytorch':
+    'the pure-PyTorch implementation (same results, slower, more '
+    'memory)',
 }
 
 
@@ -508,10 +528,10 @@ def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                             attention_weights)
 
 
-def _backward_grads(grad_output: Tensor, value: Tensor,
-                    spatial_shapes: Tensor, level_start_index: Tensor,
-                    sampling_locations: Tensor, attention_weights: Tensor
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward_grads(
+        grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+        level_start_index: Tensor, sampling_locations: Tensor,
+        attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights."""
     impl = _implementation(value.device)
     if impl == 'compiled':
@@ -537,19 +557,17 @@ def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
 
 
 @_msda_op.register_fake
-def _msda_op_fake(value, spatial_shapes, level_start_index,
-                  sampling_locations, attention_weights):
+def _msda_op_fake(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights):
     bs, _, nh, dims = value.shape
     return value.new_empty(bs, sampling_locations.shape[1], nh * dims)
 
 
-@torch.library.custom_op('detr_plus::ms_deform_attn_backward',
-                         mutates_args=())
-def _msda_backward_op(grad_output: Tensor, value: Tensor,
-                      spatial_shapes: Tensor, level_start_index: Tensor,
-                      sampling_locations: Tensor,
-                      attention_weights: Tensor
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op('detr_plus::ms_deform_attn_backward', mutates_args=())
+def _msda_backward_op(
+        grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+        level_start_index: Tensor, sampling_locations: Tensor,
+        attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """The backward as an op (for graphs that torch.compile differentiates)."""
     return _backward_grads(grad_output, value, spatial_shapes,
                            level_start_index, sampling_locations,
@@ -576,8 +594,8 @@ def _backward(ctx, grad_output):
     return grad_value, None, None, grad_loc, grad_attn
 
 
-torch.library.register_autograd('detr_plus::ms_deform_attn', _backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd(
+    'detr_plus::ms_deform_attn', _backward, setup_context=_setup_context)
 
 
 class _EagerMSDA(torch.autograd.Function):

@@ -30,8 +30,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ['distinct_indices', 'distinct_mask', 'nms_keep',
-           'exportable_iou_threshold', 'nms_translation_table']
+__all__ = [
+    'distinct_indices', 'distinct_mask', 'nms_keep',
+    'exportable_iou_threshold', 'nms_translation_table'
+]
 
 # scores of non-candidates in the ONNX graph, and the score threshold that
 # removes them: candidates' scores must be above it (DDQ's are in [0, 1])
@@ -39,7 +41,9 @@ _EXCLUDED_SCORE = -3.0e38
 _SCORE_THRESHOLD = -1.0e38
 
 
-def distinct_indices(boxes: Tensor, scores: Tensor, nms_cfg: Dict,
+def distinct_indices(boxes: Tensor,
+                     scores: Tensor,
+                     nms_cfg: Dict,
                      candidates: Optional[Tensor] = None) -> List[Tensor]:
     """Class-agnostic NMS in every image, the whole batch in one call.
 
@@ -84,9 +88,10 @@ def _mask(indices: List[Tensor], like: Tensor) -> Tensor:
 def _nms_keep_op(boxes: Tensor, scores: Tensor, candidates: Tensor,
                  iou_threshold: float) -> Tensor:
     """(bs, n) bool: kept by class-agnostic NMS within each image."""
-    return _mask(distinct_indices(
-        boxes, scores, dict(type='nms', iou_threshold=iou_threshold),
-        candidates), candidates)
+    return _mask(
+        distinct_indices(boxes, scores,
+                         dict(type='nms', iou_threshold=iou_threshold),
+                         candidates), candidates)
 
 
 @_nms_keep_op.register_fake
@@ -94,7 +99,9 @@ def _nms_keep_fake(boxes, scores, candidates, iou_threshold):
     return torch.empty_like(candidates)
 
 
-def nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float,
+def nms_keep(boxes: Tensor,
+             scores: Tensor,
+             iou_threshold: float,
              candidates: Optional[Tensor] = None) -> Tensor:
     """Which boxes class-agnostic NMS keeps, per image.
 
@@ -119,8 +126,9 @@ def nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float,
     elif candidates.shape != scores.shape or candidates.dtype != torch.bool:
         raise ValueError('candidates must be a bool tensor shaped like '
                          f'scores {tuple(scores.shape)}')
-    return _nms_keep_op(boxes.detach().float(), scores.detach().float(),
-                        candidates, float(iou_threshold))
+    return _nms_keep_op(boxes.detach().float(),
+                        scores.detach().float(), candidates,
+                        float(iou_threshold))
 
 
 def _plain_iou_threshold(nms_cfg) -> Optional[float]:
@@ -143,7 +151,9 @@ def exportable_iou_threshold(nms_cfg) -> float:
     return threshold
 
 
-def distinct_mask(boxes: Tensor, scores: Tensor, nms_cfg: Dict,
+def distinct_mask(boxes: Tensor,
+                  scores: Tensor,
+                  nms_cfg: Dict,
                   candidates: Optional[Tensor] = None) -> Tensor:
     """(bs, n) bool mask of :func:`distinct_indices`.
 
@@ -156,8 +166,7 @@ def distinct_mask(boxes: Tensor, scores: Tensor, nms_cfg: Dict,
     threshold = _plain_iou_threshold(nms_cfg)
     if threshold is not None:
         return nms_keep(boxes, scores, threshold, candidates)
-    return _mask(distinct_indices(boxes, scores, nms_cfg, candidates),
-                 scores)
+    return _mask(distinct_indices(boxes, scores, nms_cfg, candidates), scores)
 
 
 def _onnx_nms_keep(opset) -> Callable:
@@ -165,19 +174,22 @@ def _onnx_nms_keep(opset) -> Callable:
 
     def nms_keep_onnx(boxes, scores, candidates, iou_threshold: float):
         """NonMaxSuppression + ScatterND -> (bs, n) bool mask."""
-        excluded = op.CastLike(op.Constant(value_float=_EXCLUDED_SCORE),
-                               scores)
-        ranked = op.Unsqueeze(op.Where(candidates, scores, excluded),
-                              op.Constant(value_ints=[1]))  # (bs, 1, n)
+        excluded = op.CastLike(
+            op.Constant(value_float=_EXCLUDED_SCORE), scores)
+        ranked = op.Unsqueeze(
+            op.Where(candidates, scores, excluded),
+            op.Constant(value_ints=[1]))  # (bs, 1, n)
         max_boxes = op.Shape(boxes, start=1, end=2)
         selected = op.NonMaxSuppression(
-            boxes, ranked, max_boxes,
+            boxes,
+            ranked,
+            max_boxes,
             op.Constant(value_floats=[iou_threshold]),
             op.Constant(value_floats=[_SCORE_THRESHOLD]),
             center_point_box=0)  # (k, 3): image, class (0), box
         index = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)
-        ones = op.Expand(op.Constant(value_ints=[1]),
-                         op.Shape(index, start=0, end=1))
+        ones = op.Expand(
+            op.Constant(value_ints=[1]), op.Shape(index, start=0, end=1))
         zeros = op.Expand(op.Constant(value_ints=[0]), op.Shape(scores))
         keep = op.ScatterND(zeros, index, ones)
         return op.Cast(keep, to=9)  # BOOL

@@ -49,8 +49,9 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ['MSDA_MODES', 'CUSTOM_DOMAIN', 'CUSTOM_OP',
-           'msda_translation_table']
+__all__ = [
+    'MSDA_MODES', 'CUSTOM_DOMAIN', 'CUSTOM_OP', 'msda_translation_table'
+]
 
 MSDA_MODES = ('decompose', 'custom')
 CUSTOM_DOMAIN = 'detr_plus'
@@ -89,34 +90,40 @@ def _decomposition(opset) -> Callable:
         value_t = op.Transpose(value, perm=[0, 2, 3, 1])
         loc_t = op.Transpose(sampling_locations, perm=[0, 2, 3, 1, 4, 5])
         attn_t = op.Transpose(attention_weights, perm=[0, 2, 3, 1, 4])
-        grid_shape = op.Concat(bs_heads, queries, points,
-                               op.Constant(value_ints=[2]), axis=0)
+        grid_shape = op.Concat(
+            bs_heads, queries, points, op.Constant(value_ints=[2]), axis=0)
         attn_shape = op.Concat(bs_heads, one, queries, points, axis=0)
         two = op.CastLike(op.Constant(value_float=2.0), sampling_locations)
         unit = op.CastLike(op.Constant(value_float=1.0), sampling_locations)
         out = None
         for level in range(num_levels):
             index = op.Constant(value_ints=[level])
-            hw = op.Reshape(op.Gather(spatial_shapes, index, axis=0),
-                            op.Constant(value_ints=[2]))
+            hw = op.Reshape(
+                op.Gather(spatial_shapes, index, axis=0),
+                op.Constant(value_ints=[2]))
             start = op.Gather(level_start_index, index, axis=0)
             end = op.Add(start, op.ReduceProd(hw, keepdims=1))
-            value_l = op.Slice(value_t, start, end, op.Constant(
-                value_ints=[3]))
+            value_l = op.Slice(value_t, start, end,
+                               op.Constant(value_ints=[3]))
             value_l = op.Reshape(value_l,
                                  op.Concat(bs_heads, dims, hw, axis=0))
             grid_l = op.Reshape(op.Gather(loc_t, index, axis=2), grid_shape)
             grid_l = op.Sub(op.Mul(grid_l, two), unit)
             attn_l = op.Reshape(op.Gather(attn_t, index, axis=2), attn_shape)
-            sampled = op.GridSample(value_l, grid_l, mode='bilinear',
-                                    padding_mode='zeros', align_corners=0)
+            sampled = op.GridSample(
+                value_l,
+                grid_l,
+                mode='bilinear',
+                padding_mode='zeros',
+                align_corners=0)
             # (bs*heads, dims, queries)
-            level_out = op.ReduceSum(op.Mul(sampled, attn_l),
-                                     op.Constant(value_ints=[3]),
-                                     keepdims=0)
+            level_out = op.ReduceSum(
+                op.Mul(sampled, attn_l),
+                op.Constant(value_ints=[3]),
+                keepdims=0)
             out = level_out if out is None else op.Add(out, level_out)
-        out = op.Reshape(out, op.Concat(bs, op.Mul(heads, dims), queries,
-                                        axis=0))
+        out = op.Reshape(out,
+                         op.Concat(bs, op.Mul(heads, dims), queries, axis=0))
         return op.Transpose(out, perm=[0, 2, 1])
 
     return ms_deform_attn_onnx
@@ -134,20 +141,25 @@ def _register_custom_schema() -> None:
         pass
     param = OpSchema.FormalParameter
     schema = OpSchema(
-        CUSTOM_OP, CUSTOM_DOMAIN, 1,
-        'Multi-scale deformable attention (mmcv layouts): value (bs, keys, '
+        CUSTOM_OP,
+        CUSTOM_DOMAIN,
+        1, 'Multi-scale deformable attention (mmcv layouts): value (bs, keys, '
         'heads, dims), spatial_shapes (levels, 2), level_start_index '
         '(levels,), sampling_locations (bs, queries, heads, levels, points, '
         '2), attention_weights (bs, queries, heads, levels, points) -> '
         '(bs, queries, heads * dims); bilinear, zeros outside.',
-        inputs=[param('value', 'T'), param('spatial_shapes', 'tensor(int64)'),
-                param('level_start_index', 'tensor(int64)'),
-                param('sampling_locations', 'T'),
-                param('attention_weights', 'T')],
+        inputs=[
+            param('value', 'T'),
+            param('spatial_shapes', 'tensor(int64)'),
+            param('level_start_index', 'tensor(int64)'),
+            param('sampling_locations', 'T'),
+            param('attention_weights', 'T')
+        ],
         outputs=[param('output', 'T')],
-        type_constraints=[('T', ['tensor(float)', 'tensor(float16)',
-                                 'tensor(double)', 'tensor(bfloat16)'],
-                           'floating-point tensors')])
+        type_constraints=[('T', [
+            'tensor(float)', 'tensor(float16)', 'tensor(double)',
+            'tensor(bfloat16)'
+        ], 'floating-point tensors')])
     onnx.defs.register_schema(schema)
 
 

@@ -43,9 +43,10 @@ def fp32_for_mmcv(feats):
         tuple[Tensor]: the features for the block.
     """
     device = feats[0].device.type
-    bf16 = any(f.dtype == torch.bfloat16 for f in feats) or (
-        torch.is_autocast_enabled(device) and
-        torch.get_autocast_dtype(device) == torch.bfloat16)
+    bf16 = any(
+        f.dtype == torch.bfloat16
+        for f in feats) or (torch.is_autocast_enabled(device) and
+                            torch.get_autocast_dtype(device) == torch.bfloat16)
     if not bf16:
         yield tuple(feats)
         return

@@ -36,8 +36,8 @@ def load_from_local_trusted(filename, map_location=None):
         raise FileNotFoundError(f'{filename} can not be found.')
     weights_only = os.getenv('DETR_PLUS_WEIGHTS_ONLY', '0') == '1'
     try:
-        return torch.load(filename, map_location=map_location,
-                          weights_only=weights_only)
+        return torch.load(
+            filename, map_location=map_location, weights_only=weights_only)
     except Exception as error:
         if not is_incomplete_checkpoint(filename):
             raise

@@ -1,9 +1,10 @@
 """Checkpoint files that survive a process killed while writing them.
 
 mmengine writes a checkpoint with ``open(path, 'wb').write(...)``: a run
-killed during that write (SIGKILL, out of memory, a pre-empted node) leaves
-a truncated ``iter_N.pth``; ``--resume`` then fails with torch's "failed
-finding central directory", which does not say which file.  Importing
+killed during that write (SIGKILL, out of memory, a node taken back by the
+scheduler) leaves a truncated ``iter_N.pth``; ``--resume`` then fails with
+torch's "failed finding central directory", which does not say which file.
+Importing
 :mod:`projects_detr_plus` changes three things for local paths:
 
 * **atomic writes**: :func:`atomic_put` (mmengine's ``LocalBackend.put``)
@@ -68,8 +69,8 @@ def is_incomplete_checkpoint(path):
 def numbered_checkpoints(work_dir):
     """``iter_N.pth`` / ``epoch_N.pth`` of ``work_dir``, newest first."""
     names = [name for name in os.listdir(work_dir) if _NUMBERED.match(name)]
-    names.sort(key=lambda name: int(_NUMBERED.match(name).group(1)),
-               reverse=True)
+    names.sort(
+        key=lambda name: int(_NUMBERED.match(name).group(1)), reverse=True)
     return [osp.join(work_dir, name) for name in names]
 
 
@@ -89,14 +90,18 @@ def find_latest_complete_checkpoint(work_dir):
     for path in numbered_checkpoints(work_dir):
         if not is_incomplete_checkpoint(path):
             if named:
-                print_log(f'{named} is incomplete or missing (cut off while '
-                          f'being written?); resuming from {path}',
-                          logger='current', level=30)
+                print_log(
+                    f'{named} is incomplete or missing (cut off while '
+                    f'being written?); resuming from {path}',
+                    logger='current',
+                    level=30)
             return path
     if named:
-        print_log(f'{named} is incomplete or missing and {work_dir} holds '
-                  f'no complete checkpoint: training starts afresh',
-                  logger='current', level=30)
+        print_log(
+            f'{named} is incomplete or missing and {work_dir} holds '
+            f'no complete checkpoint: training starts afresh',
+            logger='current',
+            level=30)
     return None
 
 

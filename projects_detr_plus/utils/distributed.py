@@ -28,13 +28,17 @@ def _has_accelerator():
             or is_npu_available() or is_musa_available())
 
 
-def _init_dist_pytorch_cpu_aware(original, backend, init_backend='torch',
+def _init_dist_pytorch_cpu_aware(original,
+                                 backend,
+                                 init_backend='torch',
                                  **kwargs):
     if _has_accelerator() or init_backend != 'torch':
         return original(backend, init_backend=init_backend, **kwargs)
     if backend != 'gloo':
-        print_log(f'no CUDA device: distributed backend {backend!r} -> '
-                  "'gloo'", logger='current')
+        print_log(
+            f'no CUDA device: distributed backend {backend!r} -> '
+            "'gloo'",
+            logger='current')
     torch_dist.init_process_group(backend='gloo', **kwargs)
 
 
@@ -58,6 +62,7 @@ def install_cpu_distributed_fallback():
     @functools.wraps(ddp_init)
     def init(self, module, *args, **kwargs):
         _ddp_init_cpu_aware(ddp_init, self, module, *args, **kwargs)
+
     MMDistributedDataParallel.__init__ = init
 
 

@@ -106,7 +106,10 @@ class NonFiniteGuardHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         self._step_skipped = False
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         if not self._step_skipped:
             return
@@ -124,8 +127,10 @@ class NonFiniteGuardHook(Hook):
 
     def _describe(self, runner, log_vars):
         """What was not finite, where, and where to resume from."""
-        terms = [name for name, value in log_vars.items()
-                 if name != 'loss' and not _finite(value)]
+        terms = [
+            name for name, value in log_vars.items()
+            if name != 'loss' and not _finite(value)
+        ]
         if terms:
             what = 'non-finite loss terms ' + ', '.join(
                 f'{name}={log_vars[name]}' for name in terms)
@@ -152,15 +157,19 @@ def _finite(value):
 def _non_finite_gradients(wrapper, names):
     """Names of the parameters of ``wrapper``'s optimizer whose gradient has
     a NaN or Inf (one check over all of them; names only when one does)."""
-    params = [p for group in wrapper.optimizer.param_groups
-              for p in group['params'] if p.grad is not None]
+    params = [
+        p for group in wrapper.optimizer.param_groups for p in group['params']
+        if p.grad is not None
+    ]
     if not params:
         return []
     norms = torch._foreach_norm([p.grad for p in params])
     if bool(torch.isfinite(torch.stack(norms)).all()):
         return []
-    return [names.get(p, f'param[{i}]') for i, p in enumerate(params)
-            if not torch.isfinite(p.grad).all()]
+    return [
+        names.get(p, f'param[{i}]') for i, p in enumerate(params)
+        if not torch.isfinite(p.grad).all()
+    ]
 
 
 def _any_rank(flag):

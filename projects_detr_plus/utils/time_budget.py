@@ -39,7 +39,11 @@ class TrainTimeBudgetHook(Hook):
     """
     priority = 'LOW'
 
-    def __init__(self, seconds, calibrate=20, evaluations=1, lr_drop_at=0.9,
+    def __init__(self,
+                 seconds,
+                 calibrate=20,
+                 evaluations=1,
+                 lr_drop_at=0.9,
                  recheck=100):
         if (seconds is not None and seconds <= 0) or calibrate < 1 or \
                 evaluations < 1 or (recheck is not None and recheck < 1):
@@ -76,8 +80,7 @@ class TrainTimeBudgetHook(Hook):
         if self.seconds is None:
             return
         if self.decided is None:  # no evaluation before the length is set
-            placeholder = max(runner.train_loop.max_iters,
-                              self.calibrate + 1)
+            placeholder = max(runner.train_loop.max_iters, self.calibrate + 1)
             self._set_loop(runner, placeholder, placeholder + 1)
             self._move_lr_drop(runner, placeholder + 1, placeholder + 1)
         else:  # resumed: the schedulers' milestones came with their state
@@ -85,7 +88,10 @@ class TrainTimeBudgetHook(Hook):
             self._drop = -1  # taken or set: left as loaded
             self._apply(runner, *self.decided)
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         if self.seconds is None or self._resumed:
             return
@@ -147,8 +153,7 @@ class TrainTimeBudgetHook(Hook):
         # ParamSchedulerHook has stepped the schedulers to runner.iter + 1:
         # a milestone at or below it is taken, the next free one is + 2
         if self._drop is None or self._drop > runner.iter + 1:
-            self._drop = max(int(max_iters * self.lr_drop_at),
-                             runner.iter + 2)
+            self._drop = max(int(max_iters * self.lr_drop_at), runner.iter + 2)
             self._move_lr_drop(runner, self._drop, max_iters)
 
     @staticmethod

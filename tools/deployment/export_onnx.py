@@ -20,51 +20,77 @@ import time
 import torch
 from mmengine.config import DictAction
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(
-    osp.abspath(__file__)))))
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from projects_detr_plus.deployment.utils import (  # noqa: E402
-    build_detector, verify_export)
+from projects_detr_plus.deployment.utils import build_detector, verify_export
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Export a DETR+ detector to ONNX')
     parser.add_argument('config', help='model config file')
-    parser.add_argument('checkpoint',
-                        help='checkpoint file; "none" for random weights '
-                        '(checks only)')
+    parser.add_argument(
+        'checkpoint',
+        help='checkpoint file; "none" for random weights '
+        '(checks only)')
     parser.add_argument('--out', required=True, help='the .onnx file')
-    parser.add_argument('--shape', type=int, nargs=2, default=[640, 640],
-                        metavar=('H', 'W'),
-                        help='example input size the model is traced with; '
-                        'the only size accepted with --static-size')
-    parser.add_argument('--batch', type=int, default=2,
-                        help='example batch size (the only one accepted '
-                        'with --static-batch)')
-    parser.add_argument('--static-batch', action='store_true',
-                        help='fix the batch size to --batch')
-    parser.add_argument('--static-size', action='store_true',
-                        help='fix the image size to --shape')
-    parser.add_argument('--size-divisor', type=int, default=None,
-                        help='dynamic heights and widths are multiples of '
-                        'this (default: any size, or 32 where torch.export '
-                        'needs it, e.g. Swin backbones)')
-    parser.add_argument('--opset', type=int, default=18,
-                        help='ONNX opset (>= 16, for GridSample)')
-    parser.add_argument('--msda', choices=['decompose', 'custom'],
-                        default='decompose',
-                        help='MSDeformAttn as standard ONNX operators '
-                        '(GridSample; default) or one detr_plus.MSDeformAttn '
-                        'node for runtimes with their own kernel')
-    parser.add_argument('--no-optimize', action='store_true',
-                        help="skip the exporter's graph optimisation")
-    parser.add_argument('--verify', action='store_true',
-                        help='run the file in ONNX Runtime on a random batch '
-                        'and compare with PyTorch predict')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs=2,
+        default=[640, 640],
+        metavar=('H', 'W'),
+        help='example input size the model is traced with; '
+        'the only size accepted with --static-size')
+    parser.add_argument(
+        '--batch',
+        type=int,
+        default=2,
+        help='example batch size (the only one accepted '
+        'with --static-batch)')
+    parser.add_argument(
+        '--static-batch',
+        action='store_true',
+        help='fix the batch size to --batch')
+    parser.add_argument(
+        '--static-size',
+        action='store_true',
+        help='fix the image size to --shape')
+    parser.add_argument(
+        '--size-divisor',
+        type=int,
+        default=None,
+        help='dynamic heights and widths are multiples of '
+        'this (default: any size, or 32 where torch.export '
+        'needs it, e.g. Swin backbones)')
+    parser.add_argument(
+        '--opset',
+        type=int,
+        default=18,
+        help='ONNX opset (>= 16, for GridSample)')
+    parser.add_argument(
+        '--msda',
+        choices=['decompose', 'custom'],
+        default='decompose',
+        help='MSDeformAttn as standard ONNX operators '
+        '(GridSample; default) or one detr_plus.MSDeformAttn '
+        'node for runtimes with their own kernel')
+    parser.add_argument(
+        '--no-optimize',
+        action='store_true',
+        help="skip the exporter's graph optimisation")
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='run the file in ONNX Runtime on a random batch '
+        'and compare with PyTorch predict')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, as tools/train.py')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, as tools/train.py')
     return parser.parse_args(argv)
 
 
@@ -77,12 +103,17 @@ def main(argv=None):
                            args.cfg_options)
     shape = (args.batch, 3, *args.shape)
     start = time.time()
-    export_onnx(model, args.out, input_shape=shape,
-                dynamic_batch=not args.static_batch,
-                dynamic_size=not args.static_size, opset=args.opset,
-                msda=args.msda, optimize=not args.no_optimize,
-                size_divisor=args.size_divisor,
-                metadata={'detr_plus.config': osp.basename(args.config)})
+    export_onnx(
+        model,
+        args.out,
+        input_shape=shape,
+        dynamic_batch=not args.static_batch,
+        dynamic_size=not args.static_size,
+        opset=args.opset,
+        msda=args.msda,
+        optimize=not args.no_optimize,
+        size_divisor=args.size_divisor,
+        metadata={'detr_plus.config': osp.basename(args.config)})
     print(f'exported {type(model).__name__} ({osp.basename(args.config)}) '
           f'to {args.out} in {time.time() - start:.1f} s (opset '
           f'{args.opset}, MSDeformAttn: {args.msda}, batch '

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(
-    osp.abspath(__file__)))))
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 
 def parse_args(argv=None):
@@ -32,20 +32,27 @@ def parse_args(argv=None):
     parser.add_argument('model', help='the exported .onnx file')
     parser.add_argument('config', help='the config it was exported from')
     parser.add_argument('images', nargs='+', help='image files')
-    parser.add_argument('--out-dir', default='work_dirs/onnx_demo',
-                        help='where the PNGs go')
-    parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='draw detections scoring above this')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='ONNX Runtime intra-op threads')
+    parser.add_argument(
+        '--out-dir', default='work_dirs/onnx_demo', help='where the PNGs go')
+    parser.add_argument(
+        '--score-thr',
+        type=float,
+        default=0.3,
+        help='draw detections scoring above this')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='ONNX Runtime intra-op threads')
     return parser.parse_args(argv)
 
 
 def preprocess(pipeline, preprocessor, image_path):
     """(1, 3, H, W) input batch and its data sample (img_shape, scale)."""
     data = pipeline(dict(img_path=image_path, img_id=0))
-    batch = preprocessor(dict(inputs=[data['inputs']],
-                              data_samples=[data['data_samples']]), False)
+    batch = preprocessor(
+        dict(inputs=[data['inputs']], data_samples=[data['data_samples']]),
+        False)
     sample = batch['data_samples'][0]
     if tuple(sample.img_shape[:2]) != tuple(batch['inputs'].shape[-2:]):
         print(f'warning: {image_path} is padded from {sample.img_shape} to '
@@ -63,9 +70,10 @@ def detections(dets, labels, sample):
     boxes = rescale_boxes(dets[valid, :4], sample.scale_factor)
     h, w = sample.ori_shape[:2]
     boxes = np.clip(boxes, 0, [w, h, w, h])
-    return InstanceData(bboxes=torch.from_numpy(boxes).float(),
-                        scores=torch.from_numpy(dets[valid, 4]).float(),
-                        labels=torch.from_numpy(labels[valid]).long())
+    return InstanceData(
+        bboxes=torch.from_numpy(boxes).float(),
+        scores=torch.from_numpy(dets[valid, 4]).float(),
+        labels=torch.from_numpy(labels[valid]).long())
 
 
 def main(argv=None):
@@ -96,9 +104,13 @@ def main(argv=None):
         image = mmcv.imread(path, channel_order='rgb')
         name = osp.splitext(osp.basename(path))[0]
         out_file = osp.join(args.out_dir, f'{name}.png')
-        visualizer.add_datasample(name, image, result, draw_gt=False,
-                                  pred_score_thr=args.score_thr,
-                                  out_file=out_file)
+        visualizer.add_datasample(
+            name,
+            image,
+            result,
+            draw_gt=False,
+            pred_score_thr=args.score_thr,
+            out_file=out_file)
         shown = int((result.pred_instances.scores > args.score_thr).sum())
         print(f'{path}: input {tuple(inputs.shape[-2:])}, ONNX Runtime '
               f'{seconds * 1000:.0f} ms, {shown} detections above '

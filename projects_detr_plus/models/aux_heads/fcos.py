@@ -25,8 +25,7 @@ class CoFCOSHead(FCOSHead):
         super().__init__(*args, **kwargs)
         self.prior_scale = prior_scale
 
-    def loss_and_candidates(self, feats, batch_data_samples,
-                            with_feats=False):
+    def loss_and_candidates(self, feats, batch_data_samples, with_feats=False):
         """Losses of the head and, per image, every point with its
         target."""
         gts = [s.gt_instances for s in batch_data_samples]
@@ -51,20 +50,22 @@ class CoFCOSHead(FCOSHead):
             labels, targets = self.get_targets(points, batch_gt_instances)
         num_imgs = cls_scores[0].shape[0]
         per_level = []
-        for level, (lvl_points, stride) in enumerate(zip(points,
-                                                         self.strides)):
+        for level, (lvl_points,
+                    stride) in enumerate(zip(points, self.strides)):
             ltrb = targets[level].reshape(num_imgs, -1, 4)
             if self.norm_on_bbox:
                 ltrb = ltrb * stride
             xy = lvl_points[None].expand(num_imgs, -1, -1)
             half = self.prior_scale * stride / 2
-            per_level.append((
-                torch.cat([xy - half, xy + half], -1),
-                torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]], -1),
-                labels[level].reshape(num_imgs, -1)))
+            per_level.append(
+                (torch.cat([xy - half, xy + half], -1),
+                 torch.cat([xy - ltrb[..., :2], xy + ltrb[..., 2:]],
+                           -1), labels[level].reshape(num_imgs, -1)))
         priors, boxes, labels = (torch.cat(x, 1) for x in zip(*per_level))
-        result = [InstanceData(priors=p, bboxes=b, labels=lab)
-                  for p, b, lab in zip(priors, boxes, labels)]
+        result = [
+            InstanceData(priors=p, bboxes=b, labels=lab)
+            for p, b, lab in zip(priors, boxes, labels)
+        ]
         if feats is not None:
             located = features_at_priors(feats, [1] * len(feats))
             for candidates, img_feats in zip(result, located):

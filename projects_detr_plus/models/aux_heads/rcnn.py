@@ -28,11 +28,14 @@ class CoStandardRoIHead(StandardRoIHead):
         for feats_index, (proposals, data_sample) in enumerate(
                 zip(rpn_results_list, batch_data_samples)):
             proposals = InstanceData(priors=proposals.bboxes)
-            assign = self.bbox_assigner.assign(
-                proposals, data_sample.gt_instances)
-            samples.append(self.bbox_sampler.sample(
-                assign, proposals, data_sample.gt_instances,
-                feats=[lvl[feats_index][None] for lvl in x]))
+            assign = self.bbox_assigner.assign(proposals,
+                                               data_sample.gt_instances)
+            samples.append(
+                self.bbox_sampler.sample(
+                    assign,
+                    proposals,
+                    data_sample.gt_instances,
+                    feats=[lvl[feats_index][None] for lvl in x]))
         results = self.bbox_loss(x, samples)
         mean_feats = results['bbox_feats'].mean((-2, -1))
         return results['loss_bbox'], samples, mean_feats.split(
@@ -54,8 +57,10 @@ class CoRCNNHead(BaseModule):
     def __init__(self, rpn_head, roi_head, train_cfg, num_classes=None):
         super().__init__()
         train_cfg = ConfigDict(train_cfg)  # mmdet's heads read attributes
-        rpn_head = dict(rpn_head, train_cfg=train_cfg['rpn'],
-                        test_cfg=train_cfg['rpn_proposal'])
+        rpn_head = dict(
+            rpn_head,
+            train_cfg=train_cfg['rpn'],
+            test_cfg=train_cfg['rpn_proposal'])
         roi_head = copy.deepcopy(dict(roi_head, train_cfg=train_cfg['rcnn']))
         if num_classes is not None:
             roi_head['bbox_head']['num_classes'] = num_classes
@@ -64,8 +69,7 @@ class CoRCNNHead(BaseModule):
         self.proposal_cfg = train_cfg['rpn_proposal']
         self.num_classes = self.roi_head.bbox_head.num_classes
 
-    def loss_and_candidates(self, feats, batch_data_samples,
-                            with_feats=False):
+    def loss_and_candidates(self, feats, batch_data_samples, with_feats=False):
         """RPN and RoI losses and, per image, the sampled proposals (the
         official Co-DETR's candidates: positives first, then negatives).
 
@@ -95,16 +99,19 @@ class CoRCNNHead(BaseModule):
         roi_losses, samples, feats = self.roi_head.loss_and_samples(
             roi_feats, proposals, batch_data_samples)
         return dict(**rpn_losses, **roi_losses), [
-            self._sampled(s, f) for s, f in zip(samples, feats)]
+            self._sampled(s, f) for s, f in zip(samples, feats)
+        ]
 
     def _sampled(self, sample, feats):
         """A ``SamplingResult`` and its (n, dim) RoI features as
         candidates; negatives get label ``num_classes`` and their own box
         as target."""
-        negatives = sample.pos_gt_labels.new_full(
-            (len(sample.neg_priors), ), self.num_classes)
+        negatives = sample.pos_gt_labels.new_full((len(sample.neg_priors), ),
+                                                  self.num_classes)
         labels = torch.cat([sample.pos_gt_labels, negatives])
         bboxes = torch.cat([sample.pos_gt_bboxes, sample.neg_priors])
-        return InstanceData(priors=sample.priors.detach(),
-                            bboxes=bboxes.detach(), labels=labels,
-                            feats=feats)
+        return InstanceData(
+            priors=sample.priors.detach(),
+            bboxes=bboxes.detach(),
+            labels=labels,
+            feats=feats)

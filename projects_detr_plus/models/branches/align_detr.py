@@ -52,15 +52,18 @@ class IABCELoss(SoftTargetLoss):
         loss_weight (float): multiplies the loss.
     """
 
-    def __init__(self, alpha=0.25, gamma=2.0, min_quality=0.01,
+    def __init__(self,
+                 alpha=0.25,
+                 gamma=2.0,
+                 min_quality=0.01,
                  loss_weight=1.0):
         super().__init__()
         self.alpha, self.gamma = alpha, gamma
         self.min_quality, self.loss_weight = min_quality, loss_weight
 
     def soft_target(self, prob, iou):
-        return (prob ** self.alpha * iou ** (1 - self.alpha)).clamp(
-            min=self.min_quality)
+        return (prob**self.alpha *
+                iou**(1 - self.alpha)).clamp(min=self.min_quality)
 
     def forward(self, pred, target, weight=None, avg_factor=None):
         """Loss of (M, C) logits for ``target = (labels (M, ), quality
@@ -95,8 +98,12 @@ class AlignDETRBranch(QueryBranch):
     name = 'align'
     replaces_main_loss = True
 
-    def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 match_numbers=(2, 2, 2, 2, 2, 2, 1), tau=1.5):
+    def __init__(self,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 match_numbers=(2, 2, 2, 2, 2, 2, 1),
+                 tau=1.5):
         super().__init__()
         if min(match_numbers) < 1:
             raise ValueError(f'match_numbers must be >= 1: {match_numbers}')
@@ -117,10 +124,11 @@ class AlignDETRBranch(QueryBranch):
         metas = [s.metainfo for s in batch_data_samples]
         per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
         for layer in range(num_layers):
-            losses = self.one_to_k_loss(
-                detector.bbox_head, predictions.cls_scores[layer],
-                predictions.bbox_preds[layer], gts, metas,
-                self.match_numbers[layer + 1], predictions.layer_keep(layer))
+            losses = self.one_to_k_loss(detector.bbox_head,
+                                        predictions.cls_scores[layer],
+                                        predictions.bbox_preds[layer], gts,
+                                        metas, self.match_numbers[layer + 1],
+                                        predictions.layer_keep(layer))
             for key, loss in zip(per_layer, losses):
                 per_layer[key].append(loss)
         return layer_loss_dict('', per_layer)
@@ -129,20 +137,29 @@ class AlignDETRBranch(QueryBranch):
                           batch_data_samples):
         gts = detector.encoder_gt_instances(
             [s.gt_instances for s in batch_data_samples])
-        losses = self.one_to_k_loss(
-            detector.bbox_head, enc_cls, enc_coord, gts,
-            [s.metainfo for s in batch_data_samples], self.match_numbers[0])
-        return dict(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),
-                        losses))
+        losses = self.one_to_k_loss(detector.bbox_head, enc_cls, enc_coord,
+                                    gts,
+                                    [s.metainfo for s in batch_data_samples],
+                                    self.match_numbers[0])
+        return dict(
+            zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'), losses))
 
-    def one_to_k_loss(self, head, cls_scores, bbox_preds, gts, metas, k,
+    def one_to_k_loss(self,
+                      head,
+                      cls_scores,
+                      bbox_preds,
+                      gts,
+                      metas,
+                      k,
                       keep=None):
         """Set loss of (bs, n, C) logits and (bs, n, 4) boxes (the rows
         ``keep`` (bs, n) keeps) matched one-to-k, rank-weighted."""
         cls_list, box_list = per_image(cls_scores, keep), \
             per_image(bbox_preds, keep)
-        repeated = [InstanceData.cat([gt] * self._copies(gt, len(c), k))
-                    for gt, c in zip(gts, cls_list)]
+        repeated = [
+            InstanceData.cat([gt] * self._copies(gt, len(c), k))
+            for gt, c in zip(gts, cls_list)
+        ]
         targets = matched_targets(head, cls_list, box_list, repeated, metas)
         flat_cls, flat_box = torch.cat(cls_list), torch.cat(box_list)
         weight = self._match_weights(head, flat_cls, flat_box, targets,
@@ -155,11 +172,11 @@ class AlignDETRBranch(QueryBranch):
     @staticmethod
     def _copies(gt, num_queries, k):
         """k, or fewer so that at most half the queries are matched."""
-        return max(1, min(int(num_queries * 0.5 / len(gt)), k)) if len(
-            gt) else k
+        return max(1, min(int(num_queries * 0.5 /
+                              len(gt)), k)) if len(gt) else k
 
-    def _match_weights(self, head, cls_scores, bbox_preds, targets,
-                       num_gts, k):
+    def _match_weights(self, head, cls_scores, bbox_preds, targets, num_gts,
+                       k):
         """(M, ) rank weight of each match (0 for the unmatched): the k
         matches of a ground truth ranked by their quality ``t``."""
         matched = targets.matched_gt

@@ -63,13 +63,15 @@ def _check_num_classes(aux_head, num_classes, name):
     box_head = (aux_head.get('roi_head') or {}).get('bbox_head') or {}
     places[f'{name}.aux_head.roi_head.bbox_head.num_classes'] = \
         box_head.get('num_classes')
-    wrong = {k: v for k, v in places.items()
-             if v is not None and v != num_classes}
+    wrong = {
+        k: v
+        for k, v in places.items() if v is not None and v != num_classes
+    }
     if wrong:
         raise ValueError(
             f'num_classes is inconsistent: bbox_head.num_classes='
-            f'{num_classes}, but ' + ', '.join(
-                f'{k}={v}' for k, v in wrong.items()) +
+            f'{num_classes}, but ' + ', '.join(f'{k}={v}'
+                                               for k, v in wrong.items()) +
             '. Set it once, in bbox_head; the query branches and their '
             'auxiliary heads take it from there.')
 
@@ -115,10 +117,19 @@ class CollaborativeBranch(QueryBranch):
     # official Co-DETR checkpoints load into the detector
     checkpoint_converter = staticmethod(convert_official_co_detr)
 
-    def __init__(self, aux_head, num_classes, embed_dims,
-                 num_matching_queries, name='co', max_queries=300,
-                 min_queries=9, zero_padding=False, loss_weight=1.0,
-                 own_query_pos=False, coord_feat=False, head_embedding=None):
+    def __init__(self,
+                 aux_head,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 name='co',
+                 max_queries=300,
+                 min_queries=9,
+                 zero_padding=False,
+                 loss_weight=1.0,
+                 own_query_pos=False,
+                 coord_feat=False,
+                 head_embedding=None):
         super().__init__()
         if not 0 < min_queries <= max_queries:
             raise ValueError(f'{name}: need 0 < min_queries <= max_queries, '
@@ -140,12 +151,12 @@ class CollaborativeBranch(QueryBranch):
         self.embed_dims = embed_dims
         self.own_query_pos = own_query_pos
         out_dims = embed_dims * 2 if own_query_pos else embed_dims
-        self.content = nn.Sequential(nn.Linear(embed_dims * 2, out_dims),
-                                     nn.LayerNorm(out_dims))
+        self.content = nn.Sequential(
+            nn.Linear(embed_dims * 2, out_dims), nn.LayerNorm(out_dims))
         self.feat_proj = None
         if coord_feat:
-            self.feat_proj = nn.Sequential(nn.Linear(embed_dims, embed_dims),
-                                           nn.LayerNorm(embed_dims))
+            self.feat_proj = nn.Sequential(
+                nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims))
         self.head_embedding = None
         if head_embedding:
             size = 1 if head_embedding == 'scalar' else embed_dims
@@ -165,7 +176,7 @@ class CollaborativeBranch(QueryBranch):
 
     def _init_head_embedding(self):
         """Xavier-uniform of a row of the official (2, size) table."""
-        bound = (6.0 / (2 + len(self.head_embedding))) ** 0.5
+        bound = (6.0 / (2 + len(self.head_embedding)))**0.5
         nn.init.uniform_(self.head_embedding, -bound, bound)
 
     def make_queries(self, main, context, detector, batch_data_samples):
@@ -186,17 +197,20 @@ class CollaborativeBranch(QueryBranch):
             raise ValueError(f'{self.name}: the detector passed no '
                              'encoder_pyramid (not a QueryBranchDetector?)')
         aux_losses, candidates = self.aux_head.loss_and_candidates(
-            encoder_pyramid, batch_data_samples,
+            encoder_pyramid,
+            batch_data_samples,
             with_feats=self.feat_proj is not None)
         targets = self._queries_targets(
             candidates, [s.metainfo for s in batch_data_samples],
             like=encoder_pyramid[0])
         reference = inverse_sigmoid(targets.pop('priors'))
-        content, query_pos = self._embed(reference, targets.pop('feats',
-                                                                None))
+        content, query_pos = self._embed(reference, targets.pop('feats', None))
         return QuerySet(
-            self.name, content, reference,
-            padding=targets['label_weights'] == 0, query_pos=query_pos,
+            self.name,
+            content,
+            reference,
+            padding=targets['label_weights'] == 0,
+            query_pos=query_pos,
             meta=dict(targets, aux_losses=aux_losses))
 
     def _embed(self, reference, feats):
@@ -230,13 +244,15 @@ class CollaborativeBranch(QueryBranch):
         labels (background = ``num_classes``), classification weights (0 at
         padding), box weights (1 at positives) and, when the candidates
         have them, features (0 at padding)."""
-        most = max(int((c.labels < self.num_classes).sum())
-                   for c in candidates)
+        most = max(
+            int((c.labels < self.num_classes).sum()) for c in candidates)
         count = max(self.min_queries, min(self.max_queries, most))
         bs = len(candidates)
         priors = like.new_full((bs, count, 4), 0.5)
         boxes = like.new_full((bs, count, 4), 0.5)
-        labels = torch.full((bs, count), self.num_classes, dtype=torch.long,
+        labels = torch.full((bs, count),
+                            self.num_classes,
+                            dtype=torch.long,
                             device=like.device)
         label_weights = like.new_zeros(bs, count)
         bbox_weights = like.new_zeros(bs, count)
@@ -256,9 +272,12 @@ class CollaborativeBranch(QueryBranch):
                 feats[i, :n] = cand.feats[chosen]
             label_weights[i, :n] = 1.0
             bbox_weights[i, :len(pos)] = 1.0
-        targets = dict(priors=priors.detach(), bbox_targets=boxes.detach(),
-                       labels=labels, label_weights=label_weights,
-                       bbox_weights=bbox_weights)
+        targets = dict(
+            priors=priors.detach(),
+            bbox_targets=boxes.detach(),
+            labels=labels,
+            label_weights=label_weights,
+            bbox_weights=bbox_weights)
         if feats is not None:
             targets['feats'] = feats
         return targets
@@ -266,14 +285,19 @@ class CollaborativeBranch(QueryBranch):
     def loss(self, detector, predictions, queries, batch_data_samples):
         """The head's losses plus the queries' fixed-target loss."""
         meta, head = queries.meta, detector.bbox_head
-        losses = {f'{self.name}.{key}': value
-                  for key, value in meta['aux_losses'].items()}
+        losses = {
+            f'{self.name}.{key}': value
+            for key, value in meta['aux_losses'].items()
+        }
         # computed even without queries: its normaliser is a collective
-        targets = fixed_targets(
-            meta['labels'], meta['bbox_targets'], meta['label_weights'],
-            meta['bbox_weights'], [s.metainfo for s in batch_data_samples],
-            head.num_classes)
-        losses.update(layer_loss_dict(f'{self.name}_', layer_losses(
-            head, predictions.cls_scores, predictions.bbox_preds, targets),
-            self.loss_weight))
+        targets = fixed_targets(meta['labels'], meta['bbox_targets'],
+                                meta['label_weights'], meta['bbox_weights'],
+                                [s.metainfo for s in batch_data_samples],
+                                head.num_classes)
+        losses.update(
+            layer_loss_dict(
+                f'{self.name}_',
+                layer_losses(head, predictions.cls_scores,
+                             predictions.bbox_preds, targets),
+                self.loss_weight))
         return losses

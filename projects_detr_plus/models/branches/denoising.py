@@ -60,8 +60,12 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
     name = 'dn'
     belongs_to_main = True  # scaled with the main queries' losses
 
-    def __init__(self, *args, max_targets=None, negative_noise_offset=1.0,
-                 loss_cls_weight=None, **kwargs):
+    def __init__(self,
+                 *args,
+                 max_targets=None,
+                 negative_noise_offset=1.0,
+                 loss_cls_weight=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.negative_noise_offset = negative_noise_offset
         self.loss_cls_weight = loss_cls_weight
@@ -77,10 +81,14 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
         label_query, bbox_query, full_mask, dn_meta = self(samples)
         num_dn = dn_meta['num_denoising_queries']
         return QuerySet(
-            name=self.name, query=label_query, reference=bbox_query,
-            attn_mask=full_mask[:num_dn, :num_dn], sees_main=True,
-            meta=dict(dn_meta=dn_meta, gt_instances=[
-                s.gt_instances for s in samples]))
+            name=self.name,
+            query=label_query,
+            reference=bbox_query,
+            attn_mask=full_mask[:num_dn, :num_dn],
+            sees_main=True,
+            meta=dict(
+                dn_meta=dn_meta,
+                gt_instances=[s.gt_instances for s in samples]))
 
     def _bounded(self, batch_data_samples):
         """Samples whose ground truth is cut to ``max_targets`` at most."""
@@ -94,8 +102,10 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
             if len(gt) > self.max_targets:
                 keep = torch.randperm(len(gt), device=gt.bboxes.device)
                 gt = gt[keep[:self.max_targets].sort().values]
-            bounded.append(DetDataSample(
-                gt_instances=gt, metainfo=dict(img_shape=sample.img_shape)))
+            bounded.append(
+                DetDataSample(
+                    gt_instances=gt,
+                    metainfo=dict(img_shape=sample.img_shape)))
         return bounded
 
     def loss(self, detector, predictions, queries, batch_data_samples):
@@ -116,11 +126,13 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
         if self.loss_cls_weight is not None:
             scale = self.loss_cls_weight / head.loss_cls.loss_weight
             per_layer['loss_cls'] = [
-                loss * scale for loss in per_layer['loss_cls']]
+                loss * scale for loss in per_layer['loss_cls']
+            ]
         if queries.num_queries == 0:  # keep label_embedding in the graph
             tie = self.label_embedding.weight.sum() * 0.0
             per_layer['loss_cls'] = [
-                loss + tie for loss in per_layer['loss_cls']]
+                loss + tie for loss in per_layer['loss_cls']
+            ]
         return layer_loss_dict('dn_', per_layer)
 
     @staticmethod
@@ -131,13 +143,15 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
          num_neg) = head.get_dn_targets(queries.meta['gt_instances'],
                                         batch_img_metas,
                                         queries.meta['dn_meta'])
-        return SetTargets(torch.cat(labels), torch.cat(label_weights),
-                          torch.cat(bbox_targets), torch.cat(bbox_weights),
-                          image_factors(bbox_targets, batch_img_metas),
-                          num_pos,
-                          num_pos * 1.0 + num_neg * head.bg_cls_weight,
-                          images=image_index([len(t) for t in labels],
-                                             labels[0].device))
+        return SetTargets(
+            torch.cat(labels),
+            torch.cat(label_weights),
+            torch.cat(bbox_targets),
+            torch.cat(bbox_weights),
+            image_factors(bbox_targets, batch_img_metas),
+            num_pos,
+            num_pos * 1.0 + num_neg * head.bg_cls_weight,
+            images=image_index([len(t) for t in labels], labels[0].device))
 
     def generate_dn_bbox_query(self, gt_bboxes, num_groups):
         """mmdet's noised boxes (normalised xyxy in, inverse-sigmoid
@@ -149,8 +163,8 @@ class DenoisingBranch(QueryBranch, CdnQueryGenerator):
         negative = torch.arange(len(expand), device=gt_bboxes.device) // \
             len(gt_bboxes) % 2 == 1  # the second half of every group
         # the random draws in mmdet's order
-        sign = torch.randint_like(expand, low=0, high=2,
-                                  dtype=torch.float32) * 2.0 - 1.0
+        sign = torch.randint_like(
+            expand, low=0, high=2, dtype=torch.float32) * 2.0 - 1.0
         noise = torch.rand_like(expand)
         noise[negative] += self.negative_noise_offset
         noise *= sign

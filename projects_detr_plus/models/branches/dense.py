@@ -44,16 +44,22 @@ class DenseQueryBranch(QueryBranch):
     """
     name = 'dense'
 
-    def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 ratio=1.5, num_pos=4):
+    def __init__(self,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 ratio=1.5,
+                 num_pos=4):
         super().__init__()
         self.num_queries = int(num_matching_queries * ratio)
         if self.num_queries < 1:
             raise ValueError(f'DenseQueryBranch: ratio={ratio} gives no '
                              'queries')
-        self.one_to_many_loss = DDQAuxLoss(train_cfg=dict(
-            assigner=dict(type='TopkHungarianAssigner', topk=num_pos),
-            alpha=1, beta=6))
+        self.one_to_many_loss = DDQAuxLoss(
+            train_cfg=dict(
+                assigner=dict(type='TopkHungarianAssigner', topk=num_pos),
+                alpha=1,
+                beta=6))
 
     def make_queries(self, main, context, detector, batch_data_samples):
         """Queries on the encoder tokens the dense predictor ranks highest:
@@ -70,12 +76,14 @@ class DenseQueryBranch(QueryBranch):
         ranked = enc_class.max(-1)[0].topk(count, dim=1).indices
 
         def take(x):
-            return torch.gather(
-                x, 1, ranked[..., None].expand(-1, -1, x.shape[-1]))
+            return torch.gather(x, 1, ranked[...,
+                                             None].expand(-1, -1, x.shape[-1]))
 
         coord = take(enc_coord)
         return QuerySet(
-            self.name, take(token_content), coord.detach(),
+            self.name,
+            take(token_content),
+            coord.detach(),
             predictors=(head.aux_cls_branches, head.aux_reg_branches),
             meta=dict(enc_class=take(enc_class), enc_coord=coord.sigmoid()))
 
@@ -110,7 +118,7 @@ class DenseQueryBranch(QueryBranch):
         pixel_boxes = bbox_cxcywh_to_xyxy(boxes) * image_factors(
             list(boxes), metas).view_as(boxes)
         gts = [s.gt_instances for s in batch_data_samples]
-        losses = self.one_to_many_loss.loss(
-            logits.sigmoid(), pixel_boxes, [gt.bboxes for gt in gts],
-            [gt.labels for gt in gts], metas)
+        losses = self.one_to_many_loss.loss(logits.sigmoid(), pixel_boxes,
+                                            [gt.bboxes for gt in gts],
+                                            [gt.labels for gt in gts], metas)
         return sum(losses['aux_loss_cls']), sum(losses['aux_loss_bbox'])

@@ -80,9 +80,15 @@ class GroupQueryBranch(QueryBranch):
     name = 'group'
     takes_dn_cfg = True
 
-    def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 num_groups=11, shared_anchors=False, average_groups=True,
-                 loss_weight=1.0, dn_cfg=None):
+    def __init__(self,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 num_groups=11,
+                 shared_anchors=False,
+                 average_groups=True,
+                 loss_weight=1.0,
+                 dn_cfg=None):
         super().__init__()
         if num_groups < 1:
             raise ValueError(f'num_groups must be >= 1, got {num_groups}')
@@ -107,10 +113,12 @@ class GroupQueryBranch(QueryBranch):
                 _box_branch(embed_dims) for _ in extra)
         self.denoisers = nn.ModuleList()
         if dn_cfg is not None:
-            self.denoisers.extend(DenoisingBranch(
-                num_classes=num_classes, embed_dims=embed_dims,
-                num_matching_queries=num_matching_queries, **dn_cfg)
-                for _ in extra)
+            self.denoisers.extend(
+                DenoisingBranch(
+                    num_classes=num_classes,
+                    embed_dims=embed_dims,
+                    num_matching_queries=num_matching_queries,
+                    **dn_cfg) for _ in extra)
 
     def init_weights(self):
         """Encoder heads as the detection head's, projections xavier."""
@@ -126,8 +134,10 @@ class GroupQueryBranch(QueryBranch):
     def content_tables(self):
         """One (N, dim) table per extra group (views of ``content``)."""
         size = self.group_size
-        return [self.content.weight[g * size:(g + 1) * size]
-                for g in range(self.num_extra_groups)]
+        return [
+            self.content.weight[g * size:(g + 1) * size]
+            for g in range(self.num_extra_groups)
+        ]
 
     def make_queries(self, main, context, detector, batch_data_samples):
         """Each extra group: its own anchors (its encoder heads on
@@ -142,8 +152,10 @@ class GroupQueryBranch(QueryBranch):
         bs = main.query.shape[0]
         anchors, enc_losses = self._group_anchors(main, context, detector)
         contents = [t[None].expand(bs, -1, -1) for t in self.content_tables()]
-        dn = [d.make_queries(main, context, detector, batch_data_samples)
-              for d in self.denoisers]
+        dn = [
+            d.make_queries(main, context, detector, batch_data_samples)
+            for d in self.denoisers
+        ]
         if len({part.num_queries for part in dn}) > 1:
             raise RuntimeError('GroupQueryBranch: the groups got different '
                                'numbers of denoising queries')
@@ -152,7 +164,9 @@ class GroupQueryBranch(QueryBranch):
             query += [contents[g]] + [d.query for d in dn[g:g + 1]]
             reference += [anchors[g]] + [d.reference for d in dn[g:g + 1]]
         return QuerySet(
-            self.name, torch.cat(query, 1), torch.cat(reference, 1),
+            self.name,
+            torch.cat(query, 1),
+            torch.cat(reference, 1),
             attn_mask=self._group_mask(dn[0]) if dn else None,
             num_groups=max(self.num_extra_groups, 1),
             meta=dict(enc_losses=enc_losses, dn=dn))
@@ -181,8 +195,8 @@ class GroupQueryBranch(QueryBranch):
         only, denoising queries see the matching ones and their own
         denoising group (DINO's mask, per query group)."""
         size, num_dn = self.group_size, dn.num_queries
-        mask = dn.query.new_zeros(size + num_dn, size + num_dn,
-                                  dtype=torch.bool)
+        mask = dn.query.new_zeros(
+            size + num_dn, size + num_dn, dtype=torch.bool)
         mask[:size, size:] = True
         mask[size:, size:] = dn.attn_mask
         return mask
@@ -208,19 +222,25 @@ class GroupQueryBranch(QueryBranch):
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
         losses = matched_set_loss(
-            head, f'{self.name}_', cls_groups[:, :, :, :size].flatten(2, 3),
-            bbox_groups[:, :, :, :size].flatten(2, 3), gts, metas,
-            self.loss_weight, num_groups=self.num_extra_groups)
+            head,
+            f'{self.name}_',
+            cls_groups[:, :, :, :size].flatten(2, 3),
+            bbox_groups[:, :, :, :size].flatten(2, 3),
+            gts,
+            metas,
+            self.loss_weight,
+            num_groups=self.num_extra_groups)
         for inputs in queries.meta['enc_losses']:  # per-group proposals
-            self._add_group_mean(losses, detector.encoder_loss(
-                *inputs, gts, metas))
+            self._add_group_mean(losses,
+                                 detector.encoder_loss(*inputs, gts, metas))
         stride = queries.group_size  # N + D
-        for g, (denoiser, dn) in enumerate(zip(self.denoisers,
-                                               queries.meta['dn'])):
+        for g, (denoiser,
+                dn) in enumerate(zip(self.denoisers, queries.meta['dn'])):
             group_dn = predictions.queries(
                 slice(g * stride + size, (g + 1) * stride))
-            self._add_group_mean(losses, denoiser.loss(
-                detector, group_dn, dn, batch_data_samples))
+            self._add_group_mean(
+                losses,
+                denoiser.loss(detector, group_dn, dn, batch_data_samples))
         return losses
 
     def _add_group_mean(self, losses, group_losses):

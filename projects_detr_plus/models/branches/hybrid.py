@@ -54,8 +54,13 @@ class HybridMatchingBranch(QueryBranch):
     """
     name = 'hybrid'
 
-    def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 num_queries=1500, k_one_to_many=6, loss_weight=1.0,
+    def __init__(self,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 num_queries=1500,
+                 k_one_to_many=6,
+                 loss_weight=1.0,
                  normalise_by='targets'):
         super().__init__()
         if num_queries < 1 or k_one_to_many < 1:
@@ -87,8 +92,11 @@ class HybridMatchingBranch(QueryBranch):
                 f'proposals, but the encoder has only {num_keys} tokens; '
                 'lower num_queries')
         _, reference = top_proposals(
-            context.enc_score, context.enc_class, context.enc_coord_unact,
-            self.num_queries, start=self.num_main_queries)
+            context.enc_score,
+            context.enc_class,
+            context.enc_coord_unact,
+            self.num_queries,
+            start=self.num_main_queries)
         query = learnable_content(self.content, context.batch_size)
         return QuerySet(self.name, query, reference.detach())
 
@@ -96,13 +104,18 @@ class HybridMatchingBranch(QueryBranch):
         """Hungarian loss against each image's ground truth repeated k
         times, every decoder layer ((num_layers, bs, M, ...) predictions).
         """
-        repeated = [InstanceData.cat([s.gt_instances] * self.k_one_to_many)
-                    for s in batch_data_samples]
+        repeated = [
+            InstanceData.cat([s.gt_instances] * self.k_one_to_many)
+            for s in batch_data_samples
+        ]
         normaliser = None
         if self.normalise_by == 'targets':
             normaliser = sum(len(gt) for gt in repeated)
         return matched_set_loss(
-            detector.bbox_head, f'{self.name}_', predictions.cls_scores,
-            predictions.bbox_preds, repeated,
-            [s.metainfo for s in batch_data_samples], self.loss_weight,
+            detector.bbox_head,
+            f'{self.name}_',
+            predictions.cls_scores,
+            predictions.bbox_preds,
+            repeated, [s.metainfo for s in batch_data_samples],
+            self.loss_weight,
             normaliser=normaliser)

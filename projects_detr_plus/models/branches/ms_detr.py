@@ -59,10 +59,18 @@ class MSDETRBranch(QueryBranch):
     name = 'o2m'
     sync_cls_avg_factor = True  # the official num_boxes: mean over ranks
 
-    def __init__(self, num_classes, embed_dims, num_matching_queries,
-                 num_layers=6, assigner=dict(type='MSDETRAssigner'),
-                 loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                               alpha=0.25, loss_weight=2.0),
+    def __init__(self,
+                 num_classes,
+                 embed_dims,
+                 num_matching_queries,
+                 num_layers=6,
+                 assigner=dict(type='MSDETRAssigner'),
+                 loss_cls=dict(
+                     type='FocalLoss',
+                     use_sigmoid=True,
+                     gamma=2.0,
+                     alpha=0.25,
+                     loss_weight=2.0),
                  loss_bbox=dict(type='L1Loss', loss_weight=5.0),
                  loss_iou=dict(type='GIoULoss', loss_weight=2.0),
                  encoder_loss_weights=None):
@@ -86,8 +94,10 @@ class MSDETRBranch(QueryBranch):
                              f'decoder has {num_layers} layers')
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
-        per_layer = {key: [None] * num_layers
-                     for key in ('loss_cls', 'loss_bbox', 'loss_iou')}
+        per_layer = {
+            key: [None] * num_layers
+            for key in ('loss_cls', 'loss_bbox', 'loss_iou')
+        }
         # the official order (its random draws): the last layer first
         for layer in [num_layers - 1, *range(num_layers - 1)]:
             losses = self.layer_loss(
@@ -120,15 +130,14 @@ class MSDETRBranch(QueryBranch):
         img_h, img_w = meta['img_shape'][:2]
         factor = bbox_preds.new_tensor([img_w, img_h, img_w, img_h])
         gt_boxes = bbox_xyxy_to_cxcywh(gt.bboxes / factor)
-        query, gt_ind = self.assigner.assign(cls_scores, bbox_preds,
-                                             gt_boxes, gt.labels)
-        n, pairs = len(cls_scores), torch.arange(len(query),
-                                                 device=query.device)
-        last = query.new_full((n, ), -1).scatter_reduce(
-            0, query, pairs, 'amax')
+        query, gt_ind = self.assigner.assign(cls_scores, bbox_preds, gt_boxes,
+                                             gt.labels)
+        n, pairs = len(cls_scores), torch.arange(
+            len(query), device=query.device)
+        last = query.new_full((n, ),
+                              -1).scatter_reduce(0, query, pairs, 'amax')
         best = last[query] == pairs  # each query's pair giving its class
-        rows = torch.cat([torch.arange(n, device=query.device),
-                          query[~best]])
+        rows = torch.cat([torch.arange(n, device=query.device), query[~best]])
         slot = query.clone()  # the row of each pair
         slot[~best] = torch.arange(n, len(rows), device=query.device)
         labels = query.new_full((len(rows), ), self.num_classes)
@@ -137,10 +146,11 @@ class MSDETRBranch(QueryBranch):
             0, torch.arange(n, device=query.device), 1.0)
         bbox_targets = gt_boxes.new_zeros(len(rows), 4).index_copy(
             0, slot, gt_boxes[gt_ind])
-        bbox_weights = gt_boxes.new_zeros(len(rows), 1).index_fill(
-            0, slot, 1.0).expand(-1, 4)
-        return (labels, label_weights, bbox_targets, bbox_weights,
-                len(query), n - int(best.sum())), rows
+        bbox_weights = gt_boxes.new_zeros(len(rows),
+                                          1).index_fill(0, slot,
+                                                        1.0).expand(-1, 4)
+        return (labels, label_weights, bbox_targets, bbox_weights, len(query),
+                n - int(best.sum())), rows
 
     def supervise_encoder(self, detector, enc_cls, enc_coord,
                           batch_data_samples):
@@ -151,6 +161,8 @@ class MSDETRBranch(QueryBranch):
             [s.metainfo for s in batch_data_samples])
         head = detector.bbox_head
         own = (head.loss_cls, head.loss_bbox, head.loss_iou)
-        return {key: losses[key] * (weight / loss.loss_weight) for key,
-                weight, loss in zip(ENCODER_KEYS, self.encoder_loss_weights,
-                                    own)}
+        return {
+            key: losses[key] * (weight / loss.loss_weight)
+            for key, weight, loss in zip(ENCODER_KEYS,
+                                         self.encoder_loss_weights, own)
+        }

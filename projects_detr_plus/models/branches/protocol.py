@@ -101,11 +101,13 @@ class SetPredictions:
     def queries(self, index: slice) -> 'SetPredictions':
         """The predictions of queries ``index`` (along the query axis)."""
         keep = None if self.keep is None else [
-            k if k is None else k[:, index] for k in self.keep]
-        return SetPredictions(
-            self.cls_scores[:, :, index], self.bbox_preds[:, :, index],
-            self.hidden_states[:, :, index],
-            [r[:, index] for r in self.references], keep)
+            k if k is None else k[:, index] for k in self.keep
+        ]
+        return SetPredictions(self.cls_scores[:, :,
+                                              index], self.bbox_preds[:, :,
+                                                                      index],
+                              self.hidden_states[:, :, index],
+                              [r[:, index] for r in self.references], keep)
 
 
 class QueryDetector(Protocol):
@@ -113,7 +115,9 @@ class QueryDetector(Protocol):
     bbox_head: nn.Module  # its assigner, losses and per-layer predictors
     num_queries: int  # N, the main set's size
 
-    def select_proposals(self, enc_class: Tensor, enc_coord_unact: Tensor,
+    def select_proposals(self,
+                         enc_class: Tensor,
+                         enc_coord_unact: Tensor,
                          enc_score: Optional[Tensor] = None):
         """The main queries' selection among proposals: reference boxes
         (bs, N, 4) before the sigmoid and the inputs of

@@ -86,8 +86,8 @@ class QuerySet:
         mask = torch.ones(n, n, dtype=torch.bool, device=self.query.device)
         for start in range(0, n, max(size, 1)):
             group = slice(start, start + size)
-            mask[group, group] = (False if self.attn_mask is None else
-                                  self.attn_mask)
+            mask[group,
+                 group] = (False if self.attn_mask is None else self.attn_mask)
         return mask
 
 
@@ -122,10 +122,13 @@ def concat_query_sets(query_sets: List[QuerySet], dense_mask: bool = False):
         if any(p.padding is not None for p in query_sets):
             padding = torch.cat([
                 p.query.new_zeros(p.query.shape[:2], dtype=torch.bool)
-                if p.padding is None else _padding(p)
-                for p in query_sets], dim=1)
-        return query, reference, [AttentionBlock(
-            0, 1, query.shape[1], _dense_mask(query_sets), padding)]
+                if p.padding is None else _padding(p) for p in query_sets
+            ],
+                                dim=1)
+        return query, reference, [
+            AttentionBlock(0, 1, query.shape[1], _dense_mask(query_sets),
+                           padding)
+        ]
     seeing = [p for p in query_sets if p.name == MAIN or p.sees_main]
     if len(seeing) == 1 and query_sets[0].num_groups == 1:
         main_block = AttentionBlock(0, 1, query_sets[0].num_queries,
@@ -136,9 +139,9 @@ def concat_query_sets(query_sets: List[QuerySet], dense_mask: bool = False):
     blocks, start = [main_block], main_block.end
     for qset in query_sets[len(seeing):]:
         if qset.num_queries:
-            blocks.append(AttentionBlock(start, qset.num_groups,
-                                         qset.group_size, qset.attn_mask,
-                                         _padding(qset)))
+            blocks.append(
+                AttentionBlock(start, qset.num_groups, qset.group_size,
+                               qset.attn_mask, _padding(qset)))
         start += qset.num_queries
     if len(blocks) == 1 and main_block.mask is None:
         return query, reference, None
@@ -175,8 +178,8 @@ def _padding(qset: QuerySet) -> Optional[Tensor]:
 def _dense_mask(query_sets: List[QuerySet]) -> Tensor:
     """One (N, N) mask, True = blocked, for all query_sets (main first)."""
     total = sum(p.num_queries for p in query_sets)
-    mask = torch.ones(total, total, dtype=torch.bool,
-                      device=query_sets[0].query.device)
+    mask = torch.ones(
+        total, total, dtype=torch.bool, device=query_sets[0].query.device)
     start, num_main = 0, query_sets[0].num_queries
     for qset in query_sets:
         end = start + qset.num_queries
@@ -215,8 +218,12 @@ class SegmentedLayers:
 
         def apply(x):
             chunks = x.split([size for size, _ in self.segments], dim=1)
-            return torch.cat([layers[layer_id](chunk) for (_, layers), chunk
-                              in zip(self.segments, chunks)], dim=1)
+            return torch.cat([
+                layers[layer_id](chunk)
+                for (_, layers), chunk in zip(self.segments, chunks)
+            ],
+                             dim=1)
+
         return apply
 
 
@@ -226,8 +233,10 @@ def query_set_layers(query_sets: List[QuerySet], default, which: str):
     (``predictors``) or ``default`` (the head's)."""
     index = ('cls', 'reg').index(which)
     return SegmentedLayers([
-        (q.num_queries, default if q.predictors is None else
-         q.predictors[index]) for q in query_sets])
+        (q.num_queries,
+         default if q.predictors is None else q.predictors[index])
+        for q in query_sets
+    ])
 
 
 def set_predictions(head, hidden_states: Tensor, references,
@@ -255,8 +264,8 @@ def set_predictions(head, hidden_states: Tensor, references,
     for layer_id, state in enumerate(hidden_states):
         scores.append(cls_layers[layer_id](state))
         delta = reg_layers[layer_id](state)
-        boxes.append((delta + inverse_sigmoid(references[layer_id],
-                                              eps=eps)).sigmoid())
+        boxes.append(
+            (delta + inverse_sigmoid(references[layer_id], eps=eps)).sigmoid())
     return torch.stack(scores), torch.stack(boxes)
 
 
@@ -281,8 +290,8 @@ def top_proposals(enc_score, enc_class, enc_coord_unact, k, start=0):
     ranked = torch.topk(enc_score, k=start + k, dim=1)[1][:, start:]
     scores = torch.gather(
         enc_class, 1, ranked[..., None].expand(-1, -1, enc_class.shape[-1]))
-    coords = torch.gather(enc_coord_unact, 1,
-                          ranked[..., None].expand(-1, -1, 4))
+    coords = torch.gather(enc_coord_unact, 1, ranked[...,
+                                                     None].expand(-1, -1, 4))
     return scores, coords
 
 

@@ -64,15 +64,20 @@ class PositionSupervisedLoss(SoftTargetLoss):
         loss_weight (float): multiplies the loss.
     """
 
-    def __init__(self, alpha=0.25, gamma=2.0, ta_alpha=0.0, ta_beta=2.0,
-                 eps=1e-8, loss_weight=1.0):
+    def __init__(self,
+                 alpha=0.25,
+                 gamma=2.0,
+                 ta_alpha=0.0,
+                 ta_beta=2.0,
+                 eps=1e-8,
+                 loss_weight=1.0):
         super().__init__()
         self.alpha, self.gamma = alpha, gamma
         self.ta_alpha, self.ta_beta = ta_alpha, ta_beta
         self.eps, self.loss_weight = eps, loss_weight
 
     def soft_target(self, prob, iou):
-        return prob ** self.ta_alpha * iou ** self.ta_beta
+        return prob**self.ta_alpha * iou**self.ta_beta
 
     def image_target(self, quality, image):
         """Each image's targets rescaled so that its largest is 1 (never
@@ -93,13 +98,13 @@ class PositionSupervisedLoss(SoftTargetLoss):
         labels, quality = target
         prob = pred.sigmoid()
         log_neg = torch.log(1 - prob + self.eps)
-        loss = -(1 - self.alpha) * prob ** self.gamma * log_neg
+        loss = -(1 - self.alpha) * prob**self.gamma * log_neg
         rows = ((labels >= 0) & (labels < pred.shape[1])).nonzero()[:, 0]
         cols = labels[rows]
         t, p = quality[rows].to(prob.dtype), prob[rows, cols]
         bce = -t * F.logsigmoid(pred[rows, cols]) - \
             (1 - t) * log_neg[rows, cols]
-        positive = self.alpha * (t - p) ** self.gamma * bce
+        positive = self.alpha * (t - p)**self.gamma * bce
         loss = loss.index_put((rows, cols), positive)
         if weight is not None:
             loss = loss * weight[:, None]
@@ -121,22 +126,19 @@ class PositionModulatedFocalCost(BaseMatchCost):
         eps (float): in the logs (official 1e-8).
     """
 
-    def __init__(self, weight=1.0, alpha=0.25, gamma=2.0, beta=0.5,
-                 eps=1e-8):
+    def __init__(self, weight=1.0, alpha=0.25, gamma=2.0, beta=0.5, eps=1e-8):
         super().__init__(weight=weight)
         self.alpha, self.gamma, self.beta, self.eps = alpha, gamma, beta, eps
 
-    def __call__(self, pred_instances, gt_instances, img_meta=None,
-                 **kwargs):
+    def __call__(self, pred_instances, gt_instances, img_meta=None, **kwargs):
         """(num_queries, num_gts) cost: ``pred_instances.scores`` logits,
         ``bboxes`` xyxy; ``gt_instances.bboxes`` xyxy and ``labels``."""
-        giou = bbox_overlaps(pred_instances.bboxes, gt_instances.bboxes,
-                             mode='giou')
+        giou = bbox_overlaps(
+            pred_instances.bboxes, gt_instances.bboxes, mode='giou')
         position = _rescale_to_one((giou + 1) / 2) if giou.numel() else giou
         prob = pred_instances.scores.sigmoid()[:, gt_instances.labels]
-        prob = prob * position ** self.beta
-        neg = (1 - self.alpha) * prob ** self.gamma * -torch.log(
-            1 - prob + self.eps)
-        pos = self.alpha * (1 - prob) ** self.gamma * -torch.log(
-            prob + self.eps)
+        prob = prob * position**self.beta
+        neg = (1 -
+               self.alpha) * prob**self.gamma * -torch.log(1 - prob + self.eps)
+        pos = self.alpha * (1 - prob)**self.gamma * -torch.log(prob + self.eps)
         return (pos - neg) * self.weight

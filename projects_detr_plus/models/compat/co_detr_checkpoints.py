@@ -43,8 +43,11 @@ QUERY_HEAD = 'query_head.'
 RCNN = 'rcnn'
 ONE_STAGE = 'one-stage'  # a one-stage head of no kind below
 #: one-stage kind -> a layer name that only that head's state dict has
-ONE_STAGE_KINDS = {'atss': 'atss_cls.', 'fcos': 'conv_centerness.',
-                   'retina': 'retina_cls.'}
+ONE_STAGE_KINDS = {
+    'atss': 'atss_cls.',
+    'fcos': 'conv_centerness.',
+    'retina': 'retina_cls.'
+}
 
 #: official ``query_head.`` names -> ours: (regex matched at the start of
 #: the name after ``query_head.``, replacement of the matched part)
@@ -109,8 +112,10 @@ def head_kind(head):
 def branch_kinds(detector):
     """Per ``detector.extra_branches`` entry: its auxiliary head's kind
     (:func:`head_kind`; None for a branch without one)."""
-    return [head_kind(getattr(branch, 'aux_head', None))
-            for branch in getattr(detector, 'extra_branches', ())]
+    return [
+        head_kind(getattr(branch, 'aux_head', None))
+        for branch in getattr(detector, 'extra_branches', ())
+    ]
 
 
 def branch_kinds_from_config(branches):
@@ -130,8 +135,9 @@ def branch_kinds_from_config(branches):
         elif issubclass(head_type, CoRCNNHead):
             kinds.append(RCNN)
         else:
-            kinds.append(next((kind for kind, cls in classes.items()
-                               if issubclass(head_type, cls)), ONE_STAGE))
+            kinds.append(
+                next((kind for kind, cls in classes.items()
+                      if issubclass(head_type, cls)), ONE_STAGE))
     return kinds
 
 
@@ -141,8 +147,10 @@ class _AuxLayout:
     def __init__(self, names, kinds):
         self.rcnn = [i for i, k in enumerate(kinds) if k == RCNN]
         # official aux index j: RoI heads first, then one-stage heads
-        self.num_roi = len({int(m.group(1)) for m in (
-            re.match(r'roi_head\.(\d+)\.', n) for n in names) if m})
+        self.num_roi = len({
+            int(m.group(1))
+            for m in (re.match(r'roi_head\.(\d+)\.', n) for n in names) if m
+        })
         self.one_stage = self._one_stage_branches(names, kinds)
 
     @staticmethod
@@ -153,8 +161,7 @@ class _AuxLayout:
         for name in names:
             match = re.match(r'bbox_head\.(\d+)\.(.*)$', name)
             if match:
-                keys.setdefault(int(match.group(1)), []).append(
-                    match.group(2))
+                keys.setdefault(int(match.group(1)), []).append(match.group(2))
         taken, branches = {}, {}
         for index in sorted(keys):
             kind = one_stage_kind(keys[index])
@@ -193,12 +200,13 @@ def _branch(index, rest):
 
 def _aux_name(name, layout):
     """Our name of an official auxiliary-head key (None: none)."""
-    match = re.match(r'query_head\.transformer\.aux_pos_trans(_norm)?\.'
-                     r'(\d+)\.(.*)$', name)
+    match = re.match(
+        r'query_head\.transformer\.aux_pos_trans(_norm)?\.'
+        r'(\d+)\.(.*)$', name)
     if match:
         norm, index, rest = match.groups()
-        return _branch(layout.aux(int(index)),
-                       f'content.{1 if norm else 0}.{rest}')
+        return _branch(
+            layout.aux(int(index)), f'content.{1 if norm else 0}.{rest}')
     match = re.match(r'(roi_head|bbox_head)\.(\d+)\.(.*)$', name)
     if match:
         module, index, rest = match.groups()
@@ -281,22 +289,28 @@ def convert_backbone(module, state_dict, prefix):
         ValueError: naming the backbone weights that are missing or do not
             fit, instead of leaving the backbone at its initialisation.
     """
-    ours = {k: v for k, v in module.state_dict().items()
-            if k.startswith('backbone.')}
+    ours = {
+        k: v
+        for k, v in module.state_dict().items() if k.startswith('backbone.')
+    }
     start = len(prefix)
     theirs = [k for k in state_dict if k.startswith(prefix + 'backbone.')]
     if any(k[start:].startswith('backbone.layers.') for k in theirs) and any(
             k.startswith('backbone.stages.') for k in ours):
         from mmdet.models.backbones.swin import swin_converter
-        converted = swin_converter({
-            k[start + len('backbone.'):]: state_dict.pop(k) for k in theirs})
+        converted = swin_converter(
+            {k[start + len('backbone.'):]: state_dict.pop(k)
+             for k in theirs})
         state_dict.update({prefix + k: v for k, v in converted.items()})
-        print_log(f'Official Co-DETR checkpoint: {len(converted)} Swin '
-                  'backbone keys renamed into mmdet\'s SwinTransformer',
-                  logger='current')
+        print_log(
+            f'Official Co-DETR checkpoint: {len(converted)} Swin '
+            'backbone keys renamed into mmdet\'s SwinTransformer',
+            logger='current')
     missing = [k for k in ours if prefix + k not in state_dict]
-    misfit = [k for k in ours if prefix + k in state_dict and
-              state_dict[prefix + k].shape != ours[k].shape]
+    misfit = [
+        k for k in ours if prefix +
+        k in state_dict and state_dict[prefix + k].shape != ours[k].shape
+    ]
     if missing or misfit:
         raise ValueError(
             f'official Co-DETR checkpoint: its backbone does not fit this '
@@ -331,5 +345,7 @@ def convert_official_co_detr(module, state_dict, prefix, *args):
             key = prefix + mapping[key[len(prefix):]]
         state_dict[key] = value
     renamed = sum(old != new for old, new in mapping.items())
-    print_log(f'Official Co-DETR checkpoint: {renamed} of {len(mapping)} '
-              'keys renamed into the DETR+ layout', logger='current')
+    print_log(
+        f'Official Co-DETR checkpoint: {renamed} of {len(mapping)} '
+        'keys renamed into the DETR+ layout',
+        logger='current')

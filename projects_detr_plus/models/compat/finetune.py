@@ -43,10 +43,9 @@ def drop_class_dependent_mismatches(module, state_dict, prefix, *args):
     candidates = {}
     for key, value in state_dict.items():
         name = key[len(prefix):]
-        if key.startswith(prefix) and name in own and hasattr(value,
-                                                                'shape'):
-            counts = class_counts(tuple(own[name].shape),
-                                  tuple(value.shape), num_classes)
+        if key.startswith(prefix) and name in own and hasattr(value, 'shape'):
+            counts = class_counts(
+                tuple(own[name].shape), tuple(value.shape), num_classes)
             if counts:
                 candidates[key] = counts
     if not candidates:
@@ -62,5 +61,7 @@ def drop_class_dependent_mismatches(module, state_dict, prefix, *args):
             del state_dict[key]
     print_log(
         f'Checkpoint for {theirs} classes: {len(dropped)} class-dependent '
-        f'weights keep their initialisation (num_classes={num_classes}): '
-        + ', '.join(dropped), logger='current', level=30)
+        f'weights keep their initialisation (num_classes={num_classes}): ' +
+        ', '.join(dropped),
+        logger='current',
+        level=30)

@@ -46,17 +46,23 @@ class DDQDETRPlus(DINOPlus):
             :class:`DDQHeadPlus`.
     """
 
-    def __init__(self, *args, dense_topk_ratio=1.5,
+    def __init__(self,
+                 *args,
+                 dense_topk_ratio=1.5,
                  dqs_cfg=dict(type='nms', iou_threshold=0.8),
-                 suppressed_queries='isolated', **kwargs):
+                 suppressed_queries='isolated',
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not hasattr(self.bbox_head, 'aux_num_pos'):
             raise TypeError('DDQDETRPlus needs bbox_head=DDQHeadPlus, got '
                             f'{type(self.bbox_head).__name__}')
         self.dqs_cfg = dict(dqs_cfg)
         self.suppressed_queries = check_suppressed_mode(suppressed_queries)
-        self.extra_branches.append(DenseQueryBranch(**self._branch_args(dict(
-            ratio=dense_topk_ratio, num_pos=self.bbox_head.aux_num_pos))))
+        self.extra_branches.append(
+            DenseQueryBranch(**self._branch_args(
+                dict(
+                    ratio=dense_topk_ratio,
+                    num_pos=self.bbox_head.aux_num_pos))))
         self._check_branch_names()
         self.register_load_state_dict_pre_hook(_drop_mmdet_decoder_alias)
 
@@ -120,12 +126,12 @@ class DDQDETRPlus(DINOPlus):
             (bs, N) bool masks of the main queries distinct at the input of
             decoder layers 1, 2, ...
         """
-        selection = DistinctQuerySelection(
-            self.bbox_head.cls_branches, query_sets[0].num_queries,
-            self.dqs_cfg, self.suppressed_queries)
-        outputs = super().forward_decoder(query_sets=query_sets,
-                                          between_layers=selection,
-                                          **decoder_inputs)
+        selection = DistinctQuerySelection(self.bbox_head.cls_branches,
+                                           query_sets[0].num_queries,
+                                           self.dqs_cfg,
+                                           self.suppressed_queries)
+        outputs = super().forward_decoder(
+            query_sets=query_sets, between_layers=selection, **decoder_inputs)
         outputs['query_keep'] = selection.keeps
         return outputs
 

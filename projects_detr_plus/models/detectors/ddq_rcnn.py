@@ -25,12 +25,18 @@ class DDQRCNN(TwoStageDetector):
             ``roi_head``, ``train_cfg``, ``test_cfg``...).
     """
 
-    def __init__(self, rpn_head, rpn_start_level=1, train_cfg=None,
-                 test_cfg=None, **kwargs):
+    def __init__(self,
+                 rpn_head,
+                 rpn_start_level=1,
+                 train_cfg=None,
+                 test_cfg=None,
+                 **kwargs):
         super().__init__(train_cfg=train_cfg, test_cfg=test_cfg, **kwargs)
-        self.rpn_head = MODELS.build(dict(
-            rpn_head, train_cfg=train_cfg.rpn if train_cfg else None,
-            test_cfg=test_cfg.rpn if test_cfg else None))
+        self.rpn_head = MODELS.build(
+            dict(
+                rpn_head,
+                train_cfg=train_cfg.rpn if train_cfg else None,
+                test_cfg=test_cfg.rpn if test_cfg else None))
         self.rpn_start_level = rpn_start_level
 
     def loss(self, batch_inputs, batch_data_samples):
@@ -46,8 +52,8 @@ class DDQRCNN(TwoStageDetector):
         x = self.extract_feat(batch_inputs)
         proposals = self.rpn_head.predict(x[self.rpn_start_level:],
                                           batch_data_samples)
-        results = self.roi_head.predict(x, proposals, batch_data_samples,
-                                        rescale=rescale)
+        results = self.roi_head.predict(
+            x, proposals, batch_data_samples, rescale=rescale)
         return self.add_pred_to_datasample(batch_data_samples, results)
 
     def _forward(self, batch_inputs, batch_data_samples=None):

@@ -70,8 +70,12 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
     encoder_type = DeformableEncoderPlus
     decoder_type = DeformableDecoderPlus
 
-    def __init__(self, *args, branches=(), mixed_selection=False,
-                 dense_self_attn_mask=False, **kwargs):
+    def __init__(self,
+                 *args,
+                 branches=(),
+                 mixed_selection=False,
+                 dense_self_attn_mask=False,
+                 **kwargs):
         self.mixed_selection = mixed_selection
         super().__init__(*args, **kwargs)
         if mixed_selection and not self.as_two_stage:
@@ -112,7 +116,10 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         official code changes for the mixed-selection table."""
         nn.init.normal_(weight)
 
-    def pre_decoder(self, memory, memory_mask, spatial_shapes,
+    def pre_decoder(self,
+                    memory,
+                    memory_mask,
+                    spatial_shapes,
                     batch_data_samples=None):
         """mmdet's single-stage queries, or the query-branch detector's."""
         if not self.as_two_stage:
@@ -130,8 +137,9 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         (bs, n, 4) before the sigmoid, as mmdet's two-stage (at any
         ``embed_dims``)."""
         embedding = self.pos_trans_norm(
-            self.pos_trans_fc(self.get_proposal_pos_embed(
-                reference, num_pos_feats=self.embed_dims // 2)))
+            self.pos_trans_fc(
+                self.get_proposal_pos_embed(
+                    reference, num_pos_feats=self.embed_dims // 2)))
         return torch.split(embedding, self.embed_dims, dim=2)
 
     def query_positions(self, reference):
@@ -157,13 +165,20 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         """From the learnable table (``mixed_selection``) or from the
         proposals (mmdet), (bs, N, dim)."""
         if self.mixed_selection:
-            return learnable_content(self.query_embedding,
-                                     reference.shape[0])
+            return learnable_content(self.query_embedding, reference.shape[0])
         return self.proposal_embedding(reference)[1]
 
-    def forward_decoder(self, query, query_pos, memory, memory_mask,
-                        reference_points, spatial_shapes, level_start_index,
-                        valid_ratios, attn_layout=None, query_sets=None):
+    def forward_decoder(self,
+                        query,
+                        query_pos,
+                        memory,
+                        memory_mask,
+                        reference_points,
+                        spatial_shapes,
+                        level_start_index,
+                        valid_ratios,
+                        attn_layout=None,
+                        query_sets=None):
         """mmdet's, with the branches' attention layout and refinement.
 
         Returns:
@@ -177,14 +192,19 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
                 reg_branches = query_set_layers(query_sets, reg_branches,
                                                 'reg')
         hidden_states, references = self.decoder(
-            query=query, query_pos=query_pos, value=memory,
-            key_padding_mask=memory_mask, self_attn_mask=attn_layout,
+            query=query,
+            query_pos=query_pos,
+            value=memory,
+            key_padding_mask=memory_mask,
+            self_attn_mask=attn_layout,
             reference_points=reference_points,
             spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index, valid_ratios=valid_ratios,
+            level_start_index=level_start_index,
+            valid_ratios=valid_ratios,
             reg_branches=reg_branches)
-        return dict(hidden_states=hidden_states,
-                    references=[reference_points, *references])
+        return dict(
+            hidden_states=hidden_states,
+            references=[reference_points, *references])
 
     def loss(self, batch_inputs, batch_data_samples):
         """mmdet's head loss, or the main and branch losses (two-stage)."""
@@ -198,4 +218,5 @@ class DeformableDETRPlus(QueryBranchDetector, DeformableDETR):
         (labels 0)."""
         return [
             InstanceData(bboxes=gt.bboxes, labels=torch.zeros_like(gt.labels))
-            for gt in batch_gt_instances]
+            for gt in batch_gt_instances
+        ]

@@ -54,8 +54,12 @@ class DINOPlus(QueryBranchDetector, DINO):
     encoder_type = DeformableEncoderPlus
     decoder_type = DinoDecoderPlus
 
-    def __init__(self, *args, dn_cfg=None, branches=(),
-                 dense_self_attn_mask=False, content_init='xavier_uniform',
+    def __init__(self,
+                 *args,
+                 dn_cfg=None,
+                 branches=(),
+                 dense_self_attn_mask=False,
+                 content_init='xavier_uniform',
                  **kwargs):
         if content_init not in ('xavier_uniform', 'normal'):
             raise ValueError("content_init must be 'xavier_uniform' or "
@@ -108,14 +112,15 @@ class DINOPlus(QueryBranchDetector, DINO):
         if self.content_init == 'normal':
             nn.init.normal_(weight)
             return
-        bound = (6.0 / (self.num_queries + self.embed_dims)) ** 0.5
+        bound = (6.0 / (self.num_queries + self.embed_dims))**0.5
         nn.init.uniform_(weight, -bound, bound)
 
     @property
     def training_branches(self):
         """The branches that add queries in training, in decoder order."""
         dn = [] if self.dn_query_generator is None else [
-            self.dn_query_generator]
+            self.dn_query_generator
+        ]
         return dn + list(self.extra_branches)
 
     def select_proposals(self, enc_class, enc_coord_unact, enc_score=None):

@@ -68,12 +68,12 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         converters = {b.checkpoint_converter for b in self.extra_branches}
         for converter in converters - {None}:
             self.register_load_state_dict_pre_hook(converter)
-        self.register_load_state_dict_pre_hook(
-            drop_class_dependent_mismatches)
+        self.register_load_state_dict_pre_hook(drop_class_dependent_mismatches)
 
     def _check_branch_names(self):
-        replacing = [b.name for b in self.training_branches
-                     if b.replaces_main_loss]
+        replacing = [
+            b.name for b in self.training_branches if b.replaces_main_loss
+        ]
         if len(replacing) > 1:
             raise ValueError('one branch at most may replace the main '
                              f'queries\' loss, got {replacing}')
@@ -88,8 +88,8 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         branch_type = cfg.get('type')
         if isinstance(branch_type, str):
             branch_type = MODELS.get(branch_type)
-        if not (isinstance(branch_type, type) and
-                issubclass(branch_type, QueryBranch)):
+        if not (isinstance(branch_type, type)
+                and issubclass(branch_type, QueryBranch)):
             raise TypeError(f'branch type {cfg.get("type")!r} is not a '
                             'query branch: subclass branches.QueryBranch '
                             'and register it in mmdet.registry.MODELS')
@@ -99,9 +99,10 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         cfg = dict(cfg)
         if 'type' in cfg:
             self.branch_class(cfg)
-        given = dict(num_classes=self.bbox_head.num_classes,
-                     embed_dims=self.embed_dims,
-                     num_matching_queries=self.num_queries)
+        given = dict(
+            num_classes=self.bbox_head.num_classes,
+            embed_dims=self.embed_dims,
+            num_matching_queries=self.num_queries)
         where = cfg.get('type', 'dn_cfg')
         for key, value in given.items():
             if key in cfg:
@@ -134,7 +135,10 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         head_inputs.update(self.forward_decoder(**decoder_inputs))
         return head_inputs
 
-    def pre_decoder(self, memory, memory_mask, spatial_shapes,
+    def pre_decoder(self,
+                    memory,
+                    memory_mask,
+                    spatial_shapes,
                     batch_data_samples=None):
         """Main queries (encoder proposals) plus, in training, every
         branch's.
@@ -157,21 +161,26 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         main, enc_cls, enc_coord = self.main_queries(context)
         query_sets = [main]
         if self.training:
-            made = [branch.make_queries(main, context, self,
-                                        batch_data_samples)
-                    for branch in self.training_branches]
+            made = [
+                branch.make_queries(main, context, self, batch_data_samples)
+                for branch in self.training_branches
+            ]
             # those that see the main queries share its attention block
             query_sets += sorted([q for q in made if q is not None],
                                  key=lambda q: not q.sees_main)
         query, reference, attn_layout = concat_query_sets(
             query_sets, dense_mask=self.dense_self_attn_mask)
-        decoder_inputs = dict(query=query, memory=memory,
-                              reference_points=reference.sigmoid(),
-                              attn_layout=attn_layout, query_sets=query_sets,
-                              **self._positions(reference, query_sets))
-        head_inputs = dict(enc_outputs_class=enc_cls,
-                           enc_outputs_coord=enc_coord,
-                           query_sets=query_sets) if self.training else {}
+        decoder_inputs = dict(
+            query=query,
+            memory=memory,
+            reference_points=reference.sigmoid(),
+            attn_layout=attn_layout,
+            query_sets=query_sets,
+            **self._positions(reference, query_sets))
+        head_inputs = dict(
+            enc_outputs_class=enc_cls,
+            enc_outputs_coord=enc_coord,
+            query_sets=query_sets) if self.training else {}
         return decoder_inputs, head_inputs
 
     def query_positions(self, reference):
@@ -190,8 +199,12 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         if own:
             positions['query_pos'] = torch.cat([
                 given if q.query_pos is None else q.query_pos
-                for q, given in zip(query_sets, split_query_sets(
-                    positions['query_pos'], query_sets, dim=1))], dim=1)
+                for q, given in zip(
+                    query_sets,
+                    split_query_sets(
+                        positions['query_pos'], query_sets, dim=1))
+            ],
+                                               dim=1)
         return positions
 
     def query_context(self, memory, memory_mask, spatial_shapes):
@@ -208,11 +221,15 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
             pyramid = encoder_pyramid(memory, spatial_shapes,
                                       self.encoder_extra_level)
         return QueryContext(
-            memory=memory, memory_mask=memory_mask,
-            spatial_shapes=spatial_shapes, enc_class=enc_class,
+            memory=memory,
+            memory_mask=memory_mask,
+            spatial_shapes=spatial_shapes,
+            enc_class=enc_class,
             enc_coord_unact=enc_coord,
-            enc_score=self.proposal_score(enc_class), enc_memory=enc_memory,
-            enc_anchors=enc_anchors, encoder_pyramid=pyramid)
+            enc_score=self.proposal_score(enc_class),
+            enc_memory=enc_memory,
+            enc_anchors=enc_anchors,
+            encoder_pyramid=pyramid)
 
     def proposal_score(self, enc_class):
         """(bs, num_keys) score the top-k ranks proposals by: the best
@@ -226,15 +243,25 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
             tuple: the main ``QuerySet`` and the encoder predictions of
             the encoder loss (see :meth:`select_proposals`).
         """
-        coords, (enc_cls, enc_coord) = self.select_proposals(
-            context.enc_class, context.enc_coord_unact, context.enc_score)
+        coords, (enc_cls,
+                 enc_coord) = self.select_proposals(context.enc_class,
+                                                    context.enc_coord_unact,
+                                                    context.enc_score)
         reference = coords.detach()
         main = QuerySet(MAIN, self.main_content(reference), reference)
         return main, enc_cls, enc_coord
 
-    def forward_decoder(self, query, memory, memory_mask, reference_points,
-                        spatial_shapes, level_start_index, valid_ratios,
-                        attn_layout=None, query_sets=None, **kwargs):
+    def forward_decoder(self,
+                        query,
+                        memory,
+                        memory_mask,
+                        reference_points,
+                        spatial_shapes,
+                        level_start_index,
+                        valid_ratios,
+                        attn_layout=None,
+                        query_sets=None,
+                        **kwargs):
         """Run the decoder once over all branches' queries.
 
         ``query_sets`` (from :meth:`pre_decoder`) say which box
@@ -242,14 +269,18 @@ class QueryBranchDetector(QueryLosses, PredictionFilter):
         """
         reg_branches = self.bbox_head.reg_branches
         if query_sets is not None:
-            reg_branches = query_set_layers(query_sets, reg_branches,
-                                            'reg')
+            reg_branches = query_set_layers(query_sets, reg_branches, 'reg')
         hidden_states, references = self.decoder(
-            query=query, value=memory, key_padding_mask=memory_mask,
-            self_attn_mask=attn_layout, reference_points=reference_points,
+            query=query,
+            value=memory,
+            key_padding_mask=memory_mask,
+            self_attn_mask=attn_layout,
+            reference_points=reference_points,
             spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index, valid_ratios=valid_ratios,
-            reg_branches=reg_branches, **kwargs)
+            level_start_index=level_start_index,
+            valid_ratios=valid_ratios,
+            reg_branches=reg_branches,
+            **kwargs)
         return dict(hidden_states=hidden_states, references=list(references))
 
 

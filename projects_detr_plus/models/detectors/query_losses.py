@@ -20,8 +20,8 @@ class QueryLosses:
         """Losses of the main branch, the encoder proposals and each branch."""
         img_feats = self.extract_feat(batch_inputs)
         head_inputs = self.forward_transformer(img_feats, batch_data_samples)
-        return self.branch_losses(batch_data_samples=batch_data_samples,
-                                  **head_inputs)
+        return self.branch_losses(
+            batch_data_samples=batch_data_samples, **head_inputs)
 
     def branch_losses(self, hidden_states, references, enc_outputs_class,
                       enc_outputs_coord, query_sets, batch_data_samples,
@@ -62,8 +62,9 @@ class QueryLosses:
         for branch in self.training_branches:
             target = main_losses if branch.belongs_to_main else other_losses
             if not branch.replaces_main_loss:
-                target.update(branch.supervise_main(self, per_set[0],
-                                                    batch_data_samples))
+                target.update(
+                    branch.supervise_main(self, per_set[0],
+                                          batch_data_samples))
             weight *= branch.main_loss_weight
         if weight != 1.0:
             main_losses = {k: v * weight for k, v in main_losses.items()}
@@ -75,30 +76,34 @@ class QueryLosses:
         or those of the branch that replaces them."""
         gts = [s.gt_instances for s in batch_data_samples]
         metas = [s.metainfo for s in batch_data_samples]
-        replacing = [b for b in self.training_branches
-                     if b.replaces_main_loss]
+        replacing = [b for b in self.training_branches if b.replaces_main_loss]
         if replacing:
             losses = replacing[0].supervise_main(self, predictions,
                                                  batch_data_samples)
         else:
             losses = self.main_decoder_loss(predictions, gts, metas)
-        encoder = [b.supervise_encoder(self, enc_cls, enc_coord,
-                                       batch_data_samples)
-                   for b in self.training_branches]
+        encoder = [
+            b.supervise_encoder(self, enc_cls, enc_coord, batch_data_samples)
+            for b in self.training_branches
+        ]
         encoder = [e for e in encoder if e is not None]
-        losses.update(encoder[0] if encoder else self.encoder_loss(
-            enc_cls, enc_coord, gts, metas))
+        losses.update(encoder[0] if encoder else self.
+                      encoder_loss(enc_cls, enc_coord, gts, metas))
         return losses
 
     def _split_predictions(self, hidden_states, references, query_sets):
         """:class:`SetPredictions` of every query set, in order."""
-        cls_scores, bbox_preds = set_predictions(
-            self.bbox_head, hidden_states, references, query_sets)
-        columns = [split_query_sets(x, query_sets, dim=2)
-                   for x in (cls_scores, bbox_preds, hidden_states)]
+        cls_scores, bbox_preds = set_predictions(self.bbox_head, hidden_states,
+                                                 references, query_sets)
+        columns = [
+            split_query_sets(x, query_sets, dim=2)
+            for x in (cls_scores, bbox_preds, hidden_states)
+        ]
         refs = [split_query_sets(r, query_sets, dim=1) for r in references]
-        return [SetPredictions(cls, bbox, states, [r[i] for r in refs])
-                for i, (cls, bbox, states) in enumerate(zip(*columns))]
+        return [
+            SetPredictions(cls, bbox, states, [r[i] for r in refs])
+            for i, (cls, bbox, states) in enumerate(zip(*columns))
+        ]
 
     def main_keep(self, decoder_outputs):
         """Per decoder layer, the main queries it is trained on ((bs, N)
@@ -118,8 +123,8 @@ class QueryLosses:
             self.encoder_gt_instances(batch_gt_instances), batch_img_metas)
         enc_losses = set_loss(self.bbox_head, enc_cls.flatten(0, 1),
                               enc_coord.flatten(0, 1), targets)
-        return dict(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'),
-                        enc_losses))
+        return dict(
+            zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'), enc_losses))
 
     def encoder_gt_instances(self, batch_gt_instances):
         """The ground truth the encoder proposals are trained on (DINO:
@@ -130,6 +135,11 @@ class QueryLosses:
                           batch_img_metas):
         """Hungarian loss of the main queries in every decoder layer (over
         the queries ``predictions.keep`` says each layer is trained on)."""
-        return matched_set_loss(self.bbox_head, '', predictions.cls_scores,
-                                predictions.bbox_preds, batch_gt_instances,
-                                batch_img_metas, keeps=predictions.keep)
+        return matched_set_loss(
+            self.bbox_head,
+            '',
+            predictions.cls_scores,
+            predictions.bbox_preds,
+            batch_gt_instances,
+            batch_img_metas,
+            keeps=predictions.keep)

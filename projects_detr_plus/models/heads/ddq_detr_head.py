@@ -79,12 +79,16 @@ class DDQHeadPlus(DINOHead):
             cls_scores = cls_scores.masked_fill(suppressed, float('-inf'))
         return cls_scores, bbox_preds
 
-    def predict(self, hidden_states, references, batch_data_samples,
-                rescale=True, query_keep=None):
+    def predict(self,
+                hidden_states,
+                references,
+                batch_data_samples,
+                rescale=True,
+                query_keep=None):
         """Detections of the distinct queries of the last decoder layer."""
         metas = [s.metainfo for s in batch_data_samples]
         cls_scores, bbox_preds = self(hidden_states, references, query_keep)
-        results = self.predict_by_feat(cls_scores, bbox_preds,
-                                       batch_img_metas=metas, rescale=rescale)
+        results = self.predict_by_feat(
+            cls_scores, bbox_preds, batch_img_metas=metas, rescale=rescale)
         # fewer distinct candidates than max_per_img: drop the suppressed
         return [r[r.scores > 0] for r in results]

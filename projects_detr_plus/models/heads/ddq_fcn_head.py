@@ -34,12 +34,17 @@ from ..top_k import gather_rows, top_class_pairs
 def _one_to_k_loss(topk):
     """The released DDQ FCN loss config (``DDQFCNHead`` defaults)."""
     return dict(
-        loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True,
-                      activated=True, beta=2.0, loss_weight=1.0),
+        loss_cls=dict(
+            type='QualityFocalLoss',
+            use_sigmoid=True,
+            activated=True,
+            beta=2.0,
+            loss_weight=1.0),
         loss_bbox=dict(type='GIoULoss', loss_weight=2.0),
-        train_cfg=dict(assigner=dict(type='TopkHungarianAssignerPlus',
-                                     topk=topk),
-                       alpha=1, beta=6))
+        train_cfg=dict(
+            assigner=dict(type='TopkHungarianAssignerPlus', topk=topk),
+            alpha=1,
+            beta=6))
 
 
 def pyramid_shuffle(feats, num_channels):
@@ -62,12 +67,15 @@ def pyramid_shuffle(feats, num_channels):
         size = feat.shape[-2:]
         upper = feats[min(level + 1, last)][:, keep + num_channels:]
         lower = feats[max(level - 1, 0)][:, keep:keep + num_channels]
-        shuffled.append(torch.cat([
-            feat[:, :keep],
-            F.interpolate(upper, size=size, mode='bilinear',
-                          align_corners=True),
-            F.interpolate(lower, size=size, mode='bilinear',
-                          align_corners=True)], dim=1))
+        shuffled.append(
+            torch.cat([
+                feat[:, :keep],
+                F.interpolate(
+                    upper, size=size, mode='bilinear', align_corners=True),
+                F.interpolate(
+                    lower, size=size, mode='bilinear', align_corners=True)
+            ],
+                      dim=1))
     return shuffled
 
 
@@ -95,13 +103,19 @@ class DDQFCNHead(AnchorFreeHead):
             ``stacked_convs``, ``norm_cfg``...).
     """
 
-    def __init__(self, num_classes, in_channels,
+    def __init__(self,
+                 num_classes,
+                 in_channels,
                  strides=(8, 16, 32, 64, 128),
                  dqs_cfg=dict(type='nms', iou_threshold=0.7, nms_pre=1000),
-                 num_distinct_queries=300, shuffle_channels=64,
-                 shuffled_cls_convs=None, shuffled_reg_convs=None,
-                 main_loss=_one_to_k_loss(1), aux_loss=_one_to_k_loss(8),
-                 positives_near_centre=None, **kwargs):
+                 num_distinct_queries=300,
+                 shuffle_channels=64,
+                 shuffled_cls_convs=None,
+                 shuffled_reg_convs=None,
+                 main_loss=_one_to_k_loss(1),
+                 aux_loss=_one_to_k_loss(8),
+                 positives_near_centre=None,
+                 **kwargs):
         dqs_cfg = dict(dqs_cfg)
         self.nms_pre = dqs_cfg.pop('nms_pre', 1000)
         self.dqs_cfg = dqs_cfg
@@ -133,16 +147,19 @@ class DDQFCNHead(AnchorFreeHead):
 
     def _tower(self):
         return nn.ModuleList(
-            ConvModule(self.in_channels if i == 0 else self.feat_channels,
-                       self.feat_channels, 3, padding=1,
-                       conv_cfg=self.conv_cfg, norm_cfg=self.norm_cfg)
-            for i in range(self.stacked_convs))
+            ConvModule(
+                self.in_channels if i == 0 else self.feat_channels,
+                self.feat_channels,
+                3,
+                padding=1,
+                conv_cfg=self.conv_cfg,
+                norm_cfg=self.norm_cfg) for i in range(self.stacked_convs))
 
     def _predictors(self):
         width = self.feat_channels
-        objectness = nn.Sequential(nn.Conv2d(width, width // 4, 1),
-                                   nn.ReLU(inplace=True),
-                                   nn.Conv2d(width // 4, 1, 3, padding=1))
+        objectness = nn.Sequential(
+            nn.Conv2d(width, width // 4, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 4, 1, 3, padding=1))
         return (objectness, nn.Conv2d(width, self.num_classes, 3, padding=1),
                 nn.Conv2d(width, 4, 3, padding=1))
 
@@ -183,9 +200,9 @@ class DDQFCNHead(AnchorFreeHead):
                                     self.shuffled_cls_convs)
         reg_feats = self._run_tower(feats, self.reg_convs,
                                     self.shuffled_reg_convs)
-        scores, distances = self._predict_maps(
-            cls_feats, reg_feats, self.conv_cls, self.objectness,
-            self.conv_reg, self.scales)
+        scores, distances = self._predict_maps(cls_feats, reg_feats,
+                                               self.conv_cls, self.objectness,
+                                               self.conv_reg, self.scales)
         aux_scores = aux_distances = None
         if self.training:
             aux_scores, aux_distances = self._predict_maps(
@@ -207,8 +224,9 @@ class DDQFCNHead(AnchorFreeHead):
                       conv_reg, scales):
         scores, distances = [], []
         for cls_feat, reg_feat, scale in zip(cls_feats, reg_feats, scales):
-            scores.append(sigmoid_geometric_mean(conv_cls(cls_feat),
-                                                 conv_objectness(reg_feat)))
+            scores.append(
+                sigmoid_geometric_mean(
+                    conv_cls(cls_feat), conv_objectness(reg_feat)))
             distances.append(scale(conv_reg(reg_feat).exp()).float())
         return scores, distances
 
@@ -236,12 +254,13 @@ class DDQFCNHead(AnchorFreeHead):
             k = min(self.nms_pre, level_scores.shape[1])
             top = level_scores.max(-1).values.topk(k, dim=1).indices
             picked_scores.append(gather_rows(level_scores, top))
-            picked_boxes.append(distance2bbox(points[top],
-                                              gather_rows(level_dists, top)))
+            picked_boxes.append(
+                distance2bbox(points[top], gather_rows(level_dists, top)))
             picked_ids.append(top + first_id)
             first_id += level_scores.shape[1]
-        return (torch.cat(picked_scores, 1), torch.cat(picked_boxes, 1),
-                torch.cat(picked_ids, 1))
+        return (torch.cat(picked_scores,
+                          1), torch.cat(picked_boxes,
+                                        1), torch.cat(picked_ids, 1))
 
     def distinct(self, scores, boxes):
         """Class-agnostic NMS per image (DDQ-DETR's selection, the op):
@@ -256,20 +275,28 @@ class DDQFCNHead(AnchorFreeHead):
             (n_i, 4) absolute xyxy, ``point_ids`` (n_i, ), by descending
             best score.
         """
-        cand_scores, cand_boxes, point_ids = self.candidates(scores,
-                                                             distances)
-        return [InstanceData(scores=cand_scores[b, keep],
-                             bboxes=cand_boxes[b, keep],
-                             point_ids=point_ids[b, keep])
-                for b, keep in enumerate(self.distinct(cand_scores,
-                                                       cand_boxes))]
+        cand_scores, cand_boxes, point_ids = self.candidates(scores, distances)
+        return [
+            InstanceData(
+                scores=cand_scores[b, keep],
+                bboxes=cand_boxes[b, keep],
+                point_ids=point_ids[b, keep])
+            for b, keep in enumerate(self.distinct(cand_scores, cand_boxes))
+        ]
 
     # ------------------------------------------------------------------
     # loss
     # ------------------------------------------------------------------
-    def loss_by_feat(self, scores, distances, aux_scores, aux_distances,
-                     cls_feats, reg_feats, batch_gt_instances,
-                     batch_img_metas, batch_gt_instances_ignore=None):
+    def loss_by_feat(self,
+                     scores,
+                     distances,
+                     aux_scores,
+                     aux_distances,
+                     cls_feats,
+                     reg_feats,
+                     batch_gt_instances,
+                     batch_img_metas,
+                     batch_gt_instances_ignore=None):
         """One-to-one loss of the distinct queries, one-to-many loss of the
         auxiliary branch's candidates (see the module docstring)."""
         queries = self.distinct_queries(scores, distances)
@@ -286,19 +313,25 @@ class DDQFCNHead(AnchorFreeHead):
         allowed = None
         if self.positives_near_centre:
             sizes = [s.shape[-2:] for s in aux_scores]
-            allowed = [self.near_centre(sizes, boxes)[q.point_ids]
-                       for q, boxes in zip(queries, gt_boxes)]
+            allowed = [
+                self.near_centre(sizes, boxes)[q.point_ids]
+                for q, boxes in zip(queries, gt_boxes)
+            ]
         main = self.main_loss.loss([q.scores for q in queries],
-                                   [q.bboxes for q in queries], gt_boxes,
-                                   gt_labels, batch_img_metas,
+                                   [q.bboxes for q in queries],
+                                   gt_boxes,
+                                   gt_labels,
+                                   batch_img_metas,
                                    allowed=allowed)
         aux_scores, aux_boxes, _ = self.candidates(aux_scores, aux_distances)
-        aux = self.aux_loss.loss(list(aux_scores), list(aux_boxes),
-                                 gt_boxes, gt_labels, batch_img_metas)
-        return dict(loss_cls=sum(main['aux_loss_cls']),
-                    loss_bbox=sum(main['aux_loss_bbox']),
-                    aux_loss_cls=sum(aux['aux_loss_cls']),
-                    aux_loss_bbox=sum(aux['aux_loss_bbox']))
+        aux = self.aux_loss.loss(
+            list(aux_scores), list(aux_boxes), gt_boxes, gt_labels,
+            batch_img_metas)
+        return dict(
+            loss_cls=sum(main['aux_loss_cls']),
+            loss_bbox=sum(main['aux_loss_bbox']),
+            aux_loss_cls=sum(aux['aux_loss_cls']),
+            aux_loss_bbox=sum(aux['aux_loss_bbox']))
 
     def get_targets(self, *args, **kwargs):
         """Targets come from the Hungarian assignment inside the losses."""
@@ -315,32 +348,43 @@ class DDQFCNHead(AnchorFreeHead):
             distance = torch.cdist(points, centres)
             k = min(self.positives_near_centre, len(points))
             nearest = distance.topk(k, dim=0, largest=False).indices
-            masks.append(torch.zeros_like(distance, dtype=torch.bool)
-                         .scatter_(0, nearest, True))
+            masks.append(
+                torch.zeros_like(distance,
+                                 dtype=torch.bool).scatter_(0, nearest, True))
         return torch.cat(masks)
 
     # ------------------------------------------------------------------
     # predict
     # ------------------------------------------------------------------
-    def predict_by_feat(self, scores, distances, aux_scores=None,
-                        aux_distances=None, cls_feats=None, reg_feats=None,
-                        batch_img_metas=None, cfg=None, rescale=False,
+    def predict_by_feat(self,
+                        scores,
+                        distances,
+                        aux_scores=None,
+                        aux_distances=None,
+                        cls_feats=None,
+                        reg_feats=None,
+                        batch_img_metas=None,
+                        cfg=None,
+                        rescale=False,
                         with_nms=True):
         """The top ``num_distinct_queries`` (query, class) pairs of the
         distinct queries per image, boxes clipped to the image; no NMS
         (``with_nms`` is ignored: the queries are already distinct)."""
         queries = self.distinct_queries(scores, distances)
-        return [self._top_pairs(q, meta, rescale)
-                for q, meta in zip(queries, batch_img_metas)]
+        return [
+            self._top_pairs(q, meta, rescale)
+            for q, meta in zip(queries, batch_img_metas)
+        ]
 
     def _top_pairs(self, queries, img_meta, rescale):
         h, w = img_meta['img_shape'][:2]
-        boxes = torch.minimum(queries.bboxes.clamp(min=0),
-                              queries.bboxes.new_tensor([w, h, w, h]))
+        boxes = torch.minimum(
+            queries.bboxes.clamp(min=0),
+            queries.bboxes.new_tensor([w, h, w, h]))
         if rescale:
             boxes = boxes / boxes.new_tensor(
                 img_meta['scale_factor']).repeat(2)
-        top_scores, query, labels = top_class_pairs(
-            queries.scores, self.num_distinct_queries)
-        return InstanceData(bboxes=boxes[query], scores=top_scores,
-                            labels=labels)
+        top_scores, query, labels = top_class_pairs(queries.scores,
+                                                    self.num_distinct_queries)
+        return InstanceData(
+            bboxes=boxes[query], scores=top_scores, labels=labels)

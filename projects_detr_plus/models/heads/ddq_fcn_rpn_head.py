@@ -70,11 +70,12 @@ class DDQFCNRPNHead(DDQFCNHead):
             h, w = meta['img_shape'][:2]
             feats = self.compress(point_feats[image, q.point_ids])
             valid = torch.arange(size, device=feats.device) < len(q)
-            proposals.append(InstanceData(
-                bboxes=_pad(q.bboxes.detach(), size),
-                features=_pad(feats, size),
-                imgs_whwh=feats.new_tensor([w, h, w, h]).repeat(size, 1),
-                valid=valid))
+            proposals.append(
+                InstanceData(
+                    bboxes=_pad(q.bboxes.detach(), size),
+                    features=_pad(feats, size),
+                    imgs_whwh=feats.new_tensor([w, h, w, h]).repeat(size, 1),
+                    valid=valid))
         return proposals
 
     def point_features(self, cls_feats, reg_feats):
@@ -82,8 +83,8 @@ class DDQFCNRPNHead(DDQFCNHead):
         classification and regression features (per level (B,
         feat_channels, H_l, W_l)) at every point, in ``point_ids`` order;
         :attr:`compress` maps a query's row to its proposal feature."""
-        return torch.cat([points_of(cls_feats), points_of(reg_feats)],
-                         dim=-1).detach()
+        return torch.cat(
+            [points_of(cls_feats), points_of(reg_feats)], dim=-1).detach()
 
 
 def points_of(feats):

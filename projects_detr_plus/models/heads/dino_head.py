@@ -34,9 +34,9 @@ class DINOHeadPlus(DINOHead):
         (num_layers (+ 1) of (bs, nq, 4), in [0, 1])."""
         scores, boxes = [], []
         for layer_id, state in enumerate(hidden_states):
-            reference = inverse_sigmoid(references[layer_id],
-                                        eps=self.reference_eps)
+            reference = inverse_sigmoid(
+                references[layer_id], eps=self.reference_eps)
             scores.append(self.cls_branches[layer_id](state))
-            boxes.append((self.reg_branches[layer_id](state) +
-                          reference).sigmoid())
+            boxes.append(
+                (self.reg_branches[layer_id](state) + reference).sigmoid())
         return torch.stack(scores), torch.stack(boxes)

@@ -2,5 +2,7 @@
 from .memory_fusion import DenseFusionEncoder, DenseMemoryFusion
 from .msda_attention import MultiScaleDeformableAttentionPlus
 
-__all__ = ['MultiScaleDeformableAttentionPlus', 'DenseFusionEncoder',
-           'DenseMemoryFusion']
+__all__ = [
+    'MultiScaleDeformableAttentionPlus', 'DenseFusionEncoder',
+    'DenseMemoryFusion'
+]

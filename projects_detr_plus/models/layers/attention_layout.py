@@ -34,8 +34,8 @@ class AttentionBlock:
         return self.start + self.num_groups * self.group_size
 
 
-def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
-                         layout, **kwargs) -> Tensor:
+def block_self_attention(self_attn, query: Tensor, query_pos: Tensor, layout,
+                         **kwargs) -> Tensor:
     """Decoder self-attention under a layout from :func:`concat_query_sets`.
 
     Args:
@@ -49,9 +49,14 @@ def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
         Tensor: (bs, N, dim).
     """
     if layout is None or isinstance(layout, Tensor):
-        return self_attn(query=query, key=query, value=query,
-                         query_pos=query_pos, key_pos=query_pos,
-                         attn_mask=layout, **kwargs)
+        return self_attn(
+            query=query,
+            key=query,
+            value=query,
+            query_pos=query_pos,
+            key_pos=query_pos,
+            attn_mask=layout,
+            **kwargs)
     outputs = []
     for block in layout:
         q = _fold(query[:, block.start:block.end], block.num_groups)
@@ -59,9 +64,15 @@ def block_self_attention(self_attn, query: Tensor, query_pos: Tensor,
         padding = None
         if block.padding is not None:
             padding = block.padding.reshape(q.shape[:2])
-        out = self_attn(query=q, key=q, value=q, query_pos=pos, key_pos=pos,
-                        attn_mask=_per_head(block.mask, self_attn.num_heads),
-                        key_padding_mask=padding, **kwargs)
+        out = self_attn(
+            query=q,
+            key=q,
+            value=q,
+            query_pos=pos,
+            key_pos=pos,
+            attn_mask=_per_head(block.mask, self_attn.num_heads),
+            key_padding_mask=padding,
+            **kwargs)
         outputs.append(out.reshape(query.shape[0], -1, query.shape[-1]))
     return torch.cat(outputs, dim=1)
 

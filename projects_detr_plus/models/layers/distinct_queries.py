@@ -55,8 +55,7 @@ class DistinctQuerySelection:
             counts in the loss, at inference and in the next NMS.
     """
 
-    def __init__(self, cls_branches, num_main, nms_cfg,
-                 suppressed='isolated'):
+    def __init__(self, cls_branches, num_main, nms_cfg, suppressed='isolated'):
         self.cls_branches = cls_branches
         self.num_main = num_main
         self.nms_cfg = nms_cfg
@@ -77,11 +76,11 @@ class DistinctQuerySelection:
         scores = self.cls_branches[layer_id](query[:, :n]).sigmoid()
         boxes = bbox_cxcywh_to_xyxy(reference_points[:, :n])
         previous = self.keeps[-1] if self.keeps else None
-        keep = distinct_mask(boxes, scores.max(-1).values, self.nms_cfg,
-                             previous)
+        keep = distinct_mask(boxes,
+                             scores.max(-1).values, self.nms_cfg, previous)
         # mmdet: row 0 of its visibility mask, keep[i] or keep[0]
-        self.keeps.append(keep | keep[:, :1] if self.suppressed == 'mmdet'
-                          else keep)
+        self.keeps.append(keep | keep[:, :1] if self.suppressed ==
+                          'mmdet' else keep)
         return self._layout(layout, keep)
 
     def _layout(self, layout, keep):

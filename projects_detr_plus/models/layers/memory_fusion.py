@@ -32,8 +32,9 @@ class DenseMemoryFusion(nn.Sequential):
     """
 
     def __init__(self, embed_dims, num_inputs):
-        super().__init__(nn.Linear(embed_dims * num_inputs, embed_dims),
-                         nn.LayerNorm(embed_dims))
+        super().__init__(
+            nn.Linear(embed_dims * num_inputs, embed_dims),
+            nn.LayerNorm(embed_dims))
         nn.init.constant_(self[0].bias, 0)
 
     def forward(self, features):
@@ -60,11 +61,13 @@ class DenseFusionEncoder(DeformableEncoderPlus):
         features = [query]
         for layer in self.layers:
             query = layer(
-                query=query, query_pos=query_pos,
+                query=query,
+                query_pos=query_pos,
                 key_padding_mask=key_padding_mask,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
                 valid_ratios=valid_ratios,
-                reference_points=reference_points, **kwargs)
+                reference_points=reference_points,
+                **kwargs)
             features.append(query)
         return self.fusion_layer(features)

@@ -7,8 +7,9 @@ and initialisation (it subclasses it), registered into mmdet's ``MODELS`` as
 ``MultiScaleDeformableAttentionPlus``. The extra ``impl`` argument picks the
 attention kernel:
 
-* ``'ours'`` (default): :func:`projects_detr_plus.ops.multi_scale_deformable_attn`
-  (compiled CPU / CUDA kernels when built, PyTorch otherwise);
+* ``'ours'`` (default):
+  :func:`projects_detr_plus.ops.multi_scale_deformable_attn` (compiled
+  CPU / CUDA kernels when built, PyTorch otherwise);
 * ``'pytorch'``: the pure-PyTorch ``grid_sample`` path of DETR+;
 * ``'mmcv'``: what mmcv's module runs (its CUDA op on GPU, its PyTorch
   function elsewhere), for comparisons.
@@ -17,12 +18,12 @@ from typing import Optional
 
 import mmengine
 import torch
-from mmcv.ops.multi_scale_deform_attn import (
-    MultiScaleDeformableAttention, MultiScaleDeformableAttnFunction)
+from mmcv.ops.multi_scale_deform_attn import (MultiScaleDeformableAttention,
+                                              MultiScaleDeformableAttnFunction)
 from mmcv.ops.multi_scale_deform_attn import \
     multi_scale_deformable_attn_pytorch as mmcv_msda_pytorch
-from mmengine.utils import deprecated_api_warning
 from mmdet.registry import MODELS
+from mmengine.utils import deprecated_api_warning
 
 from projects_detr_plus.ops import (multi_scale_deformable_attn,
                                     multi_scale_deformable_attn_pytorch)
@@ -56,9 +57,15 @@ class MultiScaleDeformableAttentionPlus(MultiScaleDeformableAttention):
         if impl not in IMPLS:
             raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
         super().__init__(
-            embed_dims=embed_dims, num_heads=num_heads, num_levels=num_levels,
-            num_points=num_points, im2col_step=im2col_step, dropout=dropout,
-            batch_first=batch_first, norm_cfg=norm_cfg, init_cfg=init_cfg,
+            embed_dims=embed_dims,
+            num_heads=num_heads,
+            num_levels=num_levels,
+            num_points=num_points,
+            im2col_step=im2col_step,
+            dropout=dropout,
+            batch_first=batch_first,
+            norm_cfg=norm_cfg,
+            init_cfg=init_cfg,
             value_proj_ratio=value_proj_ratio)
         self.impl = impl
 
@@ -149,8 +156,9 @@ class MultiScaleDeformableAttentionPlus(MultiScaleDeformableAttention):
             bs, num_query, self.num_heads, self.num_levels * self.num_points)
         attention_weights = attention_weights.softmax(-1).view(
             bs, num_query, self.num_heads, self.num_levels, self.num_points)
-        sampling_locations = self._sampling_locations(
-            reference_points, sampling_offsets, spatial_shapes)
+        sampling_locations = self._sampling_locations(reference_points,
+                                                      sampling_offsets,
+                                                      spatial_shapes)
         output = self._attend(value, spatial_shapes, level_start_index,
                               sampling_locations, attention_weights)
         output = self.output_proj(output)

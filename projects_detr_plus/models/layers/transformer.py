@@ -1,4 +1,5 @@
-"""Deformable-DETR and DINO transformer layers whose attention comes from config.
+"""Deformable-DETR and DINO transformer layers whose attention comes from
+config.
 
 mmdet's layers construct ``mmcv.ops.MultiScaleDeformableAttention`` directly.
 These subclasses build the deformable attention through ``MODELS`` (default:
@@ -12,18 +13,17 @@ width (e.g. 128 for the tiny shapes models).
 """
 import torch
 from mmcv.cnn import build_norm_layer
-from torch.utils.checkpoint import checkpoint
 from mmcv.cnn.bricks.transformer import FFN, MultiheadAttention
 from mmdet.models.layers import (DeformableDetrTransformerDecoder,
                                  DeformableDetrTransformerDecoderLayer,
                                  DeformableDetrTransformerEncoder,
                                  DeformableDetrTransformerEncoderLayer,
                                  DinoTransformerDecoder)
-from mmdet.models.layers.transformer.utils import (MLP,
-                                                   coordinate_to_encoding,
+from mmdet.models.layers.transformer.utils import (MLP, coordinate_to_encoding,
                                                    inverse_sigmoid)
 from mmdet.registry import MODELS
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention_layout import block_self_attention
 
@@ -51,8 +51,8 @@ class CheckpointedLayer:
 
     def __call__(self, *args, **kwargs):
         if self.with_cp and self.training and torch.is_grad_enabled():
-            return checkpoint(super().__call__, *args, use_reentrant=False,
-                              **kwargs)
+            return checkpoint(
+                super().__call__, *args, use_reentrant=False, **kwargs)
         return super().__call__(*args, **kwargs)
 
 
@@ -78,9 +78,16 @@ class DeformableDecoderLayerPlus(CheckpointedLayer,
         self.ffn = FFN(**self.ffn_cfg)
         self.norms = _norms(self.norm_cfg, self.embed_dims, 3)
 
-    def forward(self, query, key=None, value=None, query_pos=None,
-                key_pos=None, self_attn_mask=None, cross_attn_mask=None,
-                key_padding_mask=None, **kwargs):
+    def forward(self,
+                query,
+                key=None,
+                value=None,
+                query_pos=None,
+                key_pos=None,
+                self_attn_mask=None,
+                cross_attn_mask=None,
+                key_padding_mask=None,
+                **kwargs):
         """As mmdet's layer; ``self_attn_mask`` may also be a list of
         :class:`~.attention_layout.AttentionBlock` (query branches laid out
         by ``concat_query_sets``)."""
@@ -88,9 +95,14 @@ class DeformableDecoderLayerPlus(CheckpointedLayer,
                                      self_attn_mask, **kwargs)
         query = self.norms[0](query)
         query = self.cross_attn(
-            query=query, key=key, value=value, query_pos=query_pos,
-            key_pos=key_pos, attn_mask=cross_attn_mask,
-            key_padding_mask=key_padding_mask, **kwargs)
+            query=query,
+            key=key,
+            value=value,
+            query_pos=query_pos,
+            key_pos=key_pos,
+            attn_mask=cross_attn_mask,
+            key_padding_mask=key_padding_mask,
+            **kwargs)
         query = self.norms[1](query)
         return self.norms[2](self.ffn(query))
 
@@ -103,8 +115,8 @@ def _stack(layer_type, layer_cfg, num_layers, num_cp=-1):
     if num_cp > num_layers:
         raise ValueError(f'num_cp ({num_cp}) is more than the {num_layers} '
                          'layers')
-    layers = nn.ModuleList([layer_type(**layer_cfg)
-                            for _ in range(num_layers)])
+    layers = nn.ModuleList(
+        [layer_type(**layer_cfg) for _ in range(num_layers)])
     for layer in layers[:max(num_cp, 0)]:
         layer.with_cp = True
     return layers
@@ -140,8 +152,7 @@ class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
         **kwargs: as mmdet's ``DeformableDetrTransformerDecoder``.
     """
 
-    def __init__(self, *args, look_forward_twice=False, num_cp=-1,
-                 **kwargs):
+    def __init__(self, *args, look_forward_twice=False, num_cp=-1, **kwargs):
         self.look_forward_twice = look_forward_twice
         self.num_cp = num_cp
         super().__init__(*args, **kwargs)
@@ -154,9 +165,17 @@ class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
             raise ValueError('There is no post_norm in '
                              f'{self._get_name()}')
 
-    def forward(self, query, query_pos, value, key_padding_mask,
-                reference_points, spatial_shapes, level_start_index,
-                valid_ratios, reg_branches=None, **kwargs):
+    def forward(self,
+                query,
+                query_pos,
+                value,
+                key_padding_mask,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                valid_ratios,
+                reg_branches=None,
+                **kwargs):
         """Decode ``query`` (bs, nq, dim) at ``query_pos`` (bs, nq, dim).
 
         Args:
@@ -177,13 +196,16 @@ class DeformableDecoderPlus(DeformableDetrTransformerDecoder):
             ratios = valid_ratios if reference_points.shape[-1] == 2 else \
                 torch.cat([valid_ratios, valid_ratios], -1)
             query = layer(
-                query, query_pos=query_pos, value=value,
+                query,
+                query_pos=query_pos,
+                value=value,
                 key_padding_mask=key_padding_mask,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
                 valid_ratios=valid_ratios,
                 reference_points=reference_points[:, :, None] *
-                ratios[:, None], **kwargs)
+                ratios[:, None],
+                **kwargs)
             refined = reference_points
             if reg_branches is not None:
                 refined = _refine(reg_branches[layer_id](query),
@@ -228,9 +250,18 @@ class DinoDecoderPlus(DinoTransformerDecoder):
                                   self.embed_dims, 2)
         self.norm = nn.LayerNorm(self.embed_dims)
 
-    def forward(self, query, value, key_padding_mask, self_attn_mask,
-                reference_points, spatial_shapes, level_start_index,
-                valid_ratios, reg_branches, between_layers=None, **kwargs):
+    def forward(self,
+                query,
+                value,
+                key_padding_mask,
+                self_attn_mask,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                valid_ratios,
+                reg_branches,
+                between_layers=None,
+                **kwargs):
         """Decode ``query`` with iterative box refinement.
 
         Args:
@@ -265,15 +296,20 @@ class DinoDecoderPlus(DinoTransformerDecoder):
             query_sine_embed = coordinate_to_encoding(
                 scaled_refs[:, :, 0, :], num_feats=self.embed_dims // 2)
             query = layer(
-                query, query_pos=self.ref_point_head(query_sine_embed),
-                value=value, key_padding_mask=key_padding_mask,
-                self_attn_mask=self_attn_mask, spatial_shapes=spatial_shapes,
+                query,
+                query_pos=self.ref_point_head(query_sine_embed),
+                value=value,
+                key_padding_mask=key_padding_mask,
+                self_attn_mask=self_attn_mask,
+                spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
-                valid_ratios=valid_ratios, reference_points=scaled_refs,
+                valid_ratios=valid_ratios,
+                reference_points=scaled_refs,
                 **kwargs)
             if reg_branches is not None:
-                refined = (reg_branches[layer_id](query) +
-                           inverse_sigmoid(reference_points, eps=1e-3))
+                refined = (
+                    reg_branches[layer_id](query) +
+                    inverse_sigmoid(reference_points, eps=1e-3))
                 refined = refined.sigmoid()
                 reference_points = refined.detach()
             if between_layers is not None and \

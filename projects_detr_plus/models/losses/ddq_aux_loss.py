@@ -29,14 +29,19 @@ class DDQAuxLossPlus(DDQAuxLoss):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        metric = (self.train_cfg.get('alpha', 1),
-                  self.train_cfg.get('beta', 6))
+        metric = (self.train_cfg.get('alpha',
+                                     1), self.train_cfg.get('beta', 6))
         if metric != (1, 6):  # mmdet 3.3 does not pass them on
             raise ValueError('mmdet 3.3 DDQAuxLoss assigns with alignment '
                              'alpha=1, beta=6 whatever its train_cfg says; '
                              f'got {metric}')
 
-    def loss(self, cls_scores, bbox_preds, gt_bboxes, gt_labels, img_metas,
+    def loss(self,
+             cls_scores,
+             bbox_preds,
+             gt_bboxes,
+             gt_labels,
+             img_metas,
              allowed=None):
         """As ``DDQAuxLoss.loss``.
 
@@ -61,12 +66,17 @@ class DDQAuxLossPlus(DDQAuxLoss):
             self.loss_single, cls_scores, bbox_preds, *targets)
         cls_factor = reduce_mean(sum(cls_factors)).clamp_(min=1).item()
         bbox_factor = reduce_mean(sum(bbox_factors)).clamp_(min=1).item()
-        return dict(aux_loss_cls=[loss / cls_factor for loss in losses_cls],
-                    aux_loss_bbox=[loss / bbox_factor
-                                   for loss in losses_bbox])
+        return dict(
+            aux_loss_cls=[loss / cls_factor for loss in losses_cls],
+            aux_loss_bbox=[loss / bbox_factor for loss in losses_bbox])
 
-    def _get_target_single(self, cls_scores, bbox_preds, gt_bboxes,
-                           gt_labels, img_meta, allowed=None):
+    def _get_target_single(self,
+                           cls_scores,
+                           bbox_preds,
+                           gt_bboxes,
+                           gt_labels,
+                           img_meta,
+                           allowed=None):
         """mmdet's targets of one image, its assigner called with
         ``allowed`` (bound for the call: mmdet's body calls
         ``self.assigner.assign`` with the five arguments only)."""

@@ -72,9 +72,10 @@ def image_factors(boxes_per_image, batch_img_metas) -> Tensor:
     """(sum n_i, 4): the (w, h, w, h) of each image, once per box."""
     return torch.cat([
         boxes.new_tensor([w, h, w, h]).expand(len(boxes), 4)
-        for boxes, (h, w) in zip(
-            boxes_per_image,
-            (meta['img_shape'][:2] for meta in batch_img_metas))])
+        for boxes, (h,
+                    w) in zip(boxes_per_image, (meta['img_shape'][:2]
+                                                for meta in batch_img_metas))
+    ])
 
 
 def set_loss(head, cls_scores: Tensor, bbox_preds: Tensor,
@@ -99,16 +100,22 @@ def set_loss(head, cls_scores: Tensor, bbox_preds: Tensor,
         loss_cls = cls_scores.new_zeros(1)
     else:
         loss_cls = head.loss_cls(
-            cls_scores, _cls_target(head, cls_scores, bbox_preds, targets),
-            targets.label_weights, avg_factor=cls_avg_factor)
+            cls_scores,
+            _cls_target(head, cls_scores, bbox_preds, targets),
+            targets.label_weights,
+            avg_factor=cls_avg_factor)
     num_pos = cls_scores.new_tensor([targets.num_pos])
     num_pos = torch.clamp(reduce_mean(num_pos), min=1).item()
     loss_iou = head.loss_iou(
         bbox_cxcywh_to_xyxy(bbox_preds) * targets.factors,
         bbox_cxcywh_to_xyxy(targets.bbox_targets) * targets.factors,
-        targets.bbox_weights, avg_factor=num_pos)
-    loss_bbox = head.loss_bbox(bbox_preds, targets.bbox_targets,
-                               targets.bbox_weights, avg_factor=num_pos)
+        targets.bbox_weights,
+        avg_factor=num_pos)
+    loss_bbox = head.loss_bbox(
+        bbox_preds,
+        targets.bbox_targets,
+        targets.bbox_weights,
+        avg_factor=num_pos)
     return loss_cls, loss_bbox, loss_iou
 
 
@@ -125,7 +132,8 @@ def _cls_target(head, cls_scores, bbox_preds, targets):
     quality = targets.label_weights.new_zeros(labels.shape)
     iou = bbox_overlaps(
         bbox_cxcywh_to_xyxy(bbox_preds[positive]).detach(),
-        bbox_cxcywh_to_xyxy(targets.bbox_targets[positive]), is_aligned=True)
+        bbox_cxcywh_to_xyxy(targets.bbox_targets[positive]),
+        is_aligned=True)
     if soft:
         prob = cls_scores[positive, labels[positive]].detach().sigmoid()
         iou = head.loss_cls.soft_target(prob, iou)
@@ -137,7 +145,9 @@ def _cls_target(head, cls_scores, bbox_preds, targets):
     return labels, quality
 
 
-def collate_targets(per_image, boxes_per_image, batch_img_metas,
+def collate_targets(per_image,
+                    boxes_per_image,
+                    batch_img_metas,
                     bg_cls_weight: float = 0.0) -> SetTargets:
     """:class:`SetTargets` of per-image (labels, label_weights,
     bbox_targets, bbox_weights (n_i, 4), num_pos, num_neg[, matched_gt]).
@@ -150,8 +160,8 @@ def collate_targets(per_image, boxes_per_image, batch_img_metas,
         matched = torch.cat([image[6] for image in per_image])
     return SetTargets(
         torch.cat(labels), torch.cat(label_weights), torch.cat(bbox_targets),
-        torch.cat(bbox_weights),
-        image_factors(boxes_per_image, batch_img_metas), num_pos,
+        torch.cat(bbox_weights), image_factors(boxes_per_image,
+                                               batch_img_metas), num_pos,
         num_pos * 1.0 + num_neg * bg_cls_weight, matched,
         image_index([len(b) for b in boxes_per_image], labels[0].device))
 
@@ -171,8 +181,8 @@ def matched_targets(head, cls_scores: List[Tensor], bbox_preds: List[Tensor],
     per_image = [
         _match_image(head, scores, boxes, gt, meta, assign_args)
         for scores, boxes, gt, meta in zip(cls_scores, bbox_preds,
-                                           batch_gt_instances,
-                                           batch_img_metas)]
+                                           batch_gt_instances, batch_img_metas)
+    ]
     return collate_targets(per_image, bbox_preds, batch_img_metas,
                            head.bg_cls_weight)
 
@@ -182,23 +192,25 @@ def _match_image(head, cls_score, bbox_pred, gt_instances, img_meta,
     """One image's targets, as ``DETRHead._get_targets_single``."""
     img_h, img_w = img_meta['img_shape'][:2]
     factor = bbox_pred.new_tensor([img_w, img_h, img_w, img_h])[None]
-    pred = InstanceData(scores=cls_score,
-                        bboxes=bbox_cxcywh_to_xyxy(bbox_pred) * factor)
-    result = head.assigner.assign(pred_instances=pred,
-                                  gt_instances=gt_instances,
-                                  img_meta=img_meta, **assign_args)
+    pred = InstanceData(
+        scores=cls_score, bboxes=bbox_cxcywh_to_xyxy(bbox_pred) * factor)
+    result = head.assigner.assign(
+        pred_instances=pred,
+        gt_instances=gt_instances,
+        img_meta=img_meta,
+        **assign_args)
     pos = torch.nonzero(result.gt_inds > 0).squeeze(-1).unique()
     neg = torch.nonzero(result.gt_inds == 0).squeeze(-1).unique()
     matched = result.gt_inds[pos] - 1
     gt_bboxes = gt_instances.bboxes
-    labels = gt_bboxes.new_full((len(bbox_pred), ), head.num_classes,
+    labels = gt_bboxes.new_full((len(bbox_pred), ),
+                                head.num_classes,
                                 dtype=torch.long)
     labels[pos] = gt_instances.labels[matched]
     bbox_targets = torch.zeros_like(bbox_pred, dtype=gt_bboxes.dtype)
     bbox_weights = torch.zeros_like(bbox_pred, dtype=gt_bboxes.dtype)
     bbox_weights[pos] = 1.0
-    bbox_targets[pos] = bbox_xyxy_to_cxcywh(gt_bboxes[matched.long()] /
-                                            factor)
+    bbox_targets[pos] = bbox_xyxy_to_cxcywh(gt_bboxes[matched.long()] / factor)
     matched_gt = labels.new_full((len(bbox_pred), ), -1)
     matched_gt[pos] = matched.long()
     return (labels, gt_bboxes.new_ones(len(bbox_pred)), bbox_targets,
@@ -222,17 +234,23 @@ def fixed_targets(labels: Tensor, bbox_targets: Tensor, weights: Tensor,
     Both normalisers are the number of positives (Co-DETR's customized
     queries: their negatives do not count).
     """
-    labels = torch.where(weights > 0, labels, labels.new_full((),
-                                                              num_classes))
+    labels = torch.where(weights > 0, labels, labels.new_full((), num_classes))
     num_pos = bbox_weights.sum().item()
     return SetTargets(
-        labels.reshape(-1), weights.reshape(-1), bbox_targets.reshape(-1, 4),
+        labels.reshape(-1),
+        weights.reshape(-1),
+        bbox_targets.reshape(-1, 4),
         bbox_weights.reshape(-1, 1).expand(-1, 4),
-        image_factors(list(bbox_targets), batch_img_metas), num_pos, num_pos,
+        image_factors(list(bbox_targets), batch_img_metas),
+        num_pos,
+        num_pos,
         images=image_index([labels.shape[1]] * len(labels), labels.device))
 
 
-def layer_losses(head, cls_scores: Tensor, bbox_preds: Tensor, targets,
+def layer_losses(head,
+                 cls_scores: Tensor,
+                 bbox_preds: Tensor,
+                 targets,
                  keeps=None) -> dict:
     """Per-layer ``loss_cls``/``loss_bbox``/``loss_iou`` lists.
 
@@ -248,11 +266,11 @@ def layer_losses(head, cls_scores: Tensor, bbox_preds: Tensor, targets,
     per_layer = dict(loss_cls=[], loss_bbox=[], loss_iou=[])
     keeps = keeps or [None] * len(cls_scores)
     for layer_cls, layer_bbox, keep in zip(cls_scores, bbox_preds, keeps):
-        layer_targets = targets(layer_cls, layer_bbox, keep) if callable(
-            targets) else targets
+        layer_targets = targets(layer_cls, layer_bbox,
+                                keep) if callable(targets) else targets
         flat_cls, flat_bbox = _flatten(layer_cls, layer_bbox, keep)
-        for key, loss in zip(per_layer, set_loss(head, flat_cls, flat_bbox,
-                                                 layer_targets)):
+        for key, loss in zip(
+                per_layer, set_loss(head, flat_cls, flat_bbox, layer_targets)):
             per_layer[key].append(loss)
     return per_layer
 
@@ -270,10 +288,16 @@ def per_image(x: Tensor, keep: Optional[Tensor]) -> List[Tensor]:
     return list(x) if keep is None else [xi[k] for xi, k in zip(x, keep)]
 
 
-def matched_set_loss(head, prefix: str, cls_scores: Tensor,
-                     bbox_preds: Tensor, batch_gt_instances, batch_img_metas,
-                     loss_weight: float = 1.0, keeps=None,
-                     normaliser=None, **assign_args) -> dict:
+def matched_set_loss(head,
+                     prefix: str,
+                     cls_scores: Tensor,
+                     bbox_preds: Tensor,
+                     batch_gt_instances,
+                     batch_img_metas,
+                     loss_weight: float = 1.0,
+                     keeps=None,
+                     normaliser=None,
+                     **assign_args) -> dict:
     """``head.assigner``'s matching and the set loss, every layer, named.
 
     Args:
@@ -288,19 +312,22 @@ def matched_set_loss(head, prefix: str, cls_scores: Tensor,
             more targets than queries).
         **assign_args: see :func:`matched_targets`.
     """
+
     def match(layer_cls, layer_bbox, keep):
         targets = matched_targets(head, per_image(layer_cls, keep),
-                                  per_image(layer_bbox, keep),
-                                  batch_gt_instances, batch_img_metas,
-                                  **assign_args)
+                                  per_image(layer_bbox,
+                                            keep), batch_gt_instances,
+                                  batch_img_metas, **assign_args)
         if normaliser is not None:
             targets.num_pos = targets.cls_avg_factor = float(normaliser)
         return targets
+
     per_layer = layer_losses(head, cls_scores, bbox_preds, match, keeps)
     return layer_loss_dict(prefix, per_layer, loss_weight)
 
 
-def layer_loss_dict(prefix: str, losses_per_layer: dict,
+def layer_loss_dict(prefix: str,
+                    losses_per_layer: dict,
                     loss_weight: float = 1.0) -> dict:
     """Name per-decoder-layer losses as mmdet does.
 

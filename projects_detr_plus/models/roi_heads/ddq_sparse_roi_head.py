@@ -67,8 +67,8 @@ class DDQSparseRoIHead(SparseRoIHead):
         rois = bbox2roi([res.bboxes for res in proposals])
         pooled = extractor(x[:extractor.num_inputs], rois).mean((2, 3))
         for image, res in enumerate(proposals):
-            res.features = self.query_fusion(torch.cat(
-                [res.features, pooled[rois[:, 0] == image]], dim=-1))
+            res.features = self.query_fusion(
+                torch.cat([res.features, pooled[rois[:, 0] == image]], dim=-1))
         return proposals
 
     def forward(self, x, rpn_results_list, batch_data_samples):
@@ -78,37 +78,44 @@ class DDQSparseRoIHead(SparseRoIHead):
             return super().forward(x, self._proposals(x, rpn_results_list),
                                    batch_data_samples)
 
-    def predict_bbox(self, x, batch_img_metas, rpn_results_list,
-                     rcnn_test_cfg, rescale=False):
+    def predict_bbox(self,
+                     x,
+                     batch_img_metas,
+                     rpn_results_list,
+                     rcnn_test_cfg,
+                     rescale=False):
         """As ``SparseRoIHead.predict_bbox`` (the top ``max_per_img``
         (proposal, class) pairs of the last stage), without the padding:
         when the batch is padded, each image runs alone on its real
         proposals, so padding neither becomes a prediction nor enters the
         stages' self-attention (an image predicts the same in any batch)."""
         with fp32_for_mmcv(x) as x:
-            return self._predict_unpadded(x, batch_img_metas, self._proposals(
-                x, rpn_results_list), rescale)
+            return self._predict_unpadded(x, batch_img_metas,
+                                          self._proposals(x, rpn_results_list),
+                                          rescale)
 
     def _predict_unpadded(self, x, batch_img_metas, rpn_results_list, rescale):
         """:meth:`predict_bbox` on the proposals as the stages take them."""
         if all(len(res) == 0 for res in rpn_results_list):
-            return empty_instances(batch_img_metas, x[0].device,
-                                   task_type='bbox')
-        if all(bool(res.valid.all()) for res in rpn_results_list
-               if 'valid' in res):
+            return empty_instances(
+                batch_img_metas, x[0].device, task_type='bbox')
+        if all(
+                bool(res.valid.all()) for res in rpn_results_list
+                if 'valid' in res):
             return self._predict_images(x, batch_img_metas, rpn_results_list,
                                         rescale)
         results = []
-        for image, (res, meta) in enumerate(zip(rpn_results_list,
-                                                batch_img_metas)):
+        for image, (res,
+                    meta) in enumerate(zip(rpn_results_list, batch_img_metas)):
             real = res[res.valid] if 'valid' in res else res
             if len(real) == 0:
-                results += empty_instances([meta], x[0].device,
+                results += empty_instances([meta],
+                                           x[0].device,
                                            task_type='bbox')
                 continue
             results += self._predict_images(
-                tuple(level[image:image + 1] for level in x), [meta],
-                [real], rescale)
+                tuple(level[image:image + 1] for level in x), [meta], [real],
+                rescale)
         return results
 
     def _predict_images(self, x, batch_img_metas, proposals, rescale):
@@ -126,13 +133,15 @@ class DDQSparseRoIHead(SparseRoIHead):
             scores = scores.sigmoid()
         else:
             scores = scores.softmax(-1)[..., :-1]
-        return [self._top_pairs(scores[i], boxes[i], meta, rescale)
-                for i, meta in enumerate(batch_img_metas)]
+        return [
+            self._top_pairs(scores[i], boxes[i], meta, rescale)
+            for i, meta in enumerate(batch_img_metas)
+        ]
 
     def _top_pairs(self, scores, boxes, img_meta, rescale):
         """scores (N, C), boxes (N, 4) -> the image's detections."""
-        top_scores, query, labels = top_class_pairs(
-            scores, self.test_cfg.max_per_img)
+        top_scores, query, labels = top_class_pairs(scores,
+                                                    self.test_cfg.max_per_img)
         boxes = boxes[query]
         if rescale and len(boxes):
             boxes = boxes / boxes.new_tensor(

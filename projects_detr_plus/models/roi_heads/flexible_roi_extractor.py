@@ -28,8 +28,8 @@ class FlexibleRoIExtractor(SingleRoIExtractor):
         x2, y2).  Returns (n, C, out_h, out_w)."""
         rois = rois.type_as(feats[0])
         num_levels = len(feats)
-        roi_feats = feats[0].new_zeros(rois.size(0), self.out_channels,
-                                       *self.roi_layers[0].output_size)
+        roi_feats = feats[0].new_zeros(
+            rois.size(0), self.out_channels, *self.roi_layers[0].output_size)
         target = self.map_roi_levels(rois, num_levels)
         if roi_scale_factor is not None:
             rois = self.roi_rescale(rois, roi_scale_factor)

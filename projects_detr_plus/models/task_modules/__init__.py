@@ -4,5 +4,7 @@ from .o2m_assigner import MSDETRAssigner
 from .one_to_one_assigner import OneToOneAssigner
 from .topk_hungarian_assigner import TopkHungarianAssignerPlus
 
-__all__ = ['TopkHungarianAssignerPlus', 'OneToOneAssigner',
-           'GroupOneToOneAssigner', 'MSDETRAssigner']
+__all__ = [
+    'TopkHungarianAssignerPlus', 'OneToOneAssigner', 'GroupOneToOneAssigner',
+    'MSDETRAssigner'
+]

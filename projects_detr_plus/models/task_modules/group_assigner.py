@@ -61,11 +61,12 @@ class GroupOneToOneAssigner(OneToOneAssigner):
             cost = cost.detach().cpu().numpy()
         size = num_preds // num_groups
         results = [
-            self._solve(None if cost is None else
-                        cost[k * size:(k + 1) * size], size,
-                        gt_instances.labels)
-            for k in range(num_groups)
+            self._solve(
+                None if cost is None else cost[k * size:(k + 1) * size], size,
+                gt_instances.labels) for k in range(num_groups)
         ]
         return AssignResult(
-            len(gt_instances), torch.cat([r.gt_inds for r in results]), None,
+            len(gt_instances),
+            torch.cat([r.gt_inds for r in results]),
+            None,
             labels=torch.cat([r.labels for r in results]))

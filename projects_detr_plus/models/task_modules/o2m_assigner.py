@@ -41,7 +41,11 @@ class MSDETRAssigner:
             queries (official ``positive_fraction = 0.25``).
     """
 
-    def __init__(self, k=6, threshold=0.4, iou_weight=0.7, cls_weight=0.3,
+    def __init__(self,
+                 k=6,
+                 threshold=0.4,
+                 iou_weight=0.7,
+                 cls_weight=0.3,
                  positive_fraction=0.25):
         self.k, self.threshold = k, threshold
         self.iou_weight, self.cls_weight = iou_weight, cls_weight
@@ -57,8 +61,9 @@ class MSDETRAssigner:
             gt_bboxes (Tensor): (G, 4) normalised cxcywh.
             gt_labels (Tensor): (G, ) long.
         """
-        iou = bbox_overlaps(bbox_cxcywh_to_xyxy(bbox_preds.detach()),
-                            bbox_cxcywh_to_xyxy(gt_bboxes))
+        iou = bbox_overlaps(
+            bbox_cxcywh_to_xyxy(bbox_preds.detach()),
+            bbox_cxcywh_to_xyxy(gt_bboxes))
         prob = cls_scores.detach().sigmoid()[:, gt_labels]
         return (self.iou_weight * iou + self.cls_weight * prob).T
 
@@ -94,7 +99,6 @@ class MSDETRAssigner:
         k = min(self.k, num_queries)
         top_score, top_query = score.topk(k, dim=1)
         take = torch.arange(k, device=score.device)[None] < count[:, None]
-        gts = torch.arange(num_gts, device=score.device)[:, None].expand(
-            -1, k)
+        gts = torch.arange(num_gts, device=score.device)[:, None].expand(-1, k)
         order = top_score[take].argsort(stable=True)
         return top_query[take][order], gts[take][order]

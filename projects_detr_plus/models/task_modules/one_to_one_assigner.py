@@ -101,15 +101,17 @@ class OneToOneAssigner(BaseAssigner):
             costs = _diagonal_blocks(cost, num_preds, num_gts)
         return [
             self._solve(c, n, g.labels, img_idx=i)
-            for i, (c, n, g) in enumerate(zip(costs, num_preds,
-                                              batch_gt_instances))
+            for i, (c, n,
+                    g) in enumerate(zip(costs, num_preds, batch_gt_instances))
         ]
 
     def _total_cost(self, preds: InstanceData, gts: InstanceData,
                     img_meta: Optional[dict]) -> Tensor:
         """Weighted sum of all costs for one image, shape (Q_i, G_i)."""
-        costs = [c(pred_instances=preds, gt_instances=gts, img_meta=img_meta)
-                 for c in self.match_costs]
+        costs = [
+            c(pred_instances=preds, gt_instances=gts, img_meta=img_meta)
+            for c in self.match_costs
+        ]
         return torch.stack(costs).sum(dim=0)
 
     def _batch_cost(self, batch_preds: Sequence[InstanceData],
@@ -161,8 +163,8 @@ def _unit_boxes(batch: Sequence[InstanceData],
     boxes = []
     for instances, meta in zip(batch, img_metas):
         h, w = meta['img_shape'][:2]
-        boxes.append(instances.bboxes / instances.bboxes.new_tensor(
-            [w, h, w, h]))
+        boxes.append(instances.bboxes /
+                     instances.bboxes.new_tensor([w, h, w, h]))
     return torch.cat(boxes)
 
 

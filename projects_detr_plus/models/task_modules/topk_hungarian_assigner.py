@@ -60,8 +60,16 @@ class TopkHungarianAssignerPlus(TopkHungarianAssigner):
         self.cls_cost = _ClassificationOnLogits(self.cls_cost,
                                                 cls_cost_on_logits)
 
-    def assign(self, pred_scores, decode_bboxes, gt_bboxes, gt_labels,
-               img_meta, alpha=1, beta=6, allowed=None, **kwargs):
+    def assign(self,
+               pred_scores,
+               decode_bboxes,
+               gt_bboxes,
+               gt_labels,
+               img_meta,
+               alpha=1,
+               beta=6,
+               allowed=None,
+               **kwargs):
         """As ``TopkHungarianAssigner.assign``; (N, C) probabilities,
         (N, 4) and (G, 4) absolute xyxy boxes, (G, ) labels.
 
@@ -72,8 +80,7 @@ class TopkHungarianAssignerPlus(TopkHungarianAssigner):
         self.cls_cost.allowed = allowed
         try:
             result = super().assign(pred_scores, decode_bboxes, gt_bboxes,
-                                    gt_labels, img_meta, alpha, beta,
-                                    **kwargs)
+                                    gt_labels, img_meta, alpha, beta, **kwargs)
         finally:
             self.cls_cost.allowed = None
         if allowed is None or len(gt_labels) == 0:

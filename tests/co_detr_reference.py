@@ -81,6 +81,13 @@ def build_reference(folder):
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()
+    # mmdet's DeformableDETRHead.init_weights, which CoDINOHead keeps, does
+    # not reach its transformer: level_embeds would stay torch.Tensor's
+    # uninitialised memory (different from run to run).  Zeros (plus the
+    # perturbation), what that memory held in the runs this test was
+    # written with.  (With the transformer's own normal init instead, the
+    # unpadded image's scores differ by up to 1e-3: not yet explained.)
+    model.query_head.transformer.level_embeds.data.zero_()
     perturb(model)
     return model.eval()
 

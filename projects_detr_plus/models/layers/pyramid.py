@@ -21,10 +21,16 @@ def extra_pyramid_level(embed_dims):
 
 def encoder_pyramid(memory, spatial_shapes, extra_level):
     """Encoder memory (bs, sum(h*w), dim) as per-level (bs, dim, h, w)
-    maps, plus ``extra_level`` applied to the last one."""
+    maps, plus ``extra_level`` applied to the last one.
+
+    The maps are contiguous: mmcv's ``RoIAlign`` reads its input as
+    contiguous NCHW memory whatever its strides (the official Co-DETR makes
+    each level ``.contiguous()`` too), so a transposed view would give the
+    R-CNN heads scrambled features."""
     sizes = [int(h) * int(w) for h, w in spatial_shapes]
     levels = [
-        level.transpose(1, 2).reshape(memory.shape[0], -1, int(h), int(w))
+        level.transpose(1, 2).reshape(memory.shape[0], -1, int(h),
+                                      int(w)).contiguous()
         for level, (h, w) in zip(memory.split(sizes, dim=1), spatial_shapes)
     ]
     return tuple(levels + [extra_level(levels[-1])])

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(
 
 def _lint(root):
     return subprocess.run(['bash', osp.join(root, 'tools/lint.sh')],
-                          cwd=root, capture_output=True, text=True,
+                          cwd=root,
+                          capture_output=True,
+                          text=True,
                           timeout=600)
 
 
@@ -47,8 +49,8 @@ def test_the_check_fails_on_a_violation(tmp_path):
     shutil.copy(LINT, root / 'tools/lint.sh')
     shutil.copy(osp.join(REPO_ROOT, 'setup.cfg'), root / 'setup.cfg')
     typo = 'rec' + 'ieve'  # spelt out, codespell would flag this file
-    (root / 'bad.py').write_text(
-        f'import sys\nimport os\n\nx = dict( a = 1 )  # {typo}\n')
+    (root / 'bad.py'
+     ).write_text(f'import sys\nimport os\n\nx = dict( a = 1 )  # {typo}\n')
     subprocess.run(['git', 'init', '-q'], cwd=root, check=True)
     subprocess.run(['git', 'add', '.'], cwd=root, check=True)
     proc = _lint(str(root))

@@ -22,6 +22,6 @@ default_hooks = dict(checkpoint=dict(interval=max_iters))
 custom_hooks = [
     dict(type='RandomStateHook'),
     dict(type='NumClassCheckHook'),
+    dict(type='TrainTimeBudgetHook', seconds=12 * 60),  # custom_hooks.2
     dict(type='NonFiniteGuardHook'),
-    dict(type='TrainTimeBudgetHook', seconds=12 * 60),
 ]

@@ -18,7 +18,7 @@ import os.path as osp
 import sys
 
 from conftest import REPO_ROOT
-from reference_stubs import box_area, module
+from reference_stubs import module, not_called, torchvision_stubs
 
 REFERENCE = osp.join(
     osp.dirname(REPO_ROOT), 'shared', 'reference', 'atten4vis-lw-detr')
@@ -34,27 +34,14 @@ def available():
                      ('util', 'box_ops.py'), ('util', 'misc.py')))
 
 
-def _not_called(*args, **kwargs):
-    raise NotImplementedError('stub of a function the criterion never calls')
-
-
 def _stubs():
-    boxes = module('torchvision.ops.boxes', box_area=box_area)
-    ops = module('torchvision.ops', __path__=[], boxes=boxes)
-    return {
-        # util/misc.py imports torchvision's private helpers only if
-        # ``__version__``'s minor number is below 7
-        'torchvision':
-        module('torchvision', __path__=[], ops=ops, __version__='0.13.1'),
-        'torchvision.ops':
-        ops,
-        'torchvision.ops.boxes':
-        boxes,
-        'models.backbone':
-        module('models.backbone', build_backbone=_not_called),
-        'models.transformer':
-        module('models.transformer', build_transformer=_not_called),
-    }
+    return dict(
+        torchvision_stubs(), **{
+            'models.backbone':
+            module('models.backbone', build_backbone=not_called),
+            'models.transformer':
+            module('models.transformer', build_transformer=not_called),
+        })
 
 
 def _touched(name):

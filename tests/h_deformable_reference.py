@@ -48,7 +48,7 @@ from mmcv.ops.multi_scale_deform_attn import \
 from torch import nn
 
 from conftest import REPO_ROOT
-from reference_stubs import box_area, module
+from reference_stubs import module, not_called, torchvision_stubs
 
 REFERENCE = osp.join(
     osp.dirname(REPO_ROOT), 'shared', 'reference', 'hdetr-h-deformable-detr')
@@ -75,41 +75,17 @@ def available():
                      OFFICIAL_CONFIG))
 
 
-def _not_called(*args, **kwargs):
-    raise NotImplementedError('stub of a function the test never calls')
-
-
 def _stubs():
-    boxes = module('torchvision.ops.boxes', box_area=box_area)
-    ops = module('torchvision.ops', __path__=[], boxes=boxes)
-    utils = module(
-        'torchvision.models._utils',
-        IntermediateLayerGetter=lambda backbone, **kwargs: backbone)
-    models = module('torchvision.models', __path__=[], _utils=utils)
     datasets = {
-        f'datasets.{name}': module(f'datasets.{name}', **{attr: _not_called})
+        f'datasets.{name}': module(f'datasets.{name}', **{attr: not_called})
         for name, attr in (('coco_eval', 'CocoEvaluator'),
                            ('panoptic_eval', 'PanopticEvaluator'),
                            ('data_prefetcher', 'data_prefetcher'))
     }
     return {
-        'torchvision':
-        module(
-            'torchvision',
-            __path__=[],
-            ops=ops,
-            models=models,
-            __version__='0.13.1'),
-        'torchvision.ops':
-        ops,
-        'torchvision.ops.boxes':
-        boxes,
-        'torchvision.models':
-        models,
-        'torchvision.models._utils':
-        utils,
+        **torchvision_stubs(layer_getter=lambda backbone, **kwargs: backbone),
         'models.swin_transformer':
-        module('models.swin_transformer', SwinTransformer=_not_called),
+        module('models.swin_transformer', SwinTransformer=not_called),
         'MultiScaleDeformableAttention':
         module('MultiScaleDeformableAttention'),
         'wandb':

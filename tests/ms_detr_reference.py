@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from conftest import REPO_ROOT
-from reference_stubs import box_area, module
+from reference_stubs import module, not_called, torchvision_stubs
 
 REFERENCE = osp.join(
     osp.dirname(REPO_ROOT), 'shared', 'reference', 'atten4vis-ms-detr')
@@ -30,36 +30,11 @@ def available():
     return osp.isfile(osp.join(IMPL_A, 'models', 'matcher_o2m.py'))
 
 
-def _not_called(*args, **kwargs):
-    raise NotImplementedError('stub of a function the criterion never calls')
-
-
 def _stubs():
-    boxes = module(
-        'torchvision.ops.boxes', box_area=box_area, batched_nms=_not_called)
-    ops = module('torchvision.ops', __path__=[], boxes=boxes)
-    utils = module(
-        'torchvision.models._utils', IntermediateLayerGetter=_not_called)
-    models = module('torchvision.models', __path__=[], _utils=utils)
-    return {
-        'torchvision':
-        module(
-            'torchvision',
-            __path__=[],
-            ops=ops,
-            models=models,
-            __version__='0.13.1'),
-        'torchvision.ops':
-        ops,
-        'torchvision.ops.boxes':
-        boxes,
-        'torchvision.models':
-        models,
-        'torchvision.models._utils':
-        utils,
-        'MultiScaleDeformableAttention':
-        module('MultiScaleDeformableAttention'),
-    }
+    return dict(
+        torchvision_stubs(
+            box_ops=dict(batched_nms=not_called), layer_getter=not_called),
+        MultiScaleDeformableAttention=module('MultiScaleDeformableAttention'))
 
 
 def _touched(name):

@@ -17,6 +17,33 @@ def box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
+def not_called(*args, **kwargs):
+    """Stand-in for a function the reference imports but never calls."""
+    raise NotImplementedError('stub of a function the test never calls')
+
+
+def torchvision_stubs(box_ops=None, layer_getter=None):
+    """torchvision for DETR-codebase references, by module name:
+    ``ops.boxes`` with ``box_area`` (plus ``box_ops``), ``__version__``
+    0.13.1 (``util/misc.py`` imports private helpers below 0.7) and, with
+    ``layer_getter``, ``models._utils.IntermediateLayerGetter``."""
+    boxes = module(
+        'torchvision.ops.boxes', box_area=box_area, **(box_ops or {}))
+    ops = module('torchvision.ops', __path__=[], boxes=boxes)
+    stubs = {'torchvision.ops': ops, 'torchvision.ops.boxes': boxes}
+    top = dict(__path__=[], ops=ops, __version__='0.13.1')
+    if layer_getter is not None:
+        utils = module(
+            'torchvision.models._utils', IntermediateLayerGetter=layer_getter)
+        top['models'] = module('torchvision.models', __path__=[], _utils=utils)
+        stubs.update({
+            'torchvision.models': top['models'],
+            'torchvision.models._utils': utils
+        })
+    stubs['torchvision'] = module('torchvision', **top)
+    return stubs
+
+
 def detrex_stubs(**utils):
     """torchvision (``ops.boxes.box_area``), an empty ``detrex`` package
     and ``detrex.utils`` for one process (plus ``utils``), by module

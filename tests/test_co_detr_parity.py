@@ -329,7 +329,14 @@ def test_prefixed_keys_are_renamed_under_their_prefix():
         'det.backbone.conv1.weight': weight,
         'head.x': other
     }
-    convert_official_co_detr(torch.nn.Module(), state_dict, 'det.')
+    detector = torch.nn.Module()  # with the two weights, shape (1, )
+    for name in ('bbox_head.cls_branches.0', 'backbone.conv1'):
+        module = detector
+        for part in name.split('.'):
+            module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.weight = torch.nn.Parameter(torch.zeros(1))
+    convert_official_co_detr(detector, state_dict, 'det.')
     assert list(state_dict) == [
         'det.bbox_head.cls_branches.0.weight', 'det.backbone.conv1.weight',
         'head.x'
@@ -440,3 +447,50 @@ def test_converter_names_unmapped_keys(tmp_path, capsys):
     assert list(torch.load(dst, weights_only=False)['state_dict']) == [
         'bbox_head.cls_branches.0.weight'
     ]
+
+
+def test_co_deformable_detr_official_names():
+    """Sense-X Co-Deformable-DETR's own modules: the two-stage positional
+    projection, mixed selection's content queries, the candidate-feature
+    maps and the per-head positional embedding table, a row per branch
+    (RoI heads first)."""
+    from projects_detr_plus.models.compat.co_detr_checkpoints import (
+        official_key_map, split_head_pos_embed)
+    table = torch.tensor([[0.5], [-0.25]])
+    state_dict = {
+        'query_head.transformer.head_pos_embed.weight': table,
+        'query_head.transformer.pos_trans.weight': torch.zeros(1),
+        'query_head.transformer.pos_trans_norm.bias': torch.zeros(1),
+        'query_head.query_embedding.weight': torch.zeros(1),
+        'query_head.transformer.pos_feats_trans.0.weight': torch.zeros(1),
+        'query_head.transformer.pos_feats_norm.1.bias': torch.zeros(1),
+        'query_head.transformer.aux_pos_trans_norm.1.weight': torch.zeros(1),
+    }
+    split_head_pos_embed(state_dict)
+    mapping, unmapped = official_key_map(list(state_dict), ['atss', 'rcnn'])
+    assert not unmapped
+    assert {
+        mapping[k]: v
+        for k, v in state_dict.items()
+    } == {
+        'extra_branches.1.head_embedding':
+        table[0],
+        'extra_branches.0.head_embedding':
+        table[1],
+        'pos_trans_fc.weight':
+        state_dict['query_head.transformer.pos_trans.weight'],
+        'pos_trans_norm.bias':
+        state_dict['query_head.transformer.pos_trans_norm.bias'],
+        'query_embedding.weight':
+        state_dict['query_head.query_embedding.weight'],
+        'extra_branches.1.feat_proj.0.weight':
+        state_dict['query_head.transformer.pos_feats_trans.0.weight'],
+        'extra_branches.0.feat_proj.1.bias':
+        state_dict['query_head.transformer.pos_feats_norm.1.bias'],
+        'extra_branches.0.content.1.weight':
+        state_dict['query_head.transformer.aux_pos_trans_norm.1.weight'],
+    }
+    _, unmapped = official_key_map(
+        list(state_dict), ['atss', 'rcnn'],
+        targets={'extra_branches.0.head_embedding'})
+    assert 'query_head.transformer.pos_feats_trans.0.weight' in unmapped

@@ -25,7 +25,8 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import projects_detr_plus  # noqa: F401  (registers modules, trusted loader)
 from projects_detr_plus.models.compat.co_detr_checkpoints import (
-    SAME_NAMES, branch_kinds_from_config, is_official_layout, official_key_map)
+    SAME_NAMES, branch_kinds_from_config, is_official_layout, official_key_map,
+    split_head_pos_embed)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join(
@@ -77,14 +78,18 @@ def report(mapping, unmapped, dropped):
         print(f'    {name}')
 
 
-def verify(config, state_dict):
-    """Strict load into the config's detector; the error message, if any."""
+def build_detector(config):
+    """The config's detector (random weights, no pretrained download)."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules(init_default_scope=False)
     model_cfg = config.model
-    model_cfg.backbone.init_cfg = None  # no pretrained download
-    model = MODELS.build(model_cfg)
+    model_cfg.backbone.init_cfg = None
+    return MODELS.build(model_cfg)
+
+
+def verify(model, state_dict):
+    """Strict load into ``model``; the error message, if any."""
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # size mismatches
@@ -105,7 +110,10 @@ def main(argv=None):
         sys.exit(f'{args.src}: not an official Co-DETR checkpoint (no '
                  'query_head.* keys)')
     kinds = branch_kinds_from_config(config.model.get('branches', []))
-    mapping, unmapped = official_key_map(list(state_dict), kinds)
+    split_head_pos_embed(state_dict)
+    model = build_detector(config)
+    mapping, unmapped = official_key_map(
+        list(state_dict), kinds, set(model.state_dict()))
     report(mapping, unmapped, args.drop_unmapped)
     if unmapped and not args.drop_unmapped:
         sys.exit(f'{len(unmapped)} official keys have no counterpart in '
@@ -113,7 +121,7 @@ def main(argv=None):
                  'use --drop-unmapped to leave them out')
     converted = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
     if args.verify:
-        problems = verify(config, converted)
+        problems = verify(model, converted)
         if problems:
             sys.exit(f'strict load into {args.config} failed: {problems}')
         print(f'verified: loads strictly into {args.config}')

@@ -6,7 +6,12 @@ transformer (``query_head.transformer.encoder.layers.N.attentions.0``,
 ``ffns.0``, ...) and keep the auxiliary heads at the top level
 (``rpn_head``, ``roi_head.0``, ``bbox_head.0``).  DETR+'s Co-DINO is mmdet's
 ``DINO`` plus one :class:`~.branches.CollaborativeBranch` per auxiliary
-head.  :func:`convert_official_co_detr`, a ``load_state_dict`` pre-hook of
+head; its Co-Deformable-DETR (Sense-X) is mmdet's ``DeformableDETR``
+(refine, two-stage, mixed selection) plus such branches, whose
+``feat_proj`` and ``head_embedding`` are the official transformer's
+``pos_feats_trans`` / ``pos_feats_norm`` and the rows of its
+``head_pos_embed`` table (:func:`split_head_pos_embed`).
+:func:`convert_official_co_detr`, a ``load_state_dict`` pre-hook of
 the detector, renames such a checkpoint's keys into ours, so that
 ``load_from`` / ``load_checkpoint`` take official checkpoints directly;
 :func:`official_key_map` is the renaming itself (also used by
@@ -40,6 +45,9 @@ from mmengine.logging import print_log
 from ..aux_heads import CoRCNNHead
 
 QUERY_HEAD = 'query_head.'
+#: Co-Deformable-DETR's per-head positional embedding, a (heads, size)
+#: table; :func:`split_head_pos_embed` makes it one key per head
+HEAD_POS_EMBED = 'query_head.transformer.head_pos_embed'
 RCNN = 'rcnn'
 ONE_STAGE = 'one-stage'  # a one-stage head of no kind below
 #: one-stage kind -> a layer name that only that head's state dict has
@@ -56,6 +64,11 @@ QUERY_HEAD_RULES = (
     (r'transformer\.enc_output\.', 'memory_trans_fc.'),
     (r'transformer\.enc_output_norm\.', 'memory_trans_norm.'),
     (r'transformer\.query_embed\.', 'query_embedding.'),
+    # Co-Deformable-DETR: mixed selection's content queries, the two-stage
+    # proposals' positional-query projection
+    (r'query_embedding\.', 'query_embedding.'),
+    (r'transformer\.pos_trans\.', 'pos_trans_fc.'),
+    (r'transformer\.pos_trans_norm\.', 'pos_trans_norm.'),
     (r'transformer\.encoder\.layers\.(\d+)\.attentions\.0\.',
      r'encoder.layers.\1.self_attn.'),
     (r'transformer\.encoder\.layers\.(\d+)\.ffns\.0\.',
@@ -152,6 +165,13 @@ class _AuxLayout:
             for m in (re.match(r'roi_head\.(\d+)\.', n) for n in names) if m
         })
         self.one_stage = self._one_stage_branches(names, kinds)
+        if not self.num_roi and not self.one_stage:
+            # no auxiliary heads in the checkpoint (trimmed): the query
+            # modules follow the official order of our branches' kinds
+            self.num_roi = len(self.rcnn)
+            self.one_stage = dict(
+                enumerate(i for i, k in enumerate(kinds)
+                          if k not in (RCNN, None)))
 
     @staticmethod
     def _one_stage_branches(names, kinds):
@@ -201,12 +221,17 @@ def _branch(index, rest):
 def _aux_name(name, layout):
     """Our name of an official auxiliary-head key (None: none)."""
     match = re.match(
-        r'query_head\.transformer\.aux_pos_trans(_norm)?\.'
-        r'(\d+)\.(.*)$', name)
+        r'query_head\.transformer\.(aux_pos_trans|pos_feats_trans)(_norm|)'
+        r'\.(\d+)\.(.*)$',
+        re.sub(r'pos_feats_norm', 'pos_feats_trans_norm', name))
     if match:
-        norm, index, rest = match.groups()
+        module, norm, index, rest = match.groups()
+        ours = 'content' if module == 'aux_pos_trans' else 'feat_proj'
         return _branch(
-            layout.aux(int(index)), f'content.{1 if norm else 0}.{rest}')
+            layout.aux(int(index)), f'{ours}.{1 if norm else 0}.{rest}')
+    match = re.match(rf'{re.escape(HEAD_POS_EMBED)}\.(\d+)$', name)
+    if match:
+        return _branch(layout.aux(int(match.group(1))), 'head_embedding')
     match = re.match(r'(roi_head|bbox_head)\.(\d+)\.(.*)$', name)
     if match:
         module, index, rest = match.groups()
@@ -231,12 +256,16 @@ def official_name(name, layout):
     return _aux_name(name, layout)
 
 
-def official_key_map(names, kinds):
+def official_key_map(names, kinds, targets=None):
     """Rename official Co-DETR keys into ours.
 
     Args:
         names (list[str]): the checkpoint's keys.
         kinds (list): :func:`branch_kinds` of the detector they load into.
+        targets (set[str], optional): the detector's state-dict keys; a
+            name of ours that is not among them counts as unmapped (e.g.
+            Co-Deformable-DETR's ``pos_feats_trans`` for a branch without
+            ``coord_feat``).
 
     Returns:
         tuple[dict, list]: ``{official: ours}`` for every key that has a
@@ -249,7 +278,7 @@ def official_key_map(names, kinds):
     mapping, unmapped = {}, []
     for name in names:
         ours = official_name(name, layout)
-        if ours is None:
+        if ours is None or (targets is not None and ours not in targets):
             unmapped.append(name)
         else:
             mapping[name] = ours
@@ -275,6 +304,17 @@ def unmapped_error(unmapped, kinds):
         'the checkpoint\'s heads (one R-CNN branch per roi_head, one '
         'other branch per bbox_head, denoising on); or convert it with '
         'tools/convert_co_detr_checkpoint.py --drop-unmapped.')
+
+
+def split_head_pos_embed(state_dict, prefix=''):
+    """Official ``head_pos_embed.weight`` (aux heads, size), in place, as
+    one ``head_pos_embed.{index}`` (size, ) per auxiliary head index: each
+    row goes to its head's branch (``head_embedding``)."""
+    key = f'{prefix}{HEAD_POS_EMBED}.weight'
+    if key in state_dict:
+        table = state_dict.pop(key)
+        for index, row in enumerate(table):
+            state_dict[f'{prefix}{HEAD_POS_EMBED}.{index}'] = row.clone()
 
 
 def convert_backbone(module, state_dict, prefix):
@@ -333,9 +373,11 @@ def convert_official_co_detr(module, state_dict, prefix, *args):
     if not is_official_layout(names):
         return
     convert_backbone(module, state_dict, prefix)
+    split_head_pos_embed(state_dict, prefix)
     names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
     kinds = branch_kinds(module)
-    mapping, unmapped = official_key_map(names, kinds)
+    mapping, unmapped = official_key_map(names, kinds,
+                                         set(module.state_dict()))
     if unmapped:
         raise unmapped_error(unmapped, kinds)
     items = list(state_dict.items())

@@ -136,6 +136,16 @@ class DDQFCNHead(AnchorFreeHead):
     # ------------------------------------------------------------------
     # layers
     # ------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """``nn.Module``'s loading: mmdet's ``AnchorFreeHead`` renames any
+        key of a state dict without version metadata (a plain dict, e.g. a
+        converted checkpoint) whose first name ends in ``cls`` / ``reg`` to
+        ``conv_cls`` / ``conv_reg`` (for FCOS checkpoints of 2019), which
+        would load ``aux_conv_cls`` / ``aux_conv_reg`` into the main
+        branch's convolutions.  This head never had those old names."""
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args,
+                                        **kwargs)
+
     def _init_layers(self):
         self.cls_convs = self._tower()
         self.reg_convs = self._tower()

@@ -150,11 +150,14 @@ def run_one(config,
             options=None,
             seconds=None,
             calibrate=20,
-            recheck=None):
+            recheck=None,
+            save_checkpoint=None):
     """Train ``config`` with ``seed``; write [(iteration, training seconds,
     metrics)] to out. With ``seconds``, train for that long instead of
     ``iters`` iterations (the length set after ``calibrate`` iterations
-    and, with ``recheck``, set again every ``recheck`` iterations)."""
+    and, with ``recheck``, set again every ``recheck`` iterations). With
+    ``save_checkpoint``, the trained weights go to that file (before
+    ``out`` is written)."""
     import torch
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -206,6 +209,12 @@ def run_one(config,
     runner.register_hook(clock)
     runner.register_hook(record, priority='LOWEST')
     runner.train()
+    if save_checkpoint:
+        runner.save_checkpoint(
+            osp.dirname(osp.abspath(save_checkpoint)),
+            osp.basename(save_checkpoint),
+            save_optimizer=False,
+            save_param_scheduler=False)
     with open(out, 'w') as f:
         json.dump(
             dict(
@@ -417,6 +426,7 @@ def parse_args(argv=None):
     parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
     parser.add_argument('--options', default='{}', help=argparse.SUPPRESS)
+    parser.add_argument('--save-checkpoint', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.interval, args.seeds = 2, 1, [0]
@@ -431,7 +441,7 @@ def main(argv=None):
         return run_one(args.run_one, args.seed, args.iters, args.interval,
                        args.result, args.train_images, args.val_images,
                        json.loads(args.options), args.seconds, args.calibrate,
-                       args.recheck)
+                       args.recheck, args.save_checkpoint)
     if args.combine:
         runs, workdir, seeds = {}, None, set()
         for path in args.combine:  # other methods and other seeds

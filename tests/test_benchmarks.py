@@ -384,3 +384,57 @@ def test_time_plot_uses_the_budget_clock(repo_root):
     assert convergence.budget_clock(equal_iterations) == [0.0]
     equal_iterations['budget_seconds'] = None  # as the units store it
     assert convergence.budget_clock(equal_iterations) == [0.0]
+
+
+def test_finetune_study_quick_and_resume(repo_root, tmp_path):
+    work = tmp_path / 'units'
+    cmd = [
+        osp.join(repo_root, 'benchmarks/finetune_study.py'), '--quick',
+        '--workdir',
+        str(work), '--out',
+        str(tmp_path / 'ft')
+    ]
+    proc = run_tool(cmd, cwd=tmp_path)
+    result = json.loads((tmp_path / 'ft.json').read_text())
+    assert (work / 'dino_pretrain_seed0.pth').stat().st_size > 0
+    finetune = (work / 'dino_finetune_seed0.log').read_text()
+    assert 'class-dependent weights keep their initialisation' in finetune
+    assert 'Load checkpoint' not in (work /
+                                     'dino_scratch_seed0.log').read_text()
+    summary = result['summary']['dino']
+    assert summary['gain'] == pytest.approx(
+        summary['finetune']['coco/bbox_mAP']['mean'] -
+        summary['scratch']['coco/bbox_mAP']['mean'])
+    assert result['runs']['dino']['finetune'][0]['iters'] == 2
+    assert '| dino |' in proc.stdout
+    units = {p: p.stat().st_mtime_ns for p in work.glob('*.json')}
+    run_tool(cmd, cwd=tmp_path)  # resumes: nothing runs again
+    assert {p: p.stat().st_mtime_ns for p in work.glob('*.json')} == units
+
+
+@pytest.mark.parametrize('method', ['ddq-detr', 'co-dino'])
+def test_finetune_study_puts_every_method_on_the_target_data(
+        repo_root, method):
+    """The target config's data and class count reach every head of the
+    method (Co-DINO's auxiliary heads, DDQ-DETR's dense branch)."""
+    from mmengine.config import Config
+    sys.path.insert(0, osp.join(repo_root, 'benchmarks'))
+    import finetune_study
+    from detr_testing import build
+    cfg = Config.fromfile(
+        osp.join(finetune_study.ROOT, finetune_study.METHODS[method]))
+    cfg.merge_from_dict(finetune_study.target_options())
+    assert cfg.train_dataloader.dataset.shapes_cfg['classes'] == [
+        'triangle', 'ring', 'arrow'
+    ]
+    assert cfg.val_evaluator.ann_file.startswith('data/shapes_stripes/')
+    model = build(cfg.model)
+    classifiers = [
+        m for name, m in model.named_modules()
+        if name.endswith(('cls_branches.0', 'atss_cls', 'fc_cls'))
+    ]
+    assert classifiers
+    for module in classifiers:
+        out = module.out_features if hasattr(module, 'out_features') else \
+            module.out_channels
+        assert out in (3, 4), (module, out)  # 3 classes (+1: R-CNN's bg)

@@ -135,3 +135,108 @@ def test_registered_dataset_loads_through_mmdet(tmp_path):
 def test_dataset_rejects_derived_paths(tmp_path):
     with pytest.raises(ValueError, match='ann_file'):
         ShapesDataset(data_root=str(tmp_path), ann_file='x.json', num_images=1)
+
+
+def _content_digest(root, split):
+    """sha256 of a split's images (decoded pixels, not PNG bytes) and its
+    images / annotations / categories lists."""
+    import cv2
+    digest = hashlib.sha256()
+    with open(osp.join(root, 'annotations', f'instances_{split}.json')) as f:
+        coco = json.load(f)
+    for key in ('images', 'annotations', 'categories'):
+        digest.update(json.dumps(coco[key], sort_keys=True).encode())
+    for image in coco['images']:
+        digest.update(
+            cv2.imread(osp.join(root, split, image['file_name'])).tobytes())
+    return digest.hexdigest()
+
+
+#: the shapes val split of every config (200 images, seed 1): the project's
+#: yardstick, whose content must never change
+YARDSTICK_DIGEST = \
+    'd651966b6372180fd6dbbac18ef23b250ec7a92bd3aa23800fdf81048cffa200'
+
+
+def test_the_yardstick_val_split_never_changes(tmp_path):
+    spec = ShapesSpec(split='val', num_images=200, image_size=128, seed=1)
+    generate_split(str(tmp_path), spec)
+    assert _content_digest(str(tmp_path), 'val') == YARDSTICK_DIGEST
+    stored = json.load(open(tmp_path / 'annotations/instances_val.json'))
+    assert 'classes' not in stored['info']['spec']  # later fields: unset
+
+
+@pytest.fixture(scope='module')
+def stripes_split(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('stripes'))
+    spec = ShapesSpec(
+        split='train',
+        num_images=40,
+        seed=10,
+        classes=('triangle', 'ring', 'arrow'),
+        background='stripes')
+    return root, spec, generate_split(root, spec)
+
+
+def test_another_look_has_its_classes_and_new_shapes(stripes_split):
+    from projects_detr_plus.datasets.shapes_generator import stored_spec
+    root, spec, ann_file = stripes_split
+    coco = COCO(ann_file)
+    assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == \
+        ['triangle', 'ring', 'arrow']
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert {a['category_id'] for a in anns} == {1, 2, 3}
+    # a ring's hole: its pixels fill less of its box than a disc would
+    # (pi / 4 = 0.785 of the box; a ring of inner radius 0.55, 0.55)
+    fill = [
+        a['area'] / (a['bbox'][2] * a['bbox'][3]) for a in anns
+        if a['category_id'] == 2 and min(a['bbox'][2:]) >= 24
+    ]
+    assert fill and np.median(fill) < 0.65
+    assert stored_spec(root, 'train') == spec
+
+
+def _band_energy(gray, low=5, high=30):
+    """Share of an image's spectral energy (DC left out) at 5-30 cycles
+    per image: stripes of period 5-20 px on 128 px put theirs there, the
+    textured background (a 4x4 grid upsampled) below."""
+    power = np.abs(np.fft.fft2(gray - gray.mean()))**2
+    k = np.fft.fftfreq(gray.shape[0]) * gray.shape[0]
+    radius = np.hypot(k[:, None], k[None, :])
+    return power[(radius >= low)
+                 & (radius <= high)].sum() / power[radius > 0].sum()
+
+
+def test_another_look_has_striped_backgrounds():
+    from projects_detr_plus.datasets.shapes_generator import (
+        _background, _striped_background)
+    rng = np.random.default_rng(0)
+    stripes = [
+        _band_energy(_striped_background(rng, 128).mean(2)) for _ in range(8)
+    ]
+    textured = [_band_energy(_background(rng, 128).mean(2)) for _ in range(8)]
+    assert min(stripes) > 0.1 > max(textured)
+
+
+def test_unknown_classes_and_backgrounds_are_refused():
+    with pytest.raises(ValueError, match='classes must be some of'):
+        ShapesSpec(classes=('circle', 'blob'))
+    with pytest.raises(ValueError, match='background must be one of'):
+        ShapesSpec(background='plain')
+
+
+def test_dataset_metainfo_follows_the_classes(tmp_path):
+    from mmdet.registry import DATASETS
+    dataset = DATASETS.build(
+        dict(
+            type='ShapesDataset',
+            data_root=str(tmp_path),
+            split='train',
+            num_images=4,
+            seed=2,
+            shapes_cfg=dict(classes=['ring', 'arrow'], background='stripes'),
+            pipeline=[]))
+    assert dataset.metainfo['classes'] == ('ring', 'arrow')
+    assert len(dataset.metainfo['palette']) == 2
+    labels = {i['bbox_label'] for d in dataset for i in d['instances']}
+    assert labels <= {0, 1}

@@ -36,7 +36,9 @@ class ShapesDataset(CheckedCocoDataset):
         split (str): ``'train'`` or ``'val'`` (any name works; the seed makes
             splits differ).
         num_images, image_size, seed, **: see :class:`ShapesSpec`.
-        shapes_cfg (dict, optional): further :class:`ShapesSpec` fields.
+        shapes_cfg (dict, optional): further :class:`ShapesSpec` fields
+            (``classes`` other than the six: the dataset's metainfo follows
+            them).
         **kwargs: passed to :class:`mmdet.datasets.CocoDataset`
             (``pipeline``, ``test_mode``, ``filter_cfg`` ...).  ``ann_file``
             and ``data_prefix`` are derived from the split.
@@ -46,6 +48,13 @@ class ShapesDataset(CheckedCocoDataset):
         classes=CLASSES,
         palette=[(220, 20, 60), (0, 128, 255), (0, 200, 0), (255, 200, 0),
                  (160, 32, 240), (0, 200, 200)])
+
+    @classmethod
+    def metainfo_of(cls, classes):
+        """Metainfo of a split of other ``classes`` (a palette colour per
+        class, the shapes' in their order, then more)."""
+        palette = cls.METAINFO['palette'] + [(255, 105, 180), (128, 64, 0)]
+        return dict(classes=tuple(classes), palette=palette[:len(classes)])
 
     def __init__(self,
                  data_root='data/shapes/',
@@ -66,6 +75,8 @@ class ShapesDataset(CheckedCocoDataset):
             seed=seed,
             **(shapes_cfg or {}))
         self.shapes_spec = ShapesSpec(**spec)
+        if 'metainfo' not in kwargs and self.shapes_spec.classes != CLASSES:
+            kwargs['metainfo'] = self.metainfo_of(self.shapes_spec.classes)
         # Every DDP rank may generate: the files it writes are identical and
         # replaced atomically.
         ann_file = prepare_shapes(data_root, **spec)

@@ -16,6 +16,12 @@ The output is a COCO detection dataset::
 
 Same arguments -> same bytes: all randomness comes from one
 ``numpy.random.Generator`` seeded by ``seed``.
+
+A second look for fine-tuning studies (``classes`` and ``background`` of
+:class:`ShapesSpec`): other classes, two of them (:data:`NEW_SHAPES`) never
+seen in the shapes data, on striped backgrounds.  Those two fields are
+stored with a split only when they are set, so the shapes splits keep their
+bytes.
 """
 import json
 import os
@@ -27,6 +33,11 @@ import cv2
 import numpy as np
 
 CLASSES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross')
+#: shapes the generator also draws, in none of the shapes splits
+NEW_SHAPES = ('ring', 'arrow')
+BACKGROUNDS = ('textured', 'stripes')
+#: fields added after the shapes splits were fixed: stored only when set
+LATER_FIELDS = dict(classes=CLASSES, background='textured')
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,30 @@ class ShapesSpec:
     max_object_frac: float = 0.85
     min_visible: float = 0.5
     min_contrast: float = 80.0
+    classes: tuple = CLASSES
+    background: str = 'textured'
+
+    def __post_init__(self):
+        object.__setattr__(self, 'classes', tuple(self.classes))
+        unknown = set(self.classes) - set(CLASSES + NEW_SHAPES)
+        if unknown or not self.classes:
+            raise ValueError(f'classes must be some of '
+                             f'{CLASSES + NEW_SHAPES}, got {self.classes}')
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f'background must be one of {BACKGROUNDS}, got '
+                             f'{self.background!r}')
+
+    def stored(self):
+        """The fields written with a split (:data:`LATER_FIELDS` only where
+        they differ from their defaults)."""
+        fields = asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+            else:
+                fields[name] = list(fields[name]) if name == 'classes' \
+                    else fields[name]
+        return fields
 
 
 def _polygon(name):
@@ -60,6 +95,9 @@ def _polygon(name):
         angles = np.arange(10) * np.pi / 5 - np.pi / 2
         radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         return np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
+    if name == 'arrow':  # pointing up: head, then the shaft
+        return np.array([[0, -1], [0.75, -0.15], [0.28, -0.15], [0.28, 1],
+                         [-0.28, 1], [-0.28, -0.15], [-0.75, -0.15]])
     if name == 'cross':
         a = 0.33
         return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
@@ -72,6 +110,10 @@ def _shape_mask(name, size, rotation, aspect, canvas, centre):
     """Binary mask (H, W) of one shape of bounding diameter ``size``."""
     mask = np.zeros(canvas, np.uint8)
     radius = size / 2.0
+    if name == 'ring':  # a circle without its inner 55 %
+        outer = _shape_mask('circle', size, rotation, aspect, canvas, centre)
+        return outer & ~_shape_mask('circle', size * 0.55, rotation, aspect,
+                                    canvas, centre)
     if name == 'circle':
         axes = (max(1, int(round(radius))), max(1,
                                                 int(round(radius * aspect))))
@@ -96,6 +138,19 @@ def _background(rng, size):
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
         cv2.line(image, p1, p2, colour, 1)
     return image + rng.normal(0, rng.uniform(4, 18), image.shape)
+
+
+def _striped_background(rng, size):
+    """Two-colour stripes at a random angle and period, a smooth shading
+    and noise (H, W, 3) float32: the fine-tuning data's look."""
+    colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(5, 20)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = (xs * np.cos(angle) + ys * np.sin(angle)) / period
+    image = colours[(np.floor(phase) % 2).astype(int)]
+    shade = np.linspace(rng.uniform(-40, 0), rng.uniform(0, 40), size)
+    image = image + shade[:, None, None].astype(np.float32)
+    return image + rng.normal(0, rng.uniform(4, 12), image.shape)
 
 
 def _texture(rng, size, colour):
@@ -128,13 +183,13 @@ def _place_objects(rng, spec):
     max_size = max(max_size, spec.min_object_size * 1.5)
     for _ in range(count):
         for _attempt in range(10):
-            label = int(rng.integers(len(CLASSES)))
+            label = int(rng.integers(len(spec.classes)))
             diameter = float(
                 np.exp(
                     rng.uniform(
                         np.log(spec.min_object_size), np.log(max_size))))
             centre = rng.uniform(0, size, 2)
-            mask = _shape_mask(CLASSES[label], diameter,
+            mask = _shape_mask(spec.classes[label], diameter,
                                rng.uniform(0, 2 * np.pi),
                                rng.uniform(0.7, 1.0), (size, size), centre)
             if mask.sum() < 0.3 * spec.min_object_size**2:
@@ -164,7 +219,8 @@ def _keeps_earlier_visible(objects, visible_owner, mask, spec):
 
 def render_image(rng, spec):
     """Render one image; return (uint8 image (H, W, 3) BGR, annotations)."""
-    image = _background(rng, spec.image_size)
+    image = (_striped_background if spec.background == 'stripes' else
+             _background)(rng, spec.image_size)
     objects = _place_objects(rng, spec)
     annotations = []
     for label, visible in objects:
@@ -197,9 +253,9 @@ def generate_split(root, spec):
         images=[],
         annotations=[],
         categories=[
-            dict(id=i + 1, name=name) for i, name in enumerate(CLASSES)
+            dict(id=i + 1, name=name) for i, name in enumerate(spec.classes)
         ],
-        info=dict(description='DETR+ synthetic shapes', spec=asdict(spec)))
+        info=dict(description='DETR+ synthetic shapes', spec=spec.stored()))
     for image_id in range(1, spec.num_images + 1):
         image, annotations = render_image(rng, spec)
         file_name = f'{image_id:06d}.png'

@@ -4,8 +4,10 @@ Every detector is exported with ``torch.onnx.export(dynamo=True)``, run in
 ONNX Runtime and compared with PyTorch's ``predict(rescale=False)``: same
 labels, scores within 1e-4, boxes within 1e-4 of the image size, matched as
 sets (:func:`match_detections`: random-init models have near-equal scores
-that rounding may swap).  The MSDeformAttn decomposition is compared with
-the op it replaces (the NMS op's lowering: ``test_distinct_nms_op.py``).
+that rounding may swap).  Both standard-ONNX MSDeformAttn lowerings
+(``'decompose'``: GridSample, ``'gather'``: Gather + MatMul) are compared
+with the op they replace (the NMS op's lowering:
+``test_distinct_nms_op.py``).
 
 Needs the deploy extra (onnx, onnxruntime, onnxscript; ``make install``
 installs it).  Without it these tests skip, or fail in CI
@@ -221,21 +223,75 @@ def run_onnx(program, args):
     return session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
 
 
+def _standard_op_types(program):
+    """The graph's op types; fails on a node outside the ONNX domain."""
+    nodes = program.model_proto.graph.node
+    assert all(n.domain in ('', 'ai.onnx') for n in nodes)
+    return {n.op_type for n in nodes}
+
+
 @pytest.mark.parametrize('shapes,nh,dims,npts', SHAPE_CASES)
 def test_msda_decomposition_matches_op(deploy, shapes, nh, dims, npts):
     args = make_inputs(
         shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts, dtype=torch.float32)
     program = export_op(args)
-    ops_used = {node.op_type for node in program.model_proto.graph.node}
-    assert 'GridSample' in ops_used
-    assert not any(
-        n.domain not in ('', 'ai.onnx')
-        for n in program.model_proto.graph.node)
+    assert 'GridSample' in _standard_op_types(program)
     np.testing.assert_allclose(
         run_onnx(program, args), Attend()(*args).numpy(), rtol=0, atol=1e-5)
 
 
-def test_msda_decomposition_dynamic_sizes_and_opset20(deploy):
+@pytest.mark.parametrize('shapes,nh,dims,npts', SHAPE_CASES)
+def test_msda_gather_lowering_matches_op(deploy, shapes, nh, dims, npts):
+    """Mode 'gather': Gather + MatMul, no GridSample; the op tests' shapes
+    (one to five levels, 1 x 1 maps, odd sizes, points up to 0.15 outside
+    the map on every side)."""
+    args = make_inputs(
+        shapes, bs=3, nq=7, nh=nh, dims=dims, npts=npts, dtype=torch.float32)
+    program = export_op(args, mode='gather')
+    op_types = _standard_op_types(program)
+    assert {'Gather', 'MatMul'} <= op_types and 'GridSample' not in op_types
+    np.testing.assert_allclose(
+        run_onnx(program, args), Attend()(*args).numpy(), rtol=0, atol=1e-5)
+
+
+def test_msda_gather_lowering_at_borders_and_outside(deploy):
+    """Points on pixel centres and edges of the border pixels, half a
+    pixel or more outside (where bilinear sampling mixes a map pixel with
+    zero padding), just beyond that reach, far away and NaN (zeros, as the
+    compiled kernel samples it); odd level sizes.  A wrong corner weight or
+    a corner read from outside its level instead of zero fails here."""
+    shapes = [(5, 7), (3, 2), (1, 3)]
+    value, spatial_shapes, starts, _, attn = make_inputs(
+        shapes, bs=2, nq=9, nh=2, dims=4, npts=6, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    # pixel coordinates x * W - 0.5 of these, for each level's W and H
+    pixels = torch.tensor([
+        -1e6, -3.0, -1.0, -0.999, -0.6, -0.5, -0.2, 0.0, 0.3, 1.0, 1.5, 2.0,
+        2.5, 4.0, 6.0, 6.4, 6.999, 7.0, 7.5, 1e6
+    ])
+    index = torch.randint(len(pixels), (2, 9, 2, 3, 6, 2), generator=gen)
+    sizes = spatial_shapes.flip(1).float()[None, None, None, :, None, :]
+    loc = (pixels[index] + 0.5) / sizes
+    program = export_op((value, spatial_shapes, starts, loc, attn),
+                        mode='gather')
+    want = Attend()(value, spatial_shapes, starts, loc, attn).numpy()
+    np.testing.assert_allclose(
+        run_onnx(program, (value, spatial_shapes, starts, loc, attn)),
+        want,
+        rtol=0,
+        atol=1e-5)
+    far = loc.clone()
+    far[0, :3] = -100.0
+    loc[0, :3] = float('nan')
+    np.testing.assert_allclose(
+        run_onnx(program, (value, spatial_shapes, starts, loc, attn)),
+        Attend()(value, spatial_shapes, starts, far, attn).numpy(),
+        rtol=0,
+        atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['decompose', 'gather'])
+def test_msda_lowering_dynamic_sizes_and_opset20(deploy, mode):
     """Exported at one set of level sizes, run at others (same number of
     levels), at opset 20 (GridSample's mode renamed 'linear')."""
     dim = torch.export.Dim
@@ -257,18 +313,23 @@ def test_msda_decomposition_dynamic_sizes_and_opset20(deploy):
         0: dim('bs'),
         1: dim('queries')
     })
-    program = export_op(args, opset=20, dynamic_shapes=dynamic)
+    program = export_op(args, mode, opset=20, dynamic_shapes=dynamic)
     assert program.model_proto.opset_import[0].version == 20
-    other = make_inputs([(9, 4), (2, 7)],
-                        bs=3,
-                        nq=11,
-                        nh=2,
-                        dims=8,
-                        npts=3,
-                        dtype=torch.float32,
-                        seed=2)
-    np.testing.assert_allclose(
-        run_onnx(program, other), Attend()(*other).numpy(), rtol=0, atol=1e-5)
+    for seed, shapes in enumerate([[(9, 4), (2, 7)], [(1, 1), (13, 3)]]):
+        other = make_inputs(
+            shapes,
+            bs=3,
+            nq=11,
+            nh=2,
+            dims=8,
+            npts=3,
+            dtype=torch.float32,
+            seed=2 + seed)
+        np.testing.assert_allclose(
+            run_onnx(program, other),
+            Attend()(*other).numpy(),
+            rtol=0,
+            atol=1e-5)
 
 
 def test_msda_custom_node(deploy):
@@ -358,6 +419,47 @@ def test_dino_onnx_runtime_matches_predict(deploy, dino_export, shape):
     assert session.metadata['detr_plus.config'] == 'dino-tiny_shapes.py'
     counts = assert_same_detections(model, session, shape, seed=sum(shape))
     assert counts == [100] * shape[0]
+
+
+@pytest.fixture(scope='module')
+def dino_gather_export(deploy, tmp_path_factory):
+    """The tiny DINO exported with ``msda='gather'`` (dynamic batch and
+    size, traced at 2 x 128 x 128)."""
+    model = build('dino-tiny_shapes.py')
+    out = str(tmp_path_factory.mktemp('dino_gather') / 'dino.onnx')
+    program = deploy.export_onnx(
+        model, out, input_shape=(2, 3, 128, 128), msda='gather')
+    op_types = {n.op_type for n in program.model_proto.graph.node}
+    assert 'GridSample' not in op_types and 'Gather' in op_types
+    return model, out
+
+
+@pytest.mark.parametrize('shape', [(1, 3, 128, 128), (2, 3, 96, 160)])
+def test_dino_gather_mode_matches_predict(deploy, dino_gather_export, shape):
+    """The whole model with MSDeformAttn as Gather + MatMul: PyTorch's
+    detections, at the export size and at another size and batch."""
+    model, out = dino_gather_export
+    session = deploy.OnnxDetector(out)
+    assert session.metadata['detr_plus.msda'] == 'gather'
+    counts = assert_same_detections(model, session, shape, seed=sum(shape))
+    assert counts == [100] * shape[0]
+
+
+def test_export_tool_msda_choices():
+    """tools/deployment/export_onnx.py offers every lowering."""
+    import importlib.util
+
+    from projects_detr_plus.ops.onnx_lowering import MSDA_MODES
+    spec = importlib.util.spec_from_file_location(
+        'export_onnx_tool',
+        osp.join(REPO_ROOT, 'tools', 'deployment', 'export_onnx.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for mode in MSDA_MODES:
+        args = tool.parse_args(
+            ['c.py', 'none', '--out', 'm.onnx', '--msda', mode])
+        assert args.msda == mode
+    assert 'gather' in MSDA_MODES
 
 
 def test_ddq_onnx_runtime_matches_predict(deploy, tmp_path):
@@ -595,11 +697,12 @@ def test_onnx_demo_draws_png(deploy, dino_export, tmp_path):
         proc.stdout, proc.stdout
 
 
-def test_onnx_runtime_benchmark_quick(deploy, dino_export, tmp_path):
-    """benchmarks/onnx_runtime.py --quick on the exported tiny DINO (same
-    config and seed-0 weights), so that it cannot rot."""
+def test_onnx_runtime_benchmark_quick(deploy, dino_gather_export, tmp_path):
+    """benchmarks/onnx_runtime.py --quick on the tiny DINO exported with
+    msda='gather' (same config and seed-0 weights; the mode comes from the
+    file's metadata), so that it cannot rot."""
     import json
-    _, out = dino_export
+    _, out = dino_gather_export
     result_file = tmp_path / 'onnx_runtime.json'
     proc = run_tool([
         'benchmarks/onnx_runtime.py', '--quick', '--onnx', out, '--json',
@@ -610,13 +713,15 @@ def test_onnx_runtime_benchmark_quick(deploy, dino_export, tmp_path):
     assert result['machine']['cores'] >= 1
     assert result['machine']['versions']['onnxruntime']
     (model, ) = result['models']
-    assert 'same detections' in model['check']
+    assert model['msda'] == ['gather']
+    assert 'same detections' in model['exports']['gather']['check']
     (row, ) = model['results']
+    assert row['msda'] == 'gather'
     latency = row['latency_ms']
     assert latency['pytorch'] > 0 and latency['onnxruntime'] > 0
     assert row['speedup_vs_pytorch'] == pytest.approx(latency['pytorch'] /
                                                       latency['onnxruntime'])
-    assert 'ONNX Runtime' in proc.stdout
+    assert 'ONNX Runtime [gather]' in proc.stdout
 
 
 def test_export_options_are_checked(deploy, tmp_path):

@@ -24,6 +24,7 @@ sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from projects_detr_plus.deployment.utils import build_detector, verify_export
+from projects_detr_plus.ops.onnx_lowering import MSDA_MODES
 
 
 def parse_args(argv=None):
@@ -71,11 +72,13 @@ def parse_args(argv=None):
         help='ONNX opset (>= 16, for GridSample)')
     parser.add_argument(
         '--msda',
-        choices=['decompose', 'custom'],
+        choices=MSDA_MODES,
         default='decompose',
-        help='MSDeformAttn as standard ONNX operators '
-        '(GridSample; default) or one detr_plus.MSDeformAttn '
-        'node for runtimes with their own kernel')
+        help='MSDeformAttn as standard ONNX operators: '
+        'one GridSample per level (decompose, the default) '
+        'or Gather + MatMul without GridSample (gather); or '
+        'one detr_plus.MSDeformAttn node for runtimes with '
+        'their own kernel (custom)')
     parser.add_argument(
         '--no-optimize',
         action='store_true',

@@ -119,3 +119,35 @@ def test_activation_checkpointing_same_losses_and_gradients(
     for key, grad in grads[0].items():
         torch.testing.assert_close(
             grads[1][key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_ffn_relu_is_out_of_place_with_the_same_values():
+    """Our encoder / decoder layers build mmcv's FFN with its ReLU out of
+    place (``layers.transformer.build_ffn``: no ``CopySlices`` copy of the
+    whole gradient in the backward); values and gradients are those of the
+    in-place FFN with the same weights."""
+    from mmcv.cnn.bricks.transformer import FFN
+    from torch.autograd.graph import Node
+
+    from projects_detr_plus.models.layers.transformer import build_ffn
+    cfg = dict(embed_dims=16, feedforward_channels=32, ffn_drop=0.0)
+    ours = build_ffn(cfg)
+    mmcv_ffn = FFN(**cfg)
+    mmcv_ffn.load_state_dict(ours.state_dict())
+    assert not any(getattr(m, 'inplace', False) for m in ours.modules())
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    outs, grads, nodes = [], [], []
+    for ffn in (ours, mmcv_ffn):
+        y = ffn(x)
+        seen, stack = set(), [y.grad_fn]
+        while stack:  # every autograd node of the graph
+            node = stack.pop()
+            if isinstance(node, Node) and node not in seen:
+                seen.add(node)
+                stack.extend(n for n, _ in node.next_functions)
+        nodes.append({type(n).__name__ for n in seen})
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), x)[0])
+    assert 'CopySlices' in nodes[1] and 'CopySlices' not in nodes[0]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

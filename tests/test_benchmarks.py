@@ -438,3 +438,26 @@ def test_finetune_study_puts_every_method_on_the_target_data(
         out = module.out_features if hasattr(module, 'out_features') else \
             module.out_channels
         assert out in (3, 4), (module, out)  # 3 classes (+1: R-CNN's bg)
+
+
+@pytest.mark.parametrize('method',
+                         ['deformable-detr-2stage', 'h-deformable-detr'])
+def test_upscaled_variants_resize_every_pipeline(repo_root, method):
+    """The @256px variants (H-Deformable-DETR's token share) change the
+    Resize steps of the train, val and test pipelines, nothing else; the
+    H-DETR one is compared with the upscaled base."""
+    from mmengine.config import Config
+    sys.path.insert(0, osp.join(repo_root, 'benchmarks'))
+    import convergence
+    variant = f'{method}@256px'
+    cfg = Config.fromfile(osp.join(repo_root, convergence.METHODS[variant]))
+    before = Config.fromfile(osp.join(repo_root, convergence.METHODS[method]))
+    cfg.merge_from_dict(
+        json.loads(json.dumps(convergence.method_options(variant))))
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        steps = cfg[loader].dataset.pipeline
+        resized = [s for s in steps if s.get('scale') == 256]
+        assert [s.type for s in resized] == ['Resize'], loader
+        assert len(steps) == len(before[loader].dataset.pipeline)
+    assert convergence.BASES['h-deformable-detr@256px'] == \
+        'deformable-detr-2stage@256px'

@@ -248,20 +248,8 @@ def anchors_as_ours(head):
     i.e. clamped to [eps, 1 - eps]; the official ``forward_aux`` takes the
     raw anchors, larger than the image for the largest ATSS anchors."""
     from mmdet.models.utils.transformer import inverse_sigmoid
-    transformer = head.transformer
-    original = transformer.forward_aux
-
-    def forward_aux(feats, masks, query, pos_embeds, pos_anchors, *args,
-                    **kwargs):
-        return original(feats, masks, query, pos_embeds,
-                        inverse_sigmoid(pos_anchors).sigmoid(), *args,
-                        **kwargs)
-
-    transformer.forward_aux = forward_aux
-    try:
+    with training.clamped_anchors(head.transformer, inverse_sigmoid):
         yield
-    finally:
-        del transformer.forward_aux
 
 
 def train_step(head, inputs):

@@ -277,7 +277,14 @@ def anchors_as_ours(model):
     ``forward_aux`` takes the raw anchor (transformer.py:1268), which
     leaves [0, 1] for the smaller image of a padded batch."""
     from mmdet.models.layers.transformer import inverse_sigmoid
-    transformer = model.query_head.transformer
+    with clamped_anchors(model.query_head.transformer, inverse_sigmoid):
+        yield
+
+
+@contextlib.contextmanager
+def clamped_anchors(transformer, inverse_sigmoid):
+    """``transformer.forward_aux`` (an official Co-DETR transformer) given
+    ``inverse_sigmoid(pos_anchors).sigmoid()`` for its ``pos_anchors``."""
     original = transformer.forward_aux
 
     def forward_aux(feats, masks, query, pos_embeds, pos_anchors, *args,

@@ -54,18 +54,17 @@ once with its own anchors to bound the difference
 """
 import os.path as osp
 
-import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.structures import InstanceData
-from scipy.optimize import linear_sum_assignment
 
 import co_deformable_reference as ref
 import co_dino_training_reference as training
 import mmdet2_loader
 from conftest import REPO_ROOT, run_tool
-from test_co_dino_training_parity import (RTOL, _rows, gradient_errors,
+from test_co_dino_training_parity import (RTOL, _recording,
+                                          assert_same_queries, gradient_errors,
                                           summed_grads)
 
 CONFIG = osp.join(
@@ -256,22 +255,6 @@ def our_step(model, inputs, max_queries):
                      for t in targets})
 
 
-def _recording(branch, found):
-    original = type(branch)._queries_targets.__get__(branch)
-
-    def queries_targets(*args, **kwargs):
-        targets = original(*args, **kwargs)
-        found.append(
-            dict({
-                k: v.detach().clone()
-                for k, v in targets.items()
-            },
-                 name=branch.name))
-        return targets
-
-    return queries_targets
-
-
 @pytest.fixture(scope='module')
 def steps(ours, theirs):
     cache = {}
@@ -332,19 +315,8 @@ def test_every_shared_parameter_gets_the_same_gradient(theirs, steps, names,
 @pytest.mark.parametrize('case', list(ref.CASES))
 @pytest.mark.parametrize('index,branch', list(enumerate(AUX)))
 def test_customized_queries_are_the_same(theirs, steps, case, index, branch):
-    official = theirs[case]['aux_targets'][index]
-    own = steps(case)['aux_targets'][branch]
-    assert official['coords'].shape == own['priors'].shape
-    assert torch.equal(official['label_weights'], own['label_weights'])
-    for i in range(len(official['coords'])):
-        a = _rows(official['coords'][i], official['labels'][i],
-                  official['bbox_targets'][i], official['bbox_weights'][i, :,
-                                                                        0] > 0)
-        b = _rows(own['priors'][i], own['labels'][i], own['bbox_targets'][i],
-                  own['bbox_weights'][i] > 0)
-        cost = torch.cdist(a.double(), b.double(), p=1).numpy()
-        rows, cols = linear_sum_assignment(cost)
-        assert float(np.max(cost[rows, cols])) < 1e-5, f'image {i}'
+    assert_same_queries(theirs[case]['aux_targets'][index],
+                        steps(case)['aux_targets'][branch])
 
 
 @pytest.mark.parametrize('case', list(ref.CASES))

@@ -250,7 +250,9 @@ def our_step(model, batch, max_queries):
 
 
 def _recording(branch, found):
-    original = branch._queries_targets
+    """``branch._queries_targets`` that also appends what it returns (and
+    the branch's name) to ``found``."""
+    original = type(branch)._queries_targets.__get__(branch)
 
     def queries_targets(*args, **kwargs):
         targets = original(*args, **kwargs)
@@ -364,14 +366,10 @@ def _rows(coords, labels, targets, positive):
         [coords, labels[:, None].float(), positive, targets * positive], 1)
 
 
-@pytest.mark.parametrize('case', list(ref.CASES))
-@pytest.mark.parametrize('index,branch', list(enumerate(AUX)))
-def test_customized_queries_are_the_same(theirs, steps, case, index, branch):
-    """Same anchors, labels and positive targets per image (as sets),
-    same count per image; our anchors before the clamp (see difference
-    2 of the module doc)."""
-    official = theirs[case]['aux_targets'][index]
-    own = steps(case)['aux_targets'][branch]
+def assert_same_queries(official, own):
+    """The customized queries of one head: same count, classification
+    weights, and per image the same anchors, labels and positive targets
+    (as sets: the two sides order them differently)."""
     assert official['coords'].shape == own['priors'].shape
     assert torch.equal(official['label_weights'], own['label_weights'])
     for i in range(len(official['coords'])):
@@ -384,6 +382,15 @@ def test_customized_queries_are_the_same(theirs, steps, case, index, branch):
         rows, cols = linear_sum_assignment(cost)
         worst = float(np.max(cost[rows, cols]))
         assert worst < 1e-5, f'image {i}: {worst}'
+
+
+@pytest.mark.parametrize('case', list(ref.CASES))
+@pytest.mark.parametrize('index,branch', list(enumerate(AUX)))
+def test_customized_queries_are_the_same(theirs, steps, case, index, branch):
+    """Our anchors before the clamp (see difference 2 of the module
+    doc)."""
+    assert_same_queries(theirs[case]['aux_targets'][index],
+                        steps(case)['aux_targets'][branch])
 
 
 def test_padded_batch_has_atss_queries_outside_the_image(theirs):

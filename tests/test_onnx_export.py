@@ -390,6 +390,157 @@ def test_swin_window_reverse_twin(deploy):
         atol=0)
 
 
+def _padded_msda_inputs(module, d, seed):
+    """MSDeformAttn inputs of a padded batch of 3, as mmdet's encoder
+    (``d`` = 2) and decoder (``d`` = 4) build them: reference points scaled
+    by the valid ratios, padding keys masked, offsets that reach beyond the
+    map."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[9, 7], [5, 4], [3, 2], [1, 1]])[:module.num_levels]
+    keys = int(shapes.prod(1).sum())
+    valid = torch.tensor([[1.0, 1.0], [0.75, 0.5], [0.5, 1.0]])
+    mask = torch.zeros(3, keys, dtype=torch.bool)
+    start = 0
+    for h, w in shapes.tolist():
+        for image, (rw, rh) in enumerate(valid.tolist()):
+            pad = torch.ones(h, w, dtype=torch.bool)
+            pad[:max(1, round(h * rh)), :max(1, round(w * rw))] = False
+            mask[image, start:start + h * w] = pad.flatten()
+        start += h * w
+    ratios = valid[:, None].expand(3, module.num_levels, 2)
+    points = torch.rand(3, 11, d, generator=gen)
+    if d == 4:
+        ratios = torch.cat([ratios, ratios], -1)
+    reference_points = points[:, :, None] * ratios[:, None]
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(0, 3, generator=gen)
+    return dict(
+        query=torch.randn(3, 11, module.embed_dims, generator=gen),
+        value=torch.randn(3, keys, module.embed_dims, generator=gen),
+        key_padding_mask=mask,
+        reference_points=reference_points,
+        spatial_shapes=shapes,
+        level_start_index=torch.cat(
+            [shapes.new_zeros(1),
+             shapes.prod(1).cumsum(0)[:-1]]))
+
+
+@pytest.mark.parametrize('heads,levels,points', [(8, 4, 4), (2, 3, 1),
+                                                 (4, 1, 3)])
+@pytest.mark.parametrize('d', [2, 4])
+def test_flat_sampling_locations_twin_equals_eager(heads, levels, points, d):
+    """The export-time sampling locations of MSDeformAttn (flat broadcasts
+    for ONNX Runtime) are the eager ones: bitwise (so within 1e-6), on a
+    padded batch, reference points (2) and boxes (4), and through the
+    module's forward; the patch is removed afterwards."""
+    from projects_detr_plus.deployment.mmdet_patches import \
+        flat_sampling_locations
+    from projects_detr_plus.models.layers import \
+        MultiScaleDeformableAttentionPlus
+    module = MultiScaleDeformableAttentionPlus(
+        embed_dims=heads * 4,
+        num_heads=heads,
+        num_levels=levels,
+        num_points=points,
+        dropout=0.0,
+        batch_first=True,
+        impl='pytorch').eval()
+    inputs = _padded_msda_inputs(module, d, seed=heads + levels + d)
+    offsets = module.sampling_offsets(inputs['query']).view(
+        3, 11, heads, levels, points, 2)
+    args = (inputs['reference_points'], offsets, inputs['spatial_shapes'])
+    eager = module._sampling_locations(*args)
+    torch.testing.assert_close(
+        module._sampling_locations_flat(*args), eager, rtol=0, atol=0)
+    assert eager.abs().max() > 1  # some points sample outside the map
+    with torch.no_grad():
+        expected = module(**inputs)
+        with flat_sampling_locations(module):
+            assert '_sampling_locations' in vars(module)
+            output = module(**inputs)
+    assert '_sampling_locations' not in vars(module)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_flat_sampling_locations_spares_overriding_subclasses():
+    """A subclass with its own ``_sampling_locations`` keeps it."""
+    from projects_detr_plus.deployment.mmdet_patches import \
+        flat_sampling_locations
+    from projects_detr_plus.models.layers import \
+        MultiScaleDeformableAttentionPlus as Attention
+
+    class Own(Attention):
+
+        def _sampling_locations(self, *args):
+            return super()._sampling_locations(*args)
+
+    model = torch.nn.ModuleList([Attention(embed_dims=16), Own(embed_dims=16)])
+    with flat_sampling_locations(model):
+        assert '_sampling_locations' in vars(model[0])
+        assert '_sampling_locations' not in vars(model[1])
+
+
+def test_export_traces_the_flat_sampling_locations(deploy, monkeypatch):
+    """``export_program`` traces the detector with every MSDeformAttn module
+    on the flat twin (none left on the eager form), and removes it; the
+    twin gives the detector's detections on a padded batch."""
+    from mmdet.structures import DetDataSample
+
+    from projects_detr_plus.deployment import export
+    from projects_detr_plus.deployment.mmdet_patches import \
+        flat_sampling_locations
+    from projects_detr_plus.models.layers import \
+        MultiScaleDeformableAttentionPlus as Attention
+    model = build('dino-tiny_shapes.py')
+    calls = {'eager': 0, 'flat': 0}
+
+    def spy(name, method):
+
+        def counted(self, *args):
+            calls[name] += 1
+            return method(self, *args)
+
+        return counted
+
+    monkeypatch.setattr(Attention, '_sampling_locations',
+                        spy('eager', Attention._sampling_locations))
+    monkeypatch.setattr(Attention, '_sampling_locations_flat',
+                        spy('flat', Attention._sampling_locations_flat))
+
+    def fake_export(module, args, **kwargs):
+        module(*args)
+        return 'program'
+
+    monkeypatch.setattr(torch.export, 'export', fake_export)
+    wrapper = deploy.exportable(model)
+    assert export.export_program(wrapper, random_batch((2, 3, 128, 128), 0),
+                                 True, True) == ('program', 1)
+    # 2 encoder and 3 decoder layers, all on the twin
+    assert calls == {'eager': 0, 'flat': 5}
+    assert not any('_sampling_locations' in vars(m) for m in model.modules())
+    # a padded batch (key padding masks, valid ratios below 1)
+    inputs = random_batch((2, 3, 96, 128), seed=5)
+    samples = [
+        DetDataSample(
+            metainfo=dict(
+                img_shape=shape,
+                batch_input_shape=(96, 128),
+                ori_shape=shape,
+                scale_factor=(1.0, 1.0))) for shape in [(96, 128), (64, 80)]
+    ]
+    with torch.no_grad():
+        expected = model.predict(inputs, samples, rescale=False)
+        with flat_sampling_locations(model):
+            results = model.predict(inputs, samples, rescale=False)
+    for result, ref in zip(results, expected):
+        for key in ('bboxes', 'scores', 'labels'):
+            torch.testing.assert_close(
+                result.pred_instances[key],
+                ref.pred_instances[key],
+                rtol=0,
+                atol=0)
+
+
 @pytest.fixture(scope='module')
 def dino_export(deploy, tmp_path_factory):
     """The tiny DINO exported by tools/deployment/export_onnx.py from a

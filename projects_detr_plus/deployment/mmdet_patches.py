@@ -12,6 +12,12 @@ Each is set on a detector (or one of its modules) for one forward pass by
 * :func:`swin_windows`: mmdet's Swin backbone computes the batch size of
   its windows as ``int(a / b)`` of sizes, which fixes the batch and image
   size; the twin infers it.
+
+One twin is there for speed, not to be traceable:
+
+* :func:`flat_sampling_locations`: MSDeformAttn's sampling locations
+  (reference points + offsets / normaliser) as broadcasts that ONNX Runtime
+  runs fast (bitwise the same values as the eager form).
 """
 from contextlib import ExitStack, contextmanager
 
@@ -19,7 +25,7 @@ import torch
 
 __all__ = [
     'pre_transformer', 'patched', 'pixel_grid', 'level_shapes', 'swin_windows',
-    'window_reverse'
+    'window_reverse', 'flat_sampling_locations'
 ]
 
 
@@ -171,3 +177,26 @@ def window_reverse(module):
         return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, windows.shape[-1])
 
     return reverse
+
+
+@contextmanager
+def flat_sampling_locations(model):
+    """Every ``MultiScaleDeformableAttentionPlus`` of ``model`` computes its
+    sampling locations with ``_sampling_locations_flat`` instead of
+    ``_sampling_locations``: the same values, from broadcasts that take
+    ONNX Runtime 9 to 13 times less kernel time (the eager form's
+    broadcasts repeat every 2 elements, the (x, y) pair; tiny DINO at batch
+    8, DINO R50 at batch 1).  Modules of a subclass with its own
+    ``_sampling_locations`` keep it."""
+    from ..models.layers.msda_attention import \
+        MultiScaleDeformableAttentionPlus as Attention
+    eager = Attention._sampling_locations
+    with ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, Attention) and \
+                    type(module)._sampling_locations is eager:
+                stack.enter_context(
+                    patched(
+                        module,
+                        _sampling_locations=module._sampling_locations_flat))
+        yield

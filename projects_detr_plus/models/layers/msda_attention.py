@@ -93,6 +93,57 @@ class MultiScaleDeformableAttentionPlus(MultiScaleDeformableAttention):
         raise ValueError('Last dim of reference_points must be 2 or 4, but '
                          f'get {reference_points.shape[-1]} instead.')
 
+    def _sampling_locations_flat(self, reference_points: torch.Tensor,
+                                 sampling_offsets: torch.Tensor,
+                                 spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """:meth:`_sampling_locations` for export: the same elementwise
+        operations on the same values in the same order (bitwise equal),
+        in a layout that ONNX Runtime broadcasts fast.
+
+        The eager form broadcasts the (W, H) normaliser and the reference
+        points over heads and points with the (x, y) pair as the innermost
+        axis: in ONNX, Div / Mul / Add whose broadcast repeats every 2
+        elements, a slow case of ONNX Runtime's CPU kernels (15-17 % of the
+        tiny DINO's ONNX Runtime time at batch 8). Here the offsets stay
+        flat: the normaliser is expanded once to a (heads * levels * points
+        * 2,) vector (one Div broadcast over whole rows), and the reference
+        points are tiled over the points to (bs, nq, 1, levels * points *
+        2) (an Add broadcast over the heads, 32 contiguous elements per
+        repeat for 4 levels x 4 points). Export sets it on every module
+        (``flat_sampling_locations`` of
+        :mod:`projects_detr_plus.deployment.mmdet_patches`); eager code does
+        not run it.
+        """
+        bs, num_query = sampling_offsets.shape[:2]
+        heads, points = self.num_heads, self.num_points
+        shape = sampling_offsets.shape
+        # (bs, nq, heads, levels * points * 2)
+        offsets = sampling_offsets.reshape(bs, num_query, heads, -1)
+
+        def tiled(pairs):
+            """(bs, nq, levels, 2) -> (bs, nq, 1, levels * points * 2), each
+            level's pair repeated for its points."""
+            return pairs.repeat(1, 1, 1, points).reshape(bs, num_query, 1, -1)
+
+        if reference_points.shape[-1] == 2:
+            # (levels, 2) in the dtype the eager division promotes to
+            normalizer = torch.stack(
+                [spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            normalizer = normalizer.to(
+                torch.result_type(sampling_offsets, spatial_shapes))
+            # (heads * levels * points * 2,)
+            normalizer = normalizer.view(1, -1, 1, 2)
+            normalizer = normalizer.expand(heads, -1, points, -1).reshape(-1)
+            offsets = offsets.reshape(bs, num_query, -1) / normalizer
+            return (tiled(reference_points) +
+                    offsets.view(bs, num_query, heads, -1)).view(shape)
+        if reference_points.shape[-1] == 4:
+            return (tiled(reference_points[..., :2]) +
+                    offsets / self.num_points *
+                    tiled(reference_points[..., 2:]) * 0.5).view(shape)
+        raise ValueError('Last dim of reference_points must be 2 or 4, but '
+                         f'get {reference_points.shape[-1]} instead.')
+
     def _attend(self, value, spatial_shapes, level_start_index,
                 sampling_locations, attention_weights) -> torch.Tensor:
         """(bs, nq, embed_dims) output of the selected op."""

@@ -103,46 +103,40 @@ def run_unit(name,
         return json.load(f)
 
 
-def pretrained(method, args):
-    """The method's shapes-trained weights (trained on first use)."""
+def pretrain(method, args):
+    """The method's shapes-trained weights and their run (trained on first
+    use): (checkpoint path, run)."""
     checkpoint = osp.join(args.workdir,
                           f'{method}_pretrain_seed{PRETRAIN_SEED}.pth')
-    run_unit(f'{method}_pretrain', METHODS[method], PRETRAIN_SEED,
-             args.pretrain_iters, args.pretrain_iters, {}, args, checkpoint)
-    return checkpoint
-
-
-def arm_options(arm, method, args):
-    options = target_options()
-    if arm == 'finetune':
-        options['load_from'] = osp.abspath(pretrained(method, args))
-    return options
+    run = run_unit(f'{method}_pretrain', METHODS[method], PRETRAIN_SEED,
+                   args.pretrain_iters, args.pretrain_iters, {}, args,
+                   checkpoint)
+    return checkpoint, run
 
 
 def run_study(args):
     """Pretraining first (one unit per method), then every arm and seed;
     returns {method: {arm: [run per seed]}} and the pretraining runs."""
+    target = target_options()
     with ThreadPoolExecutor(args.jobs) as pool:
         pretraining = dict(
             zip(args.methods,
-                pool.map(lambda m: pretrained(m, args), args.methods)))
+                pool.map(lambda m: pretrain(m, args), args.methods)))
+
+        def arm_unit(method, arm, seed):
+            options = dict(target)
+            if arm == 'finetune':
+                options['load_from'] = osp.abspath(pretraining[method][0])
+            return run_unit(f'{method}_{arm}', METHODS[method], seed,
+                            args.iters, args.interval, options, args)
+
         units = [(m, a, s) for m in args.methods for a in ARMS
                  for s in args.seeds]
-        done = list(
-            pool.map(
-                lambda u: run_unit(f'{u[0]}_{u[1]}', METHODS[u[0]], u[
-                    2], args.iters, args.interval, arm_options(
-                        u[1], u[0], args), args), units))
+        done = list(pool.map(lambda u: arm_unit(*u), units))
     runs = {m: {a: [] for a in ARMS} for m in args.methods}
     for (method, arm, _), run in zip(units, done):
         runs[method][arm].append(run)
-    pretrain_runs = {}
-    for method in pretraining:
-        with open(
-                osp.join(args.workdir, f'{method}_pretrain_seed'
-                         f'{PRETRAIN_SEED}.json')) as f:
-            pretrain_runs[method] = json.load(f)
-    return runs, pretrain_runs
+    return runs, {m: run for m, (_, run) in pretraining.items()}
 
 
 def final(run, metric='coco/bbox_mAP'):
